@@ -1,0 +1,1 @@
+"""Composer: model surgery and fusion (filled in by the routers / composer issue)."""

@@ -1,0 +1,1 @@
+"""Kernels: the LoRA-mixture op and its backends (filled in by the kernels issue)."""

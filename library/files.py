@@ -1,0 +1,94 @@
+"""Durable file writes and the library's own adapter file (safetensors + a JSON header).
+
+Atomic write: write a temp file in the same folder, fsync it, rename it over the target, fsync the folder.
+A reader sees the old file or the new one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as st_save
+
+from .adapter import LoraAdapter, LoraModule
+from .errors import AdapterFormatError
+
+__all__ = ["write_atomic", "fsync_dir", "adapter_file_bytes", "read_adapter_file", "FILE_FORMAT"]
+
+FILE_FORMAT = "adaptermix.lora/1"
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_temp(folder: Path, data: bytes, suffix: str = ".tmp") -> Path:
+    """Write bytes to a fresh fsynced temp file in `folder` and return its path (not yet renamed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` atomically and durably."""
+    path = Path(path)
+    tmp = write_temp(path.parent, data)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def adapter_file_bytes(adapter: LoraAdapter) -> bytes:
+    """Serialise factors (in their own dtype) and per-module alpha / rsLoRA flags."""
+    tensors = {}
+    for module_name, module in adapter.modules.items():
+        tensors[f"{module_name}::A"] = module.A.detach().contiguous().cpu()
+        tensors[f"{module_name}::B"] = module.B.detach().contiguous().cpu()
+    header = {
+        "format": FILE_FORMAT,
+        "base_model": adapter.base_model,
+        "alphas": json.dumps({k: m.alpha for k, m in adapter.modules.items()}),
+        "rslora": json.dumps(sorted(k for k, m in adapter.modules.items() if m.use_rslora)),
+        "conv1d": json.dumps(sorted(adapter.conv1d)),
+    }
+    return st_save(tensors, metadata=header)
+
+
+def read_adapter_file(path: Path, modules: list[str] | None = None, **metadata) -> LoraAdapter:
+    """Load an adapter file (memory-mapped; only the requested modules are read)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+            if header.get("format") != FILE_FORMAT:
+                raise AdapterFormatError(f"{path} is not an {FILE_FORMAT} file")
+            alphas = json.loads(header["alphas"])
+            rslora = set(json.loads(header["rslora"]))
+            wanted = list(alphas) if modules is None else modules
+            missing = [m for m in wanted if m not in alphas]
+            if missing:
+                raise AdapterFormatError(f"{path} has no module(s) {missing[:5]}")
+            loaded = {
+                m: LoraModule(handle.get_tensor(f"{m}::A"), handle.get_tensor(f"{m}::B"),
+                              float(alphas[m]), m in rslora)
+                for m in wanted
+            }
+    except (OSError, json.JSONDecodeError, KeyError, RuntimeError) as exc:
+        raise AdapterFormatError(f"cannot read adapter file {path}: {exc}") from exc
+    return LoraAdapter(modules=loaded, base_model=header["base_model"],
+                       conv1d=frozenset(json.loads(header["conv1d"])), **metadata)

@@ -1,0 +1,139 @@
+"""Library upkeep: recovery after an interrupted write, `verify()`, and filling in missing derived data."""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .derived import adapter_texts
+from .errors import AdapterFormatError, AdaptermixError, LibraryBusyError
+from .files import read_adapter_file
+from .validation import check_against_base
+
+__all__ = ["recover", "verify", "ensure_derived"]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _stored_files(root: Path) -> set[str]:
+    files = {p.relative_to(root).as_posix() for p in (root / "adapters").glob("*.safetensors")}
+    files |= {p.relative_to(root).as_posix() for p in (root / "derived").rglob("*.safetensors")}
+    return files
+
+
+def _referenced_files(conn: sqlite3.Connection) -> set[str]:
+    files = {r[0] for r in conn.execute("SELECT file FROM adapters")}
+    return files | {r[0] for r in conn.execute("SELECT file FROM derived WHERE file IS NOT NULL")}
+
+
+def recover(library) -> None:
+    """Under the writer lock (skipped if another process holds it): drop temp files and files that no
+    committed row references. Such files exist only if a writer died between rename and COMMIT."""
+    conn = library.catalog.conn
+    conn.execute("PRAGMA busy_timeout = 0")
+    try:
+        with library.catalog.write():
+            for leftover in (library.root / "tmp").glob("*"):
+                leftover.unlink(missing_ok=True)
+            for rel in _stored_files(library.root) - _referenced_files(conn):
+                (library.root / rel).unlink(missing_ok=True)
+    except LibraryBusyError:
+        pass  # a live writer; whatever it leaves behind it commits or the next open removes
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {int(library.catalog.busy_timeout * 1000)}")
+
+
+def verify(library, deep: bool = False) -> list[str]:
+    """Problems found (empty when sound). `deep` also loads every adapter and re-hashes its content."""
+    root, conn, problems = library.root, library.catalog.conn, []
+    if conn.execute("PRAGMA integrity_check").fetchone()[0] != "ok":
+        problems.append("catalog.sqlite fails SQLite's integrity check")
+    records = library.records()
+    for record in records:
+        path = root / record.file
+        if not path.is_file():
+            problems.append(f"{record.name}: adapter file {record.file} is missing")
+            continue
+        if _sha256(path) != record.file_sha256:
+            problems.append(f"{record.name}: adapter file {record.file} does not match its recorded hash")
+            continue
+        if deep:
+            problems += _deep_check(library, record)
+    for row in library.catalog.derived_rows():
+        label = f"derived {row['kind']}/{row['config_hash']}/{row['key'][:12]}"
+        if row["file"]:
+            path = root / row["file"]
+            if not path.is_file():
+                problems.append(f"{label}: file {row['file']} is missing")
+            elif _sha256(path) != row["sha256"]:
+                problems.append(f"{label}: file {row['file']} does not match its recorded hash")
+        elif hashlib.sha256(bytes(row["data"])).hexdigest() != row["sha256"]:
+            problems.append(f"{label}: stored blob does not match its recorded hash")
+    for kind in (library.arrow, library.sketch):
+        for key in library.derived.missing(kind, {r.content_hash for r in records}):
+            problems.append(f"{_owner(records, key)}: no {kind.kind} data for config {kind.config_hash}")
+    orphans = sorted(_stored_files(root) - _referenced_files(conn))
+    problems += [f"orphan file not in the catalog: {rel}" for rel in orphans]
+    problems += [f"leftover temp file: {p.name}" for p in (root / "tmp").glob("*")]
+    return problems
+
+
+def _owner(records, key: str) -> str:
+    return next((r.name for r in records if key in (r.content_hash, r.text_hash)), key[:12])
+
+
+def _deep_check(library, record) -> list[str]:
+    try:
+        adapter = library.get(record.name)
+        adapter.validate()
+        check_against_base(adapter, library.base_model, check_name=False)
+    except (AdaptermixError, AdapterFormatError) as exc:
+        return [f"{record.name}: {exc}"]
+    if adapter.content_hash() != record.content_hash:
+        return [f"{record.name}: content hash differs from the catalog"]
+    return []
+
+
+def ensure_derived(library, kinds, names, progress: bool) -> int:
+    """Compute what the current configs need and the catalog lacks; commit in chunks of 32."""
+    records = library.records() if names is None else [library.record(n) for n in names]
+    made = 0
+    for kind_name in kinds:
+        if kind_name == "text":
+            made += _ensure_text(library, records, progress)
+            continue
+        kind = {"arrow": library.arrow, "sketch": library.sketch}[kind_name]
+        missing = library.derived.missing(kind, {r.content_hash for r in records})
+        todo = [r for r in records if r.content_hash in missing]
+        for start in tqdm(range(0, len(todo), 32), desc=f"derive {kind_name}", disable=not progress or len(todo) < 32):
+            chunk = todo[start:start + 32]
+            computed = [(r.content_hash, kind.compute(library.get(r.name), library.base_model)) for r in chunk]
+            with library.catalog.write():
+                for key, tensors in computed:
+                    library.derived.put(kind, key, tensors)
+            made += len(chunk)
+    return made
+
+
+def _ensure_text(library, records, progress: bool) -> int:
+    kind = library.text_kind
+    missing = library.derived.missing(kind, {r.text_hash for r in records})
+    todo = {r.text_hash: adapter_texts(r.name, r.description, r.examples) for r in records if r.text_hash in missing}
+    keys = list(todo)
+    for start in tqdm(range(0, len(keys), 256), desc="embed texts", disable=not progress or len(keys) < 256):
+        chunk = keys[start:start + 256]
+        computed = kind.compute_many([todo[k] for k in chunk])
+        with library.catalog.write():
+            for key, tensors in zip(chunk, computed):
+                library.derived.put(kind, key, tensors)
+            library.catalog.bump_generation()
+    return len(keys)

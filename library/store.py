@@ -1,0 +1,451 @@
+"""`AdapterLibrary`: adapters on disk, bound to one base model, indexed by embeddings.
+
+Layout of a library folder:
+
+    catalog.sqlite                          metadata, hashes, derived blobs, generation counter (WAL)
+    adapters/<content hash>.safetensors     one file per adapter, factors in their own dtype
+    derived/<kind>/<config hash>/<key>.safetensors   large derived data (Arrow prototypes)
+    index/text-<config hash>.faiss          faiss index over text embeddings (a rebuildable cache)
+    tmp/                                    files being written; only ever non-empty under the write lock
+
+Every change is one catalog transaction holding the writer lock: temp file, fsync, rename into place, rows,
+COMMIT. A process killed anywhere in it leaves files the catalog does not reference; `open()` removes them
+under the same lock, so the library reads exactly as before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .adapter import LoraAdapter, check_adapter_name
+from .base_model import BaseModelSpec, model_display_name
+from .catalog import AdapterRecord, Catalog
+from .derived import ArrowPrototypes, ParameterSketch, TextEmbedding, adapter_texts, text_hash
+from .derived_store import DerivedStore, PendingFile
+from .encoders import TextEncoder, default_encoder
+from .errors import (AdapterNotFoundError, AdapterValidationError, BaseModelMismatchError,
+                     DuplicateAdapterError, LibraryError)
+from .files import adapter_file_bytes, fsync_dir, read_adapter_file
+from .index import IndexConfig, TextIndex
+from .peft_format import is_peft_checkpoint
+from .validation import check_against_base, coerce_texts
+
+__all__ = ["AdapterLibrary", "LibraryConfig", "SearchHit"]
+
+CATALOG = "catalog.sqlite"
+
+
+@dataclass(frozen=True)
+class LibraryConfig:
+    """Settings of a library handle; derived data is keyed by the parts that change its content."""
+
+    arrow_directions: int | None = None
+    sketch_dim: int = 4
+    sketch_seed: int = 0
+    ivf_threshold: int = 20_000
+    nprobe: int = 32
+    busy_timeout: float = 60.0
+    check_base_name: bool = True
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    name: str
+    score: float
+
+
+@dataclass
+class _Prepared:
+    """An adapter ready to commit: everything computed, nothing written."""
+
+    adapter: LoraAdapter
+    content_hash: str
+    texts: list[str]
+    file: PendingFile
+    content_derived: dict  # kind -> tensors
+    text_derived: dict | None = None
+
+
+class AdapterLibrary:
+    """A library of LoRA adapters for one base model. Not thread-safe; one handle per process or thread."""
+
+    def __init__(self, root: Path, catalog: Catalog, *, encoder: TextEncoder | None, config: LibraryConfig):
+        self.root, self.catalog, self.config = Path(root), catalog, config
+        self.base_model = BaseModelSpec.from_json(catalog.get_meta("base_model"))
+        self.derived = DerivedStore(self.root, catalog)
+        self._encoder = encoder
+        self.arrow = ArrowPrototypes(config.arrow_directions)
+        self.sketch = ParameterSketch(config.sketch_dim, config.sketch_seed)
+        self._text_kind: TextEmbedding | None = None
+        self._index: TextIndex | None = None
+
+    # -- opening ---------------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, path, base_model, *, encoder: TextEncoder | None = None,
+               config: LibraryConfig = LibraryConfig(), exist_ok: bool = False) -> "AdapterLibrary":
+        """Create an empty library bound to `base_model` (a model, config, folder or BaseModelSpec)."""
+        root = Path(path)
+        spec = BaseModelSpec.coerce(base_model)
+        if (root / CATALOG).exists():
+            if not exist_ok:
+                raise LibraryError(f"a library already exists at {root}")
+            library = cls.open(root, encoder=encoder, config=config)
+            if library.base_model.fingerprint != spec.fingerprint:
+                raise BaseModelMismatchError(f"the library at {root} is bound to {library.base_model.name!r}")
+            return library
+        if root.exists() and any(root.iterdir()):
+            raise LibraryError(f"{root} exists and is not empty; pick a new folder for the library")
+        for sub in ("adapters", "derived", "index", "tmp"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        catalog = Catalog(root / CATALOG, config.busy_timeout)
+        catalog.initialise({"base_model": spec.to_json()})
+        fsync_dir(root)
+        return cls(root, catalog, encoder=encoder, config=config)
+
+    @classmethod
+    def open(cls, path, *, encoder: TextEncoder | None = None, config: LibraryConfig = LibraryConfig(),
+             recover: bool = True) -> "AdapterLibrary":
+        """Open a library. `recover` removes what an interrupted write left behind (under the lock)."""
+        root = Path(path)
+        if not (root / CATALOG).is_file():
+            raise LibraryError(f"no adaptermix library at {root} (missing {CATALOG})")
+        catalog = Catalog(root / CATALOG, config.busy_timeout)
+        catalog.check_format()
+        library = cls(root, catalog, encoder=encoder, config=config)
+        if recover and os.access(root, os.W_OK):
+            library._recover()
+        return library
+
+    def close(self) -> None:
+        if self._index is not None:
+            self._index.save()
+        self.catalog.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def encoder(self) -> TextEncoder:
+        if self._encoder is None:
+            self._encoder = default_encoder()
+        return self._encoder
+
+    @property
+    def text_kind(self) -> TextEmbedding:
+        if self._text_kind is None:
+            self._text_kind = TextEmbedding(self.encoder)
+        return self._text_kind
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        return self.catalog.names()
+
+    def records(self) -> list[AdapterRecord]:
+        return self.catalog.records()
+
+    def record(self, name: str) -> AdapterRecord:
+        record = self.catalog.record(name)
+        if record is None:
+            raise AdapterNotFoundError(f"no adapter named {name!r} in {self.root}")
+        return record
+
+    def __len__(self) -> int:
+        return self.catalog.count()
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.catalog.record(name) is not None
+
+    def __iter__(self):
+        return iter(self.names())
+
+    def get(self, name: str, modules: list[str] | None = None) -> LoraAdapter:
+        """Load one adapter (memory-mapped; with `modules`, only those are read)."""
+        record = self.record(name)
+        return read_adapter_file(self.root / record.file, modules, name=record.name,
+                                 description=record.description, tags=record.tags,
+                                 examples=record.examples, source=record.source)
+
+    def prototypes(self, name: str, modules: list[str] | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """module -> (right singular vectors (k, d_in), singular values (k,)) of the adapter's dW."""
+        record = self.record(name)
+        self.ensure_derived(kinds=("arrow",), names=[name], progress=False)
+        wanted = None if modules is None else [f"{m}::{p}" for m in modules for p in ("vectors", "values")]
+        tensors = self.derived.get(self.arrow, record.content_hash, wanted)
+        modules = modules or sorted({k.split("::")[0] for k in tensors})
+        return {m: (tensors[f"{m}::vectors"], tensors[f"{m}::values"]) for m in modules}
+
+    def parameter_embeddings(self, names: list[str] | None = None) -> tuple[list[str], np.ndarray]:
+        """(names, (n, D) unit rows): sketches of each adapter's dW, for clustering."""
+        return self._vectors(self.sketch, "content_hash", names)
+
+    def text_embeddings(self, names: list[str] | None = None) -> tuple[list[str], np.ndarray]:
+        """(names, (n, dim) unit rows): pooled embeddings of description + example prompts."""
+        return self._vectors(self.text_kind, "text_hash", names)
+
+    def _vectors(self, kind, key_field: str, names):
+        names = self.names() if names is None else list(names)
+        records = [self.record(n) for n in names]
+        self.ensure_derived(kinds=(kind.kind,), names=names)
+        rows = [self.derived.get(kind, getattr(r, key_field), ["vector"])["vector"] for r in records]
+        matrix = torch.stack(rows).numpy() if rows else np.zeros((0, 0), np.float32)
+        return names, matrix.astype(np.float32, copy=False)
+
+    # -- search ----------------------------------------------------------------------------------
+
+    def search(self, query: str | np.ndarray | torch.Tensor, k: int = 5) -> list[SearchHit]:
+        """Adapters whose descriptions and example prompts are nearest the query, best first."""
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive int, got {k!r}")
+        vector = self._query_vector(query)
+        index = self._current_index()
+        if index.size == 0:
+            return []
+        scores, ids = index.search(vector, min(k, index.size))
+        by_id = dict(self.catalog.conn.execute("SELECT id, name FROM adapters").fetchall()) if ids.size else {}
+        return [SearchHit(by_id[int(i)], float(s)) for s, i in zip(scores[0], ids[0]) if int(i) in by_id]
+
+    def _query_vector(self, query) -> np.ndarray:
+        if isinstance(query, str):
+            if not query.strip():
+                raise ValueError("search query is empty")
+            return self.encoder.encode([query])[0]
+        vector = np.asarray(query.detach().cpu() if isinstance(query, torch.Tensor) else query, np.float32)
+        if vector.ndim != 1 or vector.shape[0] != self.encoder.dim or not np.isfinite(vector).all():
+            raise ValueError(f"query vector must be finite with shape ({self.encoder.dim},), got {vector.shape}")
+        return vector / max(float(np.linalg.norm(vector)), 1e-12)
+
+    def _current_index(self) -> TextIndex:
+        self.ensure_derived(kinds=("text",))
+        generation = int(self.catalog.get_meta("generation"))
+        if self._index is None:
+            self._index = TextIndex(self.root / "index", self.text_kind.config_hash,
+                                    IndexConfig(self.config.ivf_threshold, self.config.nprobe))
+        if self._index.generation != generation and not self._index.load(generation):
+            ids = [r.id for r in self.records()]
+            _, vectors = self.text_embeddings()
+            self._index.build(np.asarray(ids, np.int64), vectors, generation)
+            self._index.save()
+        return self._index
+
+    def build_index(self) -> str:
+        """Build (or load) the search index now; returns its kind, 'flat' or 'ivf'."""
+        return self._current_index().kind
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def add(self, source, name: str | None = None, *, description: str | None = None,
+            examples=None, tags=None, replace: bool = False, allow_pickle: bool = False) -> AdapterRecord:
+        """Add a PEFT checkpoint folder or a LoraAdapter. Validated fully before anything is written."""
+        prepared = self._prepare(source, name=name, description=description, examples=examples,
+                                 tags=tags, allow_pickle=allow_pickle)
+        self._attach_text([prepared])
+        self._commit([prepared], replace=replace)
+        return self.record(prepared.adapter.name)
+
+    def add_many(self, folder, *, replace: bool = False, skip_invalid: bool = False,
+                 allow_pickle: bool = False, chunk_size: int = 64, progress: bool = True) -> list[AdapterRecord]:
+        """Add every PEFT checkpoint under `folder` (any depth).
+
+        All checkpoints are validated first; with an invalid one, nothing is written and the error lists
+        every problem (or, with skip_invalid=True, the invalid ones are skipped). Then adapters are
+        committed in transactions of `chunk_size`.
+        """
+        folders = sorted(p.parent for p in Path(folder).rglob("adapter_config.json") if is_peft_checkpoint(p.parent))
+        if not folders:
+            raise LibraryError(f"no PEFT checkpoints (adapter_config.json) under {folder}")
+        problems, valid, seen = [], [], {}
+        for checkpoint in tqdm(folders, desc="validate", disable=not progress):
+            try:
+                item = self._prepare(checkpoint, allow_pickle=allow_pickle, serialise=False)
+                self._check_new(item, replace)
+                for key in (item.adapter.name, item.content_hash):
+                    if key in seen:
+                        raise DuplicateAdapterError(f"same name or content as {seen[key]}")
+                    seen[key] = checkpoint
+                valid.append(checkpoint)
+            except (AdapterValidationError, DuplicateAdapterError, ValueError) as exc:
+                problems.append(str(exc) if str(checkpoint) in str(exc) else f"{checkpoint}: {exc}")
+        if problems and not skip_invalid:
+            raise AdapterValidationError(f"{len(problems)} invalid checkpoint(s), nothing added:\n" + "\n".join(problems))
+        names = []
+        bar = tqdm(total=len(valid), desc="add", disable=not progress)
+        for start in range(0, len(valid), chunk_size):
+            chunk = [self._prepare(c, allow_pickle=allow_pickle) for c in valid[start:start + chunk_size]]
+            self._attach_text(chunk)
+            self._commit(chunk, replace=replace)
+            names += [p.adapter.name for p in chunk]
+            bar.update(len(chunk))
+        bar.close()
+        if self._index is not None:
+            self._index.save()
+        return [self.record(n) for n in names]
+
+    def remove(self, name: str) -> None:
+        record = self.record(name)
+        with self.catalog.write():
+            self.catalog.delete_adapter(name)
+            garbage = self.derived.collect_garbage()
+            generation = self.catalog.bump_generation()
+        self._after_commit([self.root / record.file, *garbage], generation, removed=[record.id])
+
+    def rename(self, old: str, new: str) -> AdapterRecord:
+        check_adapter_name(new)
+        record = self.record(old)
+        if new != old and new in self:
+            raise DuplicateAdapterError(f"an adapter named {new!r} already exists")
+        return self._update_metadata(record, name=new)
+
+    def update(self, name: str, *, description: str | None = None, examples=None, tags=None,
+               source: str | None = None) -> AdapterRecord:
+        """Change an adapter's metadata; its text embedding is recomputed if its texts change."""
+        record = self.record(name)
+        changes = {k: v for k, v in dict(description=description, source=source).items() if v is not None}
+        if examples is not None:
+            changes["examples"] = coerce_texts(examples, "examples")
+        if tags is not None:
+            changes["tags"] = coerce_texts(tags, "tags")
+        return self._update_metadata(record, **changes)
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _prepare(self, source, *, name=None, description=None, examples=None, tags=None,
+                 allow_pickle=False, serialise=True) -> _Prepared:
+        if isinstance(source, LoraAdapter):
+            adapter = source
+        elif isinstance(source, (str, Path)):
+            adapter = LoraAdapter.from_peft(source, allow_pickle=allow_pickle)
+        else:
+            raise TypeError(f"add() takes a PEFT checkpoint folder or a LoraAdapter, got {type(source).__name__}")
+        changes = {"name": name, "description": description}
+        changes = {k: v for k, v in changes.items() if v is not None}
+        if examples is not None:
+            changes["examples"] = coerce_texts(examples, "examples")
+        if tags is not None:
+            changes["tags"] = coerce_texts(tags, "tags")
+        adapter = adapter.with_metadata(**changes)
+        adapter.validate()
+        check_against_base(adapter, self.base_model, check_name=self.config.check_base_name)
+        adapter = adapter.with_metadata(conv1d=frozenset(adapter.modules) & self.base_model.conv1d)
+        texts = adapter_texts(adapter.name, adapter.description, adapter.examples)
+        if not serialise:
+            return _Prepared(adapter, adapter.content_hash(), texts, None, {})
+        derived = {kind: kind.compute(adapter, self.base_model) for kind in (self.arrow, self.sketch)}
+        file = PendingFile.of("", adapter_file_bytes(adapter))
+        content_hash = adapter.content_hash()
+        file.relpath = f"adapters/{content_hash[:32]}.safetensors"
+        return _Prepared(adapter, content_hash, texts, file, derived)
+
+    def _attach_text(self, prepared: list[_Prepared]) -> None:
+        todo = [p for p in prepared if self.derived.missing(self.text_kind, {text_hash(p.texts)})]
+        for item, tensors in zip(todo, self.text_kind.compute_many([p.texts for p in todo])):
+            item.text_derived = tensors
+
+    def _check_new(self, item: _Prepared, replace: bool) -> AdapterRecord | None:
+        """Raise if `item` may not be committed; return the record it replaces, if any."""
+        name = item.adapter.name
+        existing = self.catalog.record(name)
+        if existing is not None and not replace:
+            raise DuplicateAdapterError(f"an adapter named {name!r} already exists (pass replace=True)")
+        twin = self.catalog.record_by_content(item.content_hash)
+        if twin is not None and twin.name != name:
+            raise DuplicateAdapterError(f"{name!r} has the same content as existing adapter {twin.name!r}")
+        return existing
+
+    def _commit(self, items: list[_Prepared], replace: bool) -> None:
+        if len({p.adapter.name for p in items}) != len(items):
+            raise DuplicateAdapterError("the same adapter name appears twice in one batch")
+        stale, removed, added = [], [], {}
+        with self.catalog.write():
+            for item in items:
+                existing = self._check_new(item, replace)
+                if existing is not None:
+                    self.catalog.delete_adapter(existing.name)
+                    removed.append(existing.id)
+                    if existing.file != item.file.relpath:
+                        stale.append(self.root / existing.file)
+                self.derived.place(item.file)
+                adapter_id = self.catalog.insert_adapter(self._row(item))
+                for kind, tensors in item.content_derived.items():
+                    self.derived.put(kind, item.content_hash, tensors)
+                if item.text_derived is not None:
+                    self.derived.put(self.text_kind, text_hash(item.texts), item.text_derived)
+                    added[adapter_id] = item.text_derived["vector"].numpy()
+            stale += self.derived.collect_garbage()
+            generation = self.catalog.bump_generation()
+        self._after_commit(stale, generation, removed=removed, added=added)
+
+    def _row(self, item: _Prepared) -> dict:
+        a = item.adapter
+        return dict(name=a.name, content_hash=item.content_hash, text_hash=text_hash(item.texts),
+                    file=item.file.relpath, file_sha256=item.file.sha256, fingerprint=a.fingerprint,
+                    base_model=a.base_model, dtype=str(a.dtype).replace("torch.", ""), max_rank=a.max_rank,
+                    num_modules=len(a.modules), num_parameters=a.num_parameters, description=a.description,
+                    tags=a.tags, examples=a.examples, source=a.source)
+
+    def _update_metadata(self, record: AdapterRecord, **changes) -> AdapterRecord:
+        merged = {**dataclasses.asdict(record), **changes}
+        texts = adapter_texts(merged["name"], merged["description"], merged["examples"])
+        new_hash = text_hash(texts)
+        text_tensors = None
+        if self.derived.missing(self.text_kind, {new_hash}):
+            text_tensors = self.text_kind.compute_many([texts])[0]
+        with self.catalog.write():
+            if "name" in changes and changes["name"] != record.name and self.catalog.record(changes["name"]):
+                raise DuplicateAdapterError(f"an adapter named {changes['name']!r} already exists")
+            self.catalog.update_adapter(record.name, {**changes, "text_hash": new_hash})
+            if text_tensors is not None:
+                self.derived.put(self.text_kind, new_hash, text_tensors)
+            garbage = self.derived.collect_garbage()
+            generation = self.catalog.bump_generation()
+        vector = self.derived.get(self.text_kind, new_hash, ["vector"])["vector"].numpy()
+        self._after_commit(garbage, generation, removed=[record.id], added={record.id: vector})
+        return self.record(merged["name"])
+
+    def _after_commit(self, files: list[Path], generation: int, removed=(), added=None) -> None:
+        """Delete files the commit made unreferenced; bring the in-memory index to `generation`."""
+        for path in files:
+            if not self._referenced(path):
+                path.unlink(missing_ok=True)
+        if self._index is not None:
+            self._index.update(list(removed), added or {}, generation - 1, generation)
+
+    def _referenced(self, path: Path) -> bool:
+        rel = path.relative_to(self.root).as_posix()
+        conn = self.catalog.conn
+        return bool(conn.execute("SELECT 1 FROM adapters WHERE file = ?", (rel,)).fetchone()
+                    or conn.execute("SELECT 1 FROM derived WHERE file = ?", (rel,)).fetchone())
+
+    def ensure_derived(self, kinds=("arrow", "sketch", "text"), names: list[str] | None = None,
+                       progress: bool = True) -> int:
+        """Compute derived data that is missing for the current configs. Returns how many items were made."""
+        from .maintenance import ensure_derived
+
+        return ensure_derived(self, kinds, names, progress)
+
+    def verify(self, deep: bool = False) -> list[str]:
+        """Cross-check catalog, files and hashes. Returns the problems found; empty when sound."""
+        from .maintenance import verify
+
+        return verify(self, deep)
+
+    def _recover(self) -> None:
+        from .maintenance import recover
+
+        recover(self)
+
+    def __repr__(self) -> str:
+        return f"AdapterLibrary({str(self.root)!r}, base_model={self.base_model.name!r}, adapters={len(self)})"
