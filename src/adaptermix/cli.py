@@ -22,11 +22,12 @@ COMMANDS = {
 }
 
 
-def load_config(overrides: list[str]):
+def load_config(overrides: list[str], config_name: str = "config"):
+    """Compose `conf/<config_name>.yaml` with `key=value` overrides (Hydra's compose API)."""
     from hydra import compose, initialize_config_module
 
     with initialize_config_module(config_module="adaptermix.conf", version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+        return compose(config_name=config_name, overrides=overrides)
 
 
 def library_settings(cfg):
