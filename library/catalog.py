@@ -177,6 +177,10 @@ class Catalog:
     def names(self) -> list[str]:
         return [r[0] for r in self.conn.execute("SELECT name FROM adapters ORDER BY id")]
 
+    def names_by_id(self, ids: list[int]) -> dict[int, str]:
+        marks = ", ".join("?" for _ in ids)
+        return dict(self.conn.execute(f"SELECT id, name FROM adapters WHERE id IN ({marks})", ids).fetchall())
+
     def count(self) -> int:
         return self.conn.execute("SELECT COUNT(*) FROM adapters").fetchone()[0]
 

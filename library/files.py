@@ -11,7 +11,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import save as st_save
 

@@ -28,11 +28,13 @@ class IndexConfig:
 
 
 class TextIndex:
-    """Args: folder: where index files live; config_hash: the text-embedding config the vectors come from."""
+    """Args: folder: where index files live; config_hash: the text-embedding config the vectors come
+    from; kind_wanted: "flat" or "ivf"."""
 
-    def __init__(self, folder: Path, config_hash: str, config: IndexConfig = IndexConfig()):
+    def __init__(self, folder: Path, config_hash: str, kind_wanted: str, config: IndexConfig = IndexConfig()):
         self.folder = Path(folder)
-        self.path = self.folder / f"text-{config_hash}.faiss"
+        self.kind_wanted = kind_wanted
+        self.path = self.folder / f"text-{config_hash}-{kind_wanted}.faiss"
         self.meta_path = self.path.with_suffix(".json")
         self.config = config
         self.index: faiss.Index | None = None
@@ -41,7 +43,7 @@ class TextIndex:
 
     def build(self, ids: np.ndarray, vectors: np.ndarray, generation: int) -> None:
         dim = vectors.shape[1] if vectors.size else 1
-        if len(ids) >= self.config.ivf_threshold:
+        if self.kind_wanted == "ivf":
             nlist = int(4 * math.sqrt(len(ids)))
             index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
             index.train(vectors)

@@ -10,7 +10,6 @@ from tqdm.auto import tqdm
 
 from .derived import adapter_texts
 from .errors import AdapterFormatError, AdaptermixError, LibraryBusyError
-from .files import read_adapter_file
 from .validation import check_against_base
 
 __all__ = ["recover", "verify", "ensure_derived"]

@@ -23,7 +23,7 @@ from .adapter import LoraAdapter, LoraModule
 from .errors import AdapterFormatError, UnsafeCheckpointError, UnsupportedAdapterError
 from .files import fsync_dir, write_temp
 
-__all__ = ["load_peft_adapter", "save_peft_adapter", "is_peft_checkpoint", "SIDECAR"]
+__all__ = ["load_peft_adapter", "save_peft_adapter", "SIDECAR"]
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -44,10 +44,6 @@ _UNSUPPORTED_OPTIONS = {
 }
 _KEY_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
 _PREFIX = "base_model.model."
-
-
-def is_peft_checkpoint(path: Path) -> bool:
-    return (Path(path) / CONFIG_NAME).is_file()
 
 
 def match_pattern(patterns: dict, module_name: str, default):

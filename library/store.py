@@ -16,9 +16,7 @@ under the same lock, so the library reads exactly as before.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapter import LoraAdapter, check_adapter_name
-from .base_model import BaseModelSpec, model_display_name
+from .base_model import BaseModelSpec
 from .catalog import AdapterRecord, Catalog
 from .derived import ArrowPrototypes, ParameterSketch, TextEmbedding, adapter_texts, text_hash
 from .derived_store import DerivedStore, PendingFile
@@ -36,7 +34,6 @@ from .errors import (AdapterNotFoundError, AdapterValidationError, BaseModelMism
                      DuplicateAdapterError, LibraryError)
 from .files import adapter_file_bytes, fsync_dir, read_adapter_file
 from .index import IndexConfig, TextIndex
-from .peft_format import is_peft_checkpoint
 from .validation import check_against_base, coerce_texts
 
 __all__ = ["AdapterLibrary", "LibraryConfig", "SearchHit"]
@@ -215,7 +212,7 @@ class AdapterLibrary:
         if index.size == 0:
             return []
         scores, ids = index.search(vector, min(k, index.size))
-        by_id = dict(self.catalog.conn.execute("SELECT id, name FROM adapters").fetchall()) if ids.size else {}
+        by_id = self.catalog.names_by_id([int(i) for i in ids[0] if i >= 0])
         return [SearchHit(by_id[int(i)], float(s)) for s, i in zip(scores[0], ids[0]) if int(i) in by_id]
 
     def _query_vector(self, query) -> np.ndarray:
@@ -229,12 +226,17 @@ class AdapterLibrary:
         return vector / max(float(np.linalg.norm(vector)), 1e-12)
 
     def _current_index(self) -> TextIndex:
+        """The index at the catalog's current generation: in memory, loaded from disk, or rebuilt."""
+        generation = int(self.catalog.get_meta("generation"))
+        if self._index is not None and self._index.generation == generation:
+            return self._index
         self.ensure_derived(kinds=("text",))
         generation = int(self.catalog.get_meta("generation"))
-        if self._index is None:
-            self._index = TextIndex(self.root / "index", self.text_kind.config_hash,
-                                    IndexConfig(self.config.ivf_threshold, self.config.nprobe))
-        if self._index.generation != generation and not self._index.load(generation):
+        config = IndexConfig(self.config.ivf_threshold, self.config.nprobe)
+        kind = "ivf" if len(self) >= config.ivf_threshold else "flat"
+        if self._index is None or self._index.kind_wanted != kind:
+            self._index = TextIndex(self.root / "index", self.text_kind.config_hash, kind, config)
+        if not self._index.load(generation):
             ids = [r.id for r in self.records()]
             _, vectors = self.text_embeddings()
             self._index.build(np.asarray(ids, np.int64), vectors, generation)
@@ -256,31 +258,30 @@ class AdapterLibrary:
         self._commit([prepared], replace=replace)
         return self.record(prepared.adapter.name)
 
-    def add_many(self, folder, *, replace: bool = False, skip_invalid: bool = False,
+    def add_many(self, source, *, replace: bool = False, skip_invalid: bool = False,
                  allow_pickle: bool = False, chunk_size: int = 64, progress: bool = True) -> list[AdapterRecord]:
-        """Add every PEFT checkpoint under `folder` (any depth).
+        """Add every PEFT checkpoint under a folder (any depth), or every LoraAdapter of an iterable.
 
-        All checkpoints are validated first; with an invalid one, nothing is written and the error lists
-        every problem (or, with skip_invalid=True, the invalid ones are skipped). Then adapters are
-        committed in transactions of `chunk_size`.
+        All are validated first; with an invalid one, nothing is written and the error lists every
+        problem (or, with skip_invalid=True, the invalid ones are skipped). Then adapters are committed
+        in transactions of `chunk_size`, text embeddings computed in one batch per transaction.
         """
-        folders = sorted(p.parent for p in Path(folder).rglob("adapter_config.json") if is_peft_checkpoint(p.parent))
-        if not folders:
-            raise LibraryError(f"no PEFT checkpoints (adapter_config.json) under {folder}")
+        sources = self._sources(source)
         problems, valid, seen = [], [], {}
-        for checkpoint in tqdm(folders, desc="validate", disable=not progress):
+        for item in tqdm(sources, desc="validate", disable=not progress):
+            label = item if isinstance(item, Path) else getattr(item, "name", item)
             try:
-                item = self._prepare(checkpoint, allow_pickle=allow_pickle, serialise=False)
-                self._check_new(item, replace)
-                for key in (item.adapter.name, item.content_hash):
+                prepared = self._prepare(item, allow_pickle=allow_pickle, serialise=False)
+                self._check_new(prepared, replace)
+                for key in (prepared.adapter.name, prepared.content_hash):
                     if key in seen:
                         raise DuplicateAdapterError(f"same name or content as {seen[key]}")
-                    seen[key] = checkpoint
-                valid.append(checkpoint)
-            except (AdapterValidationError, DuplicateAdapterError, ValueError) as exc:
-                problems.append(str(exc) if str(checkpoint) in str(exc) else f"{checkpoint}: {exc}")
+                    seen[key] = label
+                valid.append(item)
+            except (AdapterValidationError, DuplicateAdapterError, ValueError, TypeError) as exc:
+                problems.append(str(exc) if str(exc).startswith(str(label)) else f"{label}: {exc}")
         if problems and not skip_invalid:
-            raise AdapterValidationError(f"{len(problems)} invalid checkpoint(s), nothing added:\n" + "\n".join(problems))
+            raise AdapterValidationError(f"{len(problems)} invalid adapter(s), nothing added:\n" + "\n".join(problems))
         names = []
         bar = tqdm(total=len(valid), desc="add", disable=not progress)
         for start in range(0, len(valid), chunk_size):
@@ -293,6 +294,15 @@ class AdapterLibrary:
         if self._index is not None:
             self._index.save()
         return [self.record(n) for n in names]
+
+    @staticmethod
+    def _sources(source) -> list:
+        if isinstance(source, (str, Path)):
+            folders = sorted(p.parent for p in Path(source).rglob("adapter_config.json"))
+            if not folders:
+                raise LibraryError(f"no PEFT checkpoints (adapter_config.json) under {source}")
+            return folders
+        return list(source)
 
     def remove(self, name: str) -> None:
         record = self.record(name)

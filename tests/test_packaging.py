@@ -5,7 +5,6 @@ import subprocess
 import sys
 import zipfile
 
-import pytest
 
 TOP_LEVEL = ("library", "kernels", "composer", "routers", "conf")
 

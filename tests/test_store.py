@@ -64,11 +64,23 @@ def test_add_many_is_all_or_nothing_unless_skipping(library, checkpoints, tmp_pa
     bad.mkdir()
     (bad / "adapter_config.json").write_text("{}")
     before = h.snapshot(library.root)
-    with pytest.raises(am.AdapterValidationError, match="(?s)1 invalid checkpoint.*broken.*peft_type"):
+    with pytest.raises(am.AdapterValidationError, match="(?s)1 invalid adapter.*broken.*peft_type"):
         library.add_many(checkpoints["sql"].parent, progress=False)
     assert h.snapshot(library.root) == before
     added = library.add_many(checkpoints["sql"].parent, skip_invalid=True, progress=False)
     assert len(added) == 3
+
+
+def test_add_many_takes_adapter_objects(library, h):
+    spec = library.base_model
+    adapters = [random_adapter(spec, f"obj{i}", seed=20 + i) for i in range(5)]
+    clash = random_adapter(spec, "obj0", seed=99)
+    before = h.snapshot(library.root)
+    with pytest.raises(am.AdapterValidationError, match="(?s)obj0.*same name or content"):
+        library.add_many([*adapters, clash], progress=False)
+    assert h.snapshot(library.root) == before
+    assert [r.name for r in library.add_many(adapters, chunk_size=2, progress=False)] == [a.name for a in adapters]
+    assert library.verify() == []
 
 
 @pytest.mark.parametrize("case, error, words", [
