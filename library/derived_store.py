@@ -67,16 +67,18 @@ class DerivedStore:
             self.catalog.track_new_file(target)
 
     def get(self, kind: DerivedKind, key: str, names: list[str] | None = None) -> dict[str, torch.Tensor] | None:
+        """The stored tensors (only `names` that exist, if given), or None if this item was never derived."""
         row = self.catalog.derived_row(kind.kind, kind.config_hash, key)
         if row is None:
             return None
         if row["data"] is not None:
             tensors = st_load(bytes(row["data"]))
-            return tensors if names is None else {n: tensors[n] for n in names}
+            return tensors if names is None else {n: tensors[n] for n in names if n in tensors}
         path = self.root / row["file"]
         try:
             with safe_open(str(path), framework="pt") as handle:
-                return {n: handle.get_tensor(n) for n in (names if names is not None else handle.keys())}
+                stored = set(handle.keys())
+                return {n: handle.get_tensor(n) for n in (stored if names is None else names) if n in stored}
         except (OSError, RuntimeError) as exc:
             raise LibraryError(f"derived file {path} is unreadable: {exc}; run verify()") from exc
 

@@ -44,7 +44,7 @@ class TextIndex:
     def build(self, ids: np.ndarray, vectors: np.ndarray, generation: int) -> None:
         dim = vectors.shape[1] if vectors.size else 1
         if self.kind_wanted == "ivf":
-            nlist = int(4 * math.sqrt(len(ids)))
+            nlist = max(1, int(math.sqrt(len(ids))))  # ~sqrt(n) lists: >= 39 training points each
             index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
             index.train(vectors)
             index.nprobe = self.config.nprobe

@@ -52,6 +52,7 @@ class LibraryConfig:
     nprobe: int = 32
     busy_timeout: float = 60.0
     check_base_name: bool = True
+    max_chunk_bytes: int = 256 << 20  # add_many commits before prepared adapters exceed this much memory
 
 
 @dataclass(frozen=True)
@@ -177,13 +178,17 @@ class AdapterLibrary:
                                  examples=record.examples, source=record.source)
 
     def prototypes(self, name: str, modules: list[str] | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """module -> (right singular vectors (k, d_in), singular values (k,)) of the adapter's dW."""
+        """module -> (right singular vectors (k, d_in), singular values (k,)) of the adapter's dW, for the
+        requested modules (default: all) that the adapter targets."""
         record = self.record(name)
+        unknown = sorted(set(modules or ()) - set(self.base_model.modules))
+        if unknown:
+            raise ValueError(f"module(s) {unknown[:3]} are not in the base model {self.base_model.name!r}")
         self.ensure_derived(kinds=("arrow",), names=[name], progress=False)
         wanted = None if modules is None else [f"{m}::{p}" for m in modules for p in ("vectors", "values")]
         tensors = self.derived.get(self.arrow, record.content_hash, wanted)
-        modules = modules or sorted({k.split("::")[0] for k in tensors})
-        return {m: (tensors[f"{m}::vectors"], tensors[f"{m}::values"]) for m in modules}
+        present = sorted({k.split("::")[0] for k in tensors})  # modules the adapter does not target are absent
+        return {m: (tensors[f"{m}::vectors"], tensors[f"{m}::values"]) for m in present}
 
     def parameter_embeddings(self, names: list[str] | None = None) -> tuple[list[str], np.ndarray]:
         """(names, (n, D) unit rows): sketches of each adapter's dW, for clustering."""
@@ -227,13 +232,13 @@ class AdapterLibrary:
 
     def _current_index(self) -> TextIndex:
         """The index at the catalog's current generation: in memory, loaded from disk, or rebuilt."""
+        config = IndexConfig(self.config.ivf_threshold, self.config.nprobe)
+        kind = "ivf" if len(self) >= config.ivf_threshold else "flat"
         generation = int(self.catalog.get_meta("generation"))
-        if self._index is not None and self._index.generation == generation:
+        if self._index is not None and self._index.generation == generation and self._index.kind_wanted == kind:
             return self._index
         self.ensure_derived(kinds=("text",))
         generation = int(self.catalog.get_meta("generation"))
-        config = IndexConfig(self.config.ivf_threshold, self.config.nprobe)
-        kind = "ivf" if len(self) >= config.ivf_threshold else "flat"
         if self._index is None or self._index.kind_wanted != kind:
             self._index = TextIndex(self.root / "index", self.text_kind.config_hash, kind, config)
         if not self._index.load(generation):
@@ -282,14 +287,17 @@ class AdapterLibrary:
                 problems.append(str(exc) if str(exc).startswith(str(label)) else f"{label}: {exc}")
         if problems and not skip_invalid:
             raise AdapterValidationError(f"{len(problems)} invalid adapter(s), nothing added:\n" + "\n".join(problems))
-        names = []
+        names, chunk = [], []
         bar = tqdm(total=len(valid), desc="add", disable=not progress)
-        for start in range(0, len(valid), chunk_size):
-            chunk = [self._prepare(c, allow_pickle=allow_pickle) for c in valid[start:start + chunk_size]]
-            self._attach_text(chunk)
-            self._commit(chunk, replace=replace)
-            names += [p.adapter.name for p in chunk]
-            bar.update(len(chunk))
+        for position, item in enumerate(valid):
+            chunk.append(self._prepare(item, allow_pickle=allow_pickle))
+            full = sum(len(p.file.data) for p in chunk) >= self.config.max_chunk_bytes
+            if len(chunk) == chunk_size or full or position == len(valid) - 1:
+                self._attach_text(chunk)
+                self._commit(chunk, replace=replace)
+                names += [p.adapter.name for p in chunk]
+                bar.update(len(chunk))
+                chunk = []
         bar.close()
         if self._index is not None:
             self._index.save()

@@ -71,7 +71,9 @@ def test_add_many_is_all_or_nothing_unless_skipping(library, checkpoints, tmp_pa
     assert len(added) == 3
 
 
-def test_add_many_takes_adapter_objects(library, h):
+def test_add_many_takes_adapter_objects(tmp_path, llama, h):
+    # A small byte budget forces one transaction per adapter; the result is the same.
+    library = am.AdapterLibrary.create(tmp_path / "lib", base_model=llama, config=am.LibraryConfig(max_chunk_bytes=1))
     spec = library.base_model
     adapters = [random_adapter(spec, f"obj{i}", seed=20 + i) for i in range(5)]
     clash = random_adapter(spec, "obj0", seed=99)
@@ -146,6 +148,10 @@ def test_derived_data_is_recomputed_only_for_a_new_config(library):
     assert vectors.shape[0] == 1 and values.shape == (1,)
     assert library.prototypes("x")[next(iter(spec.modules))][0].shape[0] == 4
     assert other.verify() == [] and library.verify() == []
+    untargeted = list(spec.modules)[-1]
+    assert set(library.prototypes("x", modules=[next(iter(spec.modules)), untargeted])) == {next(iter(spec.modules))}
+    with pytest.raises(ValueError, match="not in the base model"):
+        library.prototypes("x", modules=["model.nowhere"])
 
 
 def test_parameter_embedding_tracks_the_update_not_the_factorisation(library):
@@ -209,6 +215,9 @@ def test_ivf_index_for_large_libraries(tmp_path, llama):
         library.add(random_adapter(spec, f"{topics[i % 8]}_{i}", seed=100 + i, ranks=(1,), modules=list(spec.modules)[:1],
                                    description=f"Answer questions about {topics[i % 8]}, variant {i}"))
     assert library.build_index() == "ivf"
+    small = am.AdapterLibrary.open(library.root, config=am.LibraryConfig(ivf_threshold=10_000))
+    assert small.build_index() == "flat"
+    assert small.search("a question about chess openings", k=1)[0].name.startswith("chess")
     assert library.search("a question about chess openings", k=1)[0].name.startswith("chess")
 
 
