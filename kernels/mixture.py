@@ -1,0 +1,201 @@
+"""`lora_mixture`: a linear layer's output plus a per-token mixture of LoRA adapters.
+
+    T = tokens, N = adapters in the stack, r = rank (per adapter, <= r_max), k = adapters per token
+    y = base
+    for t in range(T):
+        for j in range(k):
+            e = idx[t, j]
+            if e >= 0:                                   # -1: empty slot
+                y[t] += weights[t, j] * scales[e] * (x[t] @ A[e, :ranks[e]].T) @ B[e, :, :ranks[e]].T
+
+One slot j at a time, the tokens routed there are sorted by adapter (kernels/plan.py) and two primitives
+run over the segments: `shrink` (h = coef * x @ A[e].T, float32 accumulate, ranks masked) and `expand`
+(out[token] += h @ B[e].T). The backward pass (adapters frozen) reuses them: dx is the same mixture with
+A and B swapped (transposed views), d(weights) comes from two shrinks. Backends: `reference` (the
+definition, autograd through plain torch), `torch` (segmented matmuls), `triton` (grouped-GEMM kernels).
+Entries past an adapter's rank are ignored; they must be finite.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from .plan import accumulator_dtype, plan_slot
+from .reference import lora_mixture_reference
+
+__all__ = ["lora_mixture", "BACKENDS", "resolve_backend"]
+
+BACKENDS = ("reference", "torch", "triton")
+_PRIMITIVES = {"torch": "adaptermix.kernels.torch_backend", "triton": "adaptermix.kernels.triton_backend"}
+
+
+def _primitives(backend: str):
+    return importlib.import_module(_PRIMITIVES[backend])
+
+
+def triton_usable(device: torch.device) -> bool:
+    from .configs import interpreting
+
+    if device.type == "cuda":
+        return importlib.util.find_spec("triton") is not None
+    return device.type == "cpu" and interpreting()
+
+
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """'auto' -> 'triton' on a CUDA GPU with Triton (fp32 / fp16 / bf16), else 'torch'. Explicit names
+    are checked."""
+    if backend == "auto":
+        usable = device.type == "cuda" and dtype in TRITON_DTYPES and triton_usable(device)
+        return "triton" if usable else "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    if backend == "triton" and not triton_usable(device):
+        raise ValueError(f"the triton backend needs a CUDA device (or TRITON_INTERPRET=1 on CPU); got {device}")
+    if backend == "triton" and dtype not in TRITON_DTYPES:
+        raise TypeError(f"the triton backend takes x in {TRITON_DTYPES}, got {dtype}")
+    return backend
+
+
+# -- one algorithm over two primitives ------------------------------------------------------------
+
+def _coef(weights, scales, plan, slot: int) -> torch.Tensor:
+    """weights[t, j] * scales[e] per sorted row in the accumulator dtype, (T,); rows past P get 0."""
+    N = scales.shape[0]
+    acc = accumulator_dtype(weights.dtype)
+    routed = plan.adapters < N
+    value = weights[plan.tokens, slot].to(acc) * scales[plan.adapters.clamp_max(N - 1)].to(acc)
+    return torch.where(routed, value, torch.zeros((), device=value.device))
+
+
+def mixture_forward_(out, x, A, B, scales, idx, weights, ranks, backend: str) -> None:
+    """out += mixture, in place."""
+    prim = _primitives(backend)
+    for slot in range(idx.shape[1]):
+        plan = plan_slot(idx, slot, A.shape[0])
+        h = prim.shrink(x, A, ranks, plan, _coef(weights, scales, plan, slot))
+        prim.expand(h, B, ranks, plan, out)
+
+
+def mixture_backward(grad, x, A, B, scales, idx, weights, ranks, backend: str, need_x: bool, need_weights: bool):
+    """(dx (T, d_in) or None, dweights (T, k) or None) for frozen adapters."""
+    prim = _primitives(backend)
+    N = A.shape[0]
+    acc = accumulator_dtype(x.dtype)
+    dx = torch.zeros(x.shape, dtype=acc, device=x.device) if need_x else None
+    dweights = torch.zeros(weights.shape, dtype=acc, device=x.device) if need_weights else None
+    for slot in range(idx.shape[1]):
+        plan = plan_slot(idx, slot, N)
+        g = prim.shrink(grad, B.transpose(1, 2), ranks, plan, None)        # (T, R): dy @ B[e]
+        coef = _coef(weights, scales, plan, slot)
+        if need_weights:
+            h = prim.shrink(x, A, ranks, plan, None)                         # (T, R): x @ A[e].T
+            scale = scales[plan.adapters.clamp_max(N - 1)].to(acc)
+            dweights[plan.tokens, slot] = (h * g).sum(1) * scale * (plan.adapters < N)
+        if need_x:
+            prim.expand(g * coef[:, None], A.transpose(1, 2), ranks, plan, dx)
+    return (None if dx is None else dx.to(x.dtype)), (None if dweights is None else dweights.to(weights.dtype))
+
+
+# -- registered ops (torch.compile / CUDA graphs see them through their fake implementations) ---------
+
+@torch.library.custom_op("adaptermix::lora_mixture", mutates_args=())
+def _mixture_op(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scales: torch.Tensor, idx: torch.Tensor,
+                weights: torch.Tensor, ranks: torch.Tensor, base: torch.Tensor, backend: str) -> torch.Tensor:
+    out = base.clone()
+    mixture_forward_(out, x, A, B, scales, idx, weights, ranks, backend)
+    return out
+
+
+@_mixture_op.register_fake
+def _(x, A, B, scales, idx, weights, ranks, base, backend):
+    return torch.empty_like(base)
+
+
+def _setup_context(ctx, inputs, output):
+    x, A, B, scales, idx, weights, ranks, base, backend = inputs
+    ctx.save_for_backward(x, A, B, scales, idx, weights, ranks)
+    ctx.backend = backend
+
+
+@torch.library.custom_op("adaptermix::lora_mixture_backward", mutates_args=())
+def _mixture_backward_op(grad: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                         scales: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, ranks: torch.Tensor,
+                         backend: str, need_x: bool, need_weights: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dweights); one not needed comes back empty (0 elements)."""
+    dx, dweights = mixture_backward(grad, x, A, B, scales, idx, weights, ranks, backend, need_x, need_weights)
+    return (dx if need_x else x.new_empty(0)), (dweights if need_weights else weights.new_empty(0))
+
+
+@_mixture_backward_op.register_fake
+def _(grad, x, A, B, scales, idx, weights, ranks, backend, need_x, need_weights):
+    return (torch.empty_like(x) if need_x else x.new_empty(0)), \
+           (torch.empty_like(weights) if need_weights else weights.new_empty(0))
+
+
+def _backward(ctx, grad):
+    x, A, B, scales, idx, weights, ranks = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    dx, dweights = _mixture_backward_op(grad.contiguous(), x, A, B, scales, idx, weights, ranks, ctx.backend,
+                                        needs[0], needs[5])
+    return (dx if needs[0] else None, None, None, None, None, dweights if needs[5] else None, None,
+            grad if needs[7] else None, None)
+
+
+_mixture_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("adaptermix::lora_mixture_", mutates_args=("out",))
+def _mixture_inplace_op(out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                        scales: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, ranks: torch.Tensor,
+                        backend: str) -> None:
+    mixture_forward_(out, x, A, B, scales, idx, weights, ranks, backend)
+
+
+@_mixture_inplace_op.register_fake
+def _(out, x, A, B, scales, idx, weights, ranks, backend):
+    return None
+
+
+# -- the public op ---------------------------------------------------------------------------------
+
+def lora_mixture(x, A, B, scales, idx, weights, *, ranks=None, base=None, out=None, backend: str = "auto",
+                 validate: bool = True) -> torch.Tensor:
+    """base (or out) + the per-token mixture of LoRA adapters; see the module docstring for the semantics.
+
+    Args:
+        x: (T, d_in) layer input.
+        A: (N, r_max, d_in), B: (N, d_out, r_max): the stacked factors, x's dtype and device.
+        scales: (N,) per-adapter scale (alpha / r).
+        idx: (T, k) integer adapter ids, -1 for an empty slot; an adapter may repeat within a token.
+        weights: (T, k) finite gate weights.
+        ranks: (N,) integer ranks in [1, r_max]; None means every adapter has rank r_max.
+        base: (T, d_out) added to the mixture (the base layer's output); None means zeros.
+        out: (T, d_out) accumulated into in place and returned (inference: not differentiable).
+        backend: 'auto', 'reference', 'torch' or 'triton'.
+        validate: check shapes, dtypes, devices, idx range and finiteness (the last two sync the device).
+    Returns:
+        (T, d_out). Without `out`, a new tensor, differentiable with respect to x, weights and base.
+    """
+    from .validation import check_inputs
+
+    if out is not None and base is not None:
+        raise ValueError("pass either base= (returns a new tensor) or out= (accumulates in place), not both")
+    ranks = check_inputs(x, A, B, scales, idx, weights, ranks, base if out is None else out, validate)
+    idx = idx.long()
+    backend = resolve_backend(backend, x.device, x.dtype)
+    if backend == "reference":
+        y = lora_mixture_reference(x, A, B, scales, idx, weights, ranks=ranks, base=base if out is None else out)
+        return out.copy_(y) if out is not None else y
+    if out is not None:
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, out)):
+            raise ValueError("out= accumulates in place and is not differentiable; use base= for training")
+        _mixture_inplace_op(out, x, A, B, scales, idx, weights, ranks, backend)
+        return out
+    if base is None:
+        base = x.new_zeros(x.shape[0], B.shape[1])
+    return _mixture_op(x, A, B, scales, idx, weights, ranks, base, backend)

@@ -1,0 +1,65 @@
+"""Routing plans: for one slot j, the tokens routed there, sorted by adapter, and blocks of rows that
+each belong to one adapter. Built with torch ops only (no host sync), so CUDA graphs can capture them.
+
+    P = tokens with idx[:, j] >= 0 (each token at most once per slot), BM = rows per block
+
+Sorted arrays keep all T entries, empty slots last: rows past offsets[-1] (= P) belong to no adapter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["SlotPlan", "plan_slot", "accumulator_dtype"]
+
+
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclass(frozen=True)
+class SlotPlan:
+    tokens: torch.Tensor      # (T,) int64 token ids, sorted by adapter (stable); the first P are routed
+    adapters: torch.Tensor    # (T,) int64 adapter of each sorted row (N past the first P)
+    offsets: torch.Tensor     # (N,) int32 end of each adapter's segment in the sorted rows
+    slot: int
+
+    @property
+    def rows(self) -> int:
+        """An upper bound of P known without a device sync: T."""
+        return self.tokens.shape[0]
+
+    def routed(self) -> int:
+        """P, the number of routed rows (syncs with the device)."""
+        return int(self.offsets[-1]) if self.offsets.numel() else 0
+
+    def blocks(self, block_m: int, num_adapters: int):
+        """(block_adapter, block_start, block_end), each (n_blocks,) int32: an upper bound of blocks,
+        unused ones marked with adapter -1 so a kernel program can return at once."""
+        counts = torch.diff(self.offsets.long(), prepend=self.offsets.new_zeros(1).long())   # (N,)
+        per_adapter = (counts + block_m - 1) // block_m
+        ends = torch.cumsum(per_adapter, 0)                                                  # (N,)
+        upper = (self.rows + block_m - 1) // block_m + min(num_adapters, max(self.rows, 1))
+        block = torch.arange(upper, device=self.tokens.device)
+        adapter = torch.searchsorted(ends, block, right=True)                                # (n_blocks,)
+        valid = adapter < num_adapters
+        adapter_c = adapter.clamp_max(num_adapters - 1)
+        first_block = ends[adapter_c] - per_adapter[adapter_c]
+        seg_start = self.offsets.long()[adapter_c] - counts[adapter_c]
+        start = seg_start + (block - first_block) * block_m
+        end = torch.minimum(start + block_m, self.offsets.long()[adapter_c])
+        adapter = torch.where(valid, adapter_c, torch.full_like(adapter_c, -1))
+        return adapter.int(), start.int(), end.int()
+
+
+def plan_slot(idx: torch.Tensor, slot: int, num_adapters: int) -> SlotPlan:
+    """Sort the tokens of slot `slot` by adapter; -1 entries are left out."""
+    column = idx[:, slot]
+    # Empty slots sort last (key N) and are cut off by the count of valid entries.
+    keys = torch.where(column >= 0, column, torch.full_like(column, num_adapters))
+    order = torch.sort(keys, stable=True).indices
+    counts = torch.bincount(keys, minlength=num_adapters + 1)[:num_adapters]
+    return SlotPlan(tokens=order, adapters=keys[order], offsets=torch.cumsum(counts, 0).int(), slot=slot)

@@ -1,0 +1,87 @@
+"""Torch backend: segmented matmuls over the adapters a slot actually uses.
+
+Rows are sorted by adapter (kernels/plan.py); each adapter's segment is multiplied by its own factor with
+one `torch._grouped_mm` call (a C++ loop over groups on CPU, a grouped GEMM on CUDA). Where that op is
+missing or refuses the dtype / layout (float64, unaligned CUDA shapes), a Python loop over the *used*
+adapters does the same. Scratch per call: the gathered rows (P, d) and their result (P, d'): at most
+input- and output-sized, never (T, k, d) nor (T, k, r, d).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .plan import SlotPlan, accumulator_dtype
+
+__all__ = ["shrink", "expand", "grouped_matmul"]
+
+
+def _loop_grouped(rows: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    out = rows.new_zeros(rows.shape[0], weights.shape[2])
+    ends = offsets.tolist()
+    start = 0
+    for adapter, end in enumerate(ends):
+        if end > start:
+            out[start:end] = rows[start:end] @ weights[adapter]
+        start = end
+    return out
+
+
+def _grouped_mm_usable(rows: torch.Tensor, weights: torch.Tensor) -> bool:
+    """torch._grouped_mm takes fp32 / fp16 / bf16 with 16-byte aligned strides (bf16 only on CUDA)."""
+    if not hasattr(torch, "_grouped_mm") or rows.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return False
+    if rows.is_cuda and rows.dtype != torch.bfloat16:
+        return False
+    per_16_bytes = 16 // rows.element_size()
+    return all(d % per_16_bytes == 0 for d in (rows.shape[1], weights.shape[1], weights.shape[2]))
+
+
+def grouped_matmul(rows: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """rows (P, K) sorted by group, weights (N, K, M), offsets (N,) int32 group ends -> (P, M)."""
+    rows = rows.contiguous()
+    if rows.shape[0] == 0:
+        return rows.new_zeros(0, weights.shape[2])
+    if _grouped_mm_usable(rows, weights):
+        return torch._grouped_mm(rows, weights.to(rows.dtype), offs=offsets)
+    return _loop_grouped(rows, weights.to(rows.dtype), offsets)
+
+
+def _rank_mask(plan: SlotPlan, ranks: torch.Tensor | None, rows: int, r_max: int, device) -> torch.Tensor | None:
+    if ranks is None:
+        return None
+    return torch.arange(r_max, device=device)[None, :] < ranks[plan.adapters[:rows]][:, None]   # (P, r_max)
+
+
+def shrink(x: torch.Tensor, A: torch.Tensor, ranks, plan: SlotPlan, coef: torch.Tensor | None) -> torch.Tensor:
+    """h[p] = coef[p] * x[token_p] @ A[e_p, :r].T in float32 (float64 for float64 x): (T, r_max), rows
+    past P are zero.
+
+    x: (T, d_in); A: (N, r_max, d_in) (any strides); coef: (T,) per sorted row or None (= 1).
+    """
+    P = plan.routed()
+    r_max = A.shape[1]
+    acc = accumulator_dtype(x.dtype)
+    h = torch.zeros(plan.rows, r_max, dtype=acc, device=x.device)
+    if P == 0:
+        return h
+    part = grouped_matmul(x[plan.tokens[:P]], A.transpose(1, 2), plan.offsets).to(acc)     # (P, r_max)
+    mask = _rank_mask(plan, ranks, P, r_max, x.device)
+    if mask is not None:
+        part = torch.where(mask, part, torch.zeros((), device=x.device))
+    if coef is not None:
+        part = part * coef[:P, None].to(acc)
+    h[:P] = part
+    return h
+
+
+def expand(h: torch.Tensor, B: torch.Tensor, ranks, plan: SlotPlan, out: torch.Tensor) -> None:
+    """out[token_p] += h[p] @ B[e_p].T for the routed rows; in place. B: (N, d_out, r_max).
+
+    h comes from `shrink`, so its columns past each adapter's rank are zero and B's padding is ignored.
+    """
+    P = plan.routed()
+    if P == 0:
+        return
+    update = grouped_matmul(h[:P].to(out.dtype), B.transpose(1, 2), plan.offsets)         # (P, d_out)
+    out.index_add_(0, plan.tokens[:P], update)

@@ -1,0 +1,178 @@
+"""lora_mixture: every backend against the float64 reference, forward and backward, awkward sizes."""
+
+import pytest
+import torch
+
+from adaptermix.kernels import lora_mixture, lora_mixture_reference
+
+# Relative tolerance (max |err| / max |ref|) by dtype: one helper for every comparison.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def assert_close_to(result: torch.Tensor, reference: torch.Tensor, dtype: torch.dtype) -> None:
+    scale = reference.abs().max().clamp_min(1e-6)
+    error = (result.double() - reference).abs().max() / scale
+    assert torch.isfinite(result).all(), "non-finite values in the result"
+    assert error <= TOLERANCE[dtype], f"relative error {error:.3g} > {TOLERANCE[dtype]} for {dtype}"
+
+
+def make_case(T, d_in, d_out, N, r_max, k, *, dtype, seed=0, ranks=None, idx=None, empty_slots=0.2):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, d_in, generator=gen)
+    A = torch.randn(N, r_max, d_in, generator=gen) / d_in ** 0.5
+    B = torch.randn(N, d_out, r_max, generator=gen)
+    ranks = torch.randint(1, r_max + 1, (N,), generator=gen) if ranks is None else torch.as_tensor(ranks)
+    # Poison the padding past each rank: it must be ignored.
+    pad = torch.arange(r_max)[None, :] >= ranks[:, None]
+    A[pad] = 1e4
+    B.transpose(1, 2)[pad] = -1e4
+    if idx is None:
+        idx = torch.randint(0, N, (T, k), generator=gen)
+        idx[torch.rand(T, k, generator=gen) < empty_slots] = -1
+    weights = torch.randn(T, k, generator=gen)
+    scales = torch.rand(N, generator=gen) + 0.5
+    base = torch.randn(T, d_out, generator=gen)
+    return dict(x=x.to(dtype), A=A.to(dtype), B=B.to(dtype), scales=scales, idx=idx, weights=weights.to(dtype),
+                ranks=ranks, base=base.to(dtype))
+
+
+def reference_of(case):
+    double = {k: (v.double() if v.dtype.is_floating_point else v) for k, v in case.items()}
+    return lora_mixture_reference(double["x"], double["A"], double["B"], double["scales"], double["idx"],
+                                  double["weights"], ranks=double["ranks"], base=double["base"])
+
+
+def run(case, backend, **kwargs):
+    return lora_mixture(case["x"], case["A"], case["B"], case["scales"], case["idx"], case["weights"],
+                        ranks=case["ranks"], backend=backend, **kwargs)
+
+
+SHAPES = {
+    # name: (T, d_in, d_out, N, r_max, k, extra)
+    "aligned": (64, 96, 64, 6, 8, 2, {}),
+    "awkward_d": (37, 100, 70, 5, 6, 3, {}),
+    "one_token": (1, 64, 48, 3, 4, 2, {}),
+    "one_adapter": (20, 32, 40, 1, 4, 1, {}),
+    "k8_duplicates": (16, 48, 32, 3, 8, 8, {}),
+    "all_on_one_adapter": (33, 40, 24, 7, 5, 2, {"idx": "one"}),
+    "unused_adapters": (12, 24, 40, 50, 4, 2, {}),
+    "all_empty": (9, 16, 16, 4, 4, 2, {"idx": "empty"}),
+    "rank_one": (17, 24, 24, 4, 1, 2, {}),
+}
+
+
+def build(name, dtype, seed=0):
+    T, d_in, d_out, N, r_max, k, extra = SHAPES[name]
+    idx = None
+    if extra.get("idx") == "one":
+        idx = torch.full((T, k), 3)
+    elif extra.get("idx") == "empty":
+        idx = torch.full((T, k), -1)
+    return make_case(T, d_in, d_out, N, r_max, k, dtype=dtype, seed=seed, idx=idx)
+
+
+CASES = [("reference", torch.float64), ("torch", torch.float64), ("torch", torch.float32),
+         ("torch", torch.float16), ("torch", torch.bfloat16), ("triton", torch.float32), ("triton", torch.float16)]
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("backend, dtype", CASES)
+def test_forward_matches_float64_reference(shape, backend, dtype):
+    case = build(shape, dtype)
+    expected = reference_of(case)
+    y = run(case, backend, base=case["base"])
+    assert y.dtype == dtype and y.shape == expected.shape
+    assert_close_to(y, expected, dtype)
+    out = case["base"].clone()
+    assert run(case, backend, out=out) is out          # accumulates into the base output in place
+    assert_close_to(out, expected, dtype)
+
+
+@pytest.mark.parametrize("shape", ["aligned", "awkward_d", "k8_duplicates", "one_token", "all_on_one_adapter"])
+@pytest.mark.parametrize("backend, dtype", [("torch", torch.float64), ("torch", torch.float32),
+                                            ("triton", torch.float32), ("torch", torch.bfloat16)])
+def test_backward_matches_autograd_through_the_reference(shape, backend, dtype):
+    case = build(shape, dtype, seed=1)
+    x = case["x"].clone().requires_grad_()
+    weights = case["weights"].clone().requires_grad_()
+    base = case["base"].clone().requires_grad_()
+    y = lora_mixture(x, case["A"], case["B"], case["scales"], case["idx"], weights, ranks=case["ranks"],
+                     base=base, backend=backend)
+    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    y.backward(grad)
+
+    x64, w64 = case["x"].double().requires_grad_(), case["weights"].double().requires_grad_()
+    y64 = lora_mixture_reference(x64, case["A"].double(), case["B"].double(), case["scales"].double(),
+                                 case["idx"], w64, ranks=case["ranks"], base=case["base"].double())
+    y64.backward(grad.double())
+    assert_close_to(x.grad, x64.grad, dtype)
+    assert_close_to(weights.grad, w64.grad, dtype)
+    assert torch.equal(base.grad, grad)
+
+
+def test_one_adapter_per_sequence_equals_plain_lora():
+    """k = 1, w = 1 (multi-tenant serving) is each token's own LoRA: x @ (s·B·A).T."""
+    case = make_case(30, 32, 24, 4, 4, 1, dtype=torch.float64, ranks=[4, 4, 4, 4], empty_slots=0.0)
+    case["weights"] = torch.ones(30, 1, dtype=torch.float64)
+    y = run(case, "torch", base=case["base"])
+    for t in range(30):
+        e = int(case["idx"][t, 0])
+        delta = case["scales"][e].double() * case["B"][e] @ case["A"][e]
+        torch.testing.assert_close(y[t], case["base"][t] + delta @ case["x"][t])
+
+
+def test_zero_weights_and_empty_slots_give_the_base_exactly():
+    case = build("aligned", torch.float32)
+    case["weights"] = torch.zeros_like(case["weights"])
+    for backend in ("torch", "triton"):
+        assert torch.equal(run(case, backend, base=case["base"]), case["base"])
+
+
+def test_out_refuses_autograd():
+    case = build("aligned", torch.float32)
+    with pytest.raises(ValueError, match="not differentiable"):
+        run(dict(case, x=case["x"].requires_grad_()), "torch", out=case["base"].clone())
+
+
+def test_torch_compile_traces_the_registered_op_without_graph_breaks():
+    case = build("aligned", torch.float32)
+
+    def layer(x, weights):
+        return lora_mixture(x, case["A"], case["B"], case["scales"], case["idx"], weights, ranks=case["ranks"],
+                            base=case["base"], backend="torch", validate=False)
+
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    x = case["x"].clone().requires_grad_()
+    y = compiled(x, case["weights"])
+    y.sum().backward()
+    assert_close_to(y.detach(), reference_of(case), torch.float32)
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("change, error, words", [
+    (lambda c: c.update(A=c["A"][:, :, :-1]), ValueError, "A's last dim"),
+    (lambda c: c.update(B=c["B"][:-1]), ValueError, "B must be"),
+    (lambda c: c.update(B=c["B"].double()), TypeError, "B has dtype"),
+    (lambda c: c.update(idx=c["idx"].float()), TypeError, "idx must be an integer"),
+    (lambda c: c.update(idx=c["idx"].clone().fill_(6)), ValueError, "idx must lie in"),
+    (lambda c: c.update(idx=c["idx"].clone().fill_(-2)), ValueError, "idx must lie in"),
+    (lambda c: c["weights"].__setitem__((0, 0), float("nan")), ValueError, "weights contain NaN"),
+    (lambda c: c.update(weights=c["weights"][:, :1]), ValueError, "weights must match idx"),
+    (lambda c: c.update(ranks=torch.full((6,), 9)), ValueError, "ranks must lie in"),
+    (lambda c: c.update(ranks=torch.zeros(6, dtype=torch.long)), ValueError, "ranks must lie in"),
+    (lambda c: c.update(scales=c["scales"][:2]), ValueError, "scales must be"),
+    (lambda c: c.update(x=c["x"].to("meta")), ValueError, "is on"),
+])
+def test_bad_input_names_the_argument(change, error, words):
+    case = build("aligned", torch.float32)
+    change(case)
+    with pytest.raises(error, match=words):
+        run(case, "torch", base=case["base"] if case["x"].device.type != "meta" else None)
+
+
+def test_unknown_backend_and_unsupported_triton_dtype():
+    case = build("aligned", torch.float32)
+    with pytest.raises(ValueError, match="backend must be"):
+        run(case, "cuda-magic")
+    with pytest.raises(TypeError, match="triton backend takes"):
+        run(build("aligned", torch.float64), "triton")
