@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-__all__ = ["ShrinkConfig", "ExpandConfig", "shrink_config", "expand_config", "rank_block", "dot_precision"]
+__all__ = ["TORCH_COST", "ShrinkConfig", "ExpandConfig", "shrink_config", "expand_config", "rank_block", "dot_precision"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,12 @@ GPU_SHRINK = {16: (64, 128, 4), 32: (64, 64, 4), 64: (32, 64, 4), 128: (32, 32, 
 # (rows per block, d_out tile, warps) on a GPU, by rank block.
 GPU_EXPAND = {16: (64, 128, 4), 32: (64, 128, 4), 64: (64, 64, 4), 128: (32, 64, 8)}
 INTERPRETER = {"BM": 64, "BK": 256, "BN": 256}
+
+# Torch backend cost model (kernels/torch_backend.prefer_dense), in flop-equivalents, measured with
+# benchmarks/kernel_mixture.py: a sorted slot pass costs `slot_fixed` (op overhead) plus `per_feature`
+# per (token, feature) of gather / scatter traffic; a dense GEMM costs its flops.
+TORCH_COST = {"cpu": {"slot_fixed": 2.5e7, "per_feature": 170.0},
+              "cuda": {"slot_fixed": 5.0e7, "per_feature": 200.0}}
 
 
 def interpreting() -> bool:

@@ -75,6 +75,12 @@ def _coef(weights, scales, plan, slot: int) -> torch.Tensor:
 def mixture_forward_(out, x, A, B, scales, idx, weights, ranks, backend: str) -> None:
     """out += mixture, in place."""
     prim = _primitives(backend)
+    if backend == "torch":
+        used = prim.used_adapters(idx, A.shape[0], A.shape[1], min(x.shape[1], B.shape[1]))
+        if prim.prefer_dense(x.shape[0], x.shape[1], B.shape[1], used.numel() * A.shape[1], idx.shape[1],
+                             x.device.type):
+            prim.forward_dense_(out, x, A, B, scales, idx, weights, ranks, used)
+            return
     for slot in range(idx.shape[1]):
         plan = plan_slot(idx, slot, A.shape[0])
         h = prim.shrink(x, A, ranks, plan, _coef(weights, scales, plan, slot))
@@ -194,7 +200,10 @@ def lora_mixture(x, A, B, scales, idx, weights, *, ranks=None, base=None, out=No
     if out is not None:
         if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, out)):
             raise ValueError("out= accumulates in place and is not differentiable; use base= for training")
-        _mixture_inplace_op(out, x, A, B, scales, idx, weights, ranks, backend)
+        if torch.compiler.is_compiling():
+            _mixture_inplace_op(out, x, A, B, scales, idx, weights, ranks, backend)
+        else:  # eager: skip the dispatcher's Python overhead (~0.1-0.4 ms a call on CPU)
+            mixture_forward_(out, x, A, B, scales, idx, weights, ranks, backend)
         return out
     if base is None:
         base = x.new_zeros(x.shape[0], B.shape[1])

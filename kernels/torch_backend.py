@@ -1,4 +1,5 @@
-"""Torch backend: segmented matmuls over the adapters a slot actually uses.
+"""Torch backend: segmented matmuls over the adapters a slot actually uses, or, when few adapters are
+used, two dense GEMMs over just those adapters (chosen per shape by a cost model, kernels/configs.py).
 
 Rows are sorted by adapter (kernels/plan.py); each adapter's segment is multiplied by its own factor with
 one `torch._grouped_mm` call (a C++ loop over groups on CPU, a grouped GEMM on CUDA). Where that op is
@@ -11,9 +12,10 @@ from __future__ import annotations
 
 import torch
 
+from .configs import TORCH_COST
 from .plan import SlotPlan, accumulator_dtype
 
-__all__ = ["shrink", "expand", "grouped_matmul"]
+__all__ = ["shrink", "expand", "grouped_matmul", "prefer_dense", "forward_dense_"]
 
 
 def _loop_grouped(rows: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -65,10 +67,9 @@ def shrink(x: torch.Tensor, A: torch.Tensor, ranks, plan: SlotPlan, coef: torch.
     h = torch.zeros(plan.rows, r_max, dtype=acc, device=x.device)
     if P == 0:
         return h
-    part = grouped_matmul(x[plan.tokens[:P]], A.transpose(1, 2), plan.offsets).to(acc)     # (P, r_max)
-    mask = _rank_mask(plan, ranks, P, r_max, x.device)
-    if mask is not None:
-        part = torch.where(mask, part, torch.zeros((), device=x.device))
+    part = grouped_matmul(x[plan.tokens[:P]], A.transpose(1, 2), plan.offsets).to(acc)    # (P, r_max)
+    if ranks is not None and bool((ranks < r_max).any()):
+        part = torch.where(_rank_mask(plan, ranks, P, r_max, x.device), part, 0.0)
     if coef is not None:
         part = part * coef[:P, None].to(acc)
     h[:P] = part
@@ -85,3 +86,49 @@ def expand(h: torch.Tensor, B: torch.Tensor, ranks, plan: SlotPlan, out: torch.T
         return
     update = grouped_matmul(h[:P].to(out.dtype), B.transpose(1, 2), plan.offsets)         # (P, d_out)
     out.index_add_(0, plan.tokens[:P], update)
+
+
+# -- dense over the used adapters (forward only; the backward pass uses the segmented primitives) ----
+
+def prefer_dense(T: int, d_in: int, d_out: int, used_rank: int, k: int, device_type: str) -> bool:
+    """Two dense GEMMs over the used adapters' n·r columns, or k sorted passes? Costs in flop-equivalents.
+
+    Dense is allowed only while n·r <= min(d_in, d_out): its (T, n·r) scratch is then no larger than x.
+    """
+    cost = TORCH_COST[device_type]
+    if used_rank > min(d_in, d_out):
+        return False
+    dense = 2 * T * used_rank * (d_in + d_out)
+    segmented = k * (cost["slot_fixed"] + cost["per_feature"] * T * (d_in + d_out))
+    return dense <= segmented
+
+
+def used_adapters(idx: torch.Tensor, num_adapters: int, r_max: int, d: int) -> torch.Tensor:
+    """The adapters idx routes to; all of them (no sort) when the whole stack is narrower than d."""
+    if num_adapters * r_max <= d:
+        return torch.arange(num_adapters, device=idx.device)
+    used = torch.unique(idx)
+    return used[used >= 0]
+
+
+def forward_dense_(out, x, A, B, scales, idx, weights, ranks, used: torch.Tensor) -> None:
+    """out += mixture, computed as (x @ A_used.T) * gate @ B_used over the n used adapters."""
+    N, r_max, d_in = A.shape
+    T, k = idx.shape
+    n = used.shape[0]
+    if n == 0:
+        return
+    acc = accumulator_dtype(x.dtype)
+    position = torch.full((N + 1,), n, dtype=torch.long, device=x.device)
+    position[used] = torch.arange(n, device=x.device)
+    slot_pos = position[torch.where(idx >= 0, idx, N)]                                     # (T, k), n = empty
+    coef = weights.to(acc) * scales.to(acc)[idx.clamp_min(0)] * (idx >= 0)                 # (T, k)
+    gate = torch.zeros(T, n + 1, dtype=acc, device=x.device).scatter_add_(1, slot_pos, coef)[:, :n]
+    A_used, B_used = (A, B) if n == N else (A[used], B[used])
+    hidden = (x @ A_used.reshape(n * r_max, d_in).T).to(acc).view(T, n, r_max)            # (T, n, r_max)
+    hidden = hidden * gate[:, :, None]
+    if bool((ranks < r_max).any()):  # where, not a product: padding may overflow to inf in half precision
+        keep = torch.arange(r_max, device=x.device)[None, :] < ranks[used][:, None]        # (n, r_max)
+        hidden = torch.where(keep[None], hidden, 0.0)
+    B_used = B_used.permute(0, 2, 1).reshape(n * r_max, B.shape[1])                         # (n·r, d_out)
+    out.addmm_(hidden.view(T, n * r_max).to(out.dtype), B_used.to(out.dtype))

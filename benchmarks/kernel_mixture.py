@@ -1,0 +1,174 @@
+"""The LoRA-mixture layer against the base GEMM and the formulations others use, side by side in one run.
+
+Every number is a ratio: (base GEMM + mixture) time / base GEMM time, medians from
+torch.utils.benchmark (which synchronises CUDA). Methods:
+  base              y = x @ W.T alone (the denominator)
+  ours[torch]       y = x @ W.T, then lora_mixture(..., out=y, backend="torch")
+  ours[triton]      the same with the Triton grouped-GEMM kernels (GPU only)
+  reference         the float definition (gathers (T, k, r, d)); CPU only
+  loop_masks        MixLoRA-style: for every adapter, select its tokens, two matmuls, index_add
+  dense_two_gemm    all adapters concatenated: (x @ A_cat.T) * routing mask, then @ B_cat
+  peft_mixed_batch  PEFT's LoRA Linear with adapter_names= (per-sequence case only)
+  memory_floor      base time + (bytes a separate mixture pass must move) / measured copy bandwidth
+
+    python benchmarks/kernel_mixture.py                 # CPU shapes, fp32
+    python benchmarks/kernel_mixture.py device=cuda     # GPU shapes, bf16 (needs a CUDA GPU)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.benchmark import Timer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from adaptermix.kernels import lora_mixture, lora_mixture_reference  # noqa: E402
+from machine import machine  # noqa: E402
+
+SHAPES = {
+    "cpu": dict(dtype=torch.float32, d=576, r=8, k=2, adapters=(4, 16, 64), tokens=(1024, 64), sequences=16,
+                backends=("torch",), min_run_time=0.3),
+    "cuda": dict(dtype=torch.bfloat16, d=4096, r=16, k=2, adapters=(4, 32, 128, 1024), tokens=(8192, 256),
+                 sequences=32, backends=("torch", "triton"), min_run_time=0.3),
+}
+TARGETS = {"cpu": {1024: 1.3, 64: 1.8}, "cuda": {8192: 1.25, 256: 1.6}}
+
+
+def median_ms(fn, min_run_time: float) -> float:
+    fn()  # warm up (Triton compiles here)
+    return Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def problem(T, N, cfg, device, per_sequence: bool, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    d, r, dtype = cfg["d"], cfg["r"], cfg["dtype"]
+    x = torch.randn(T, d, generator=gen).to(device, dtype)
+    W = (torch.randn(d, d, generator=gen) / d ** 0.5).to(device, dtype)
+    A = (torch.randn(N, r, d, generator=gen) / d ** 0.5).to(device, dtype)
+    B = (torch.randn(N, d, r, generator=gen) / r).to(device, dtype)
+    scales = torch.full((N,), 2.0, device=device)
+    if per_sequence:
+        S = cfg["sequences"]
+        idx = (torch.arange(T) * S // T % N)[:, None].to(device)
+        weights = torch.ones(T, 1, device=device, dtype=dtype)
+    else:
+        idx = torch.stack([torch.randperm(N, generator=gen)[:cfg["k"]] for _ in range(T)]).to(device)
+        weights = torch.softmax(torch.randn(T, cfg["k"], generator=gen), -1).to(device, dtype)
+    return x, W, A, B, scales, idx, weights
+
+
+def methods(x, W, A, B, scales, idx, weights, cfg, device, per_sequence):
+    N, r = A.shape[0], A.shape[1]
+    T = x.shape[0]
+    A_cat, B_cat = A.reshape(N * r, -1), B.permute(0, 2, 1).reshape(N * r, -1)
+
+    def ours(backend):
+        def run():
+            y = F.linear(x, W)
+            lora_mixture(x, A, B, scales, idx, weights, out=y, backend=backend, validate=False)
+            return y
+        return run
+
+    def loop_masks():
+        y = F.linear(x, W)
+        for e in range(N):
+            tok, slot = (idx == e).nonzero(as_tuple=True)
+            if tok.numel():
+                coef = (weights[tok, slot] * scales[e]).to(x.dtype)[:, None]
+                y.index_add_(0, tok, coef * ((x[tok] @ A[e].T) @ B[e].T))
+        return y
+
+    def dense_two_gemm():
+        gate = torch.zeros(T, N, device=device, dtype=torch.float32)
+        gate.scatter_add_(1, idx, weights.float())
+        gate = (gate * scales[None, :]).to(x.dtype).repeat_interleave(r, dim=1)   # (T, N*r)
+        return F.linear(x, W) + ((x @ A_cat.T) * gate) @ B_cat
+
+    out = {"base": lambda: F.linear(x, W)}
+    out.update({f"ours[{b}]": ours(b) for b in cfg["backends"]})
+    if device == "cpu":
+        out["reference"] = lambda: lora_mixture_reference(x, A, B, scales, idx, weights, base=F.linear(x, W))
+    out["loop_masks"] = loop_masks
+    if T * N * r <= 2 ** 28:
+        out["dense_two_gemm"] = dense_two_gemm
+    if per_sequence:
+        out["peft_mixed_batch"] = peft_mixed_batch(x, W, A, B, scales, idx, cfg)
+    return out
+
+
+def peft_mixed_batch(x, W, A, B, scales, idx, cfg):
+    """PEFT's own LoRA Linear holding all N adapters, called with one adapter name per sequence."""
+    from peft import LoraConfig, get_peft_model
+
+    N, r, d = A.shape
+    base = torch.nn.Sequential(torch.nn.Linear(d, d, bias=False)).to(x.device, x.dtype)
+    base[0].weight.data.copy_(W)
+    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"]), adapter_name="a0")
+    for e in range(1, N):
+        model.add_adapter(f"a{e}", LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"]))
+    layer = model.base_model.model[0]
+    with torch.no_grad():
+        for e in range(N):
+            layer.lora_A[f"a{e}"].weight.copy_(A[e])
+            layer.lora_B[f"a{e}"].weight.copy_(B[e])
+    S = cfg["sequences"]
+    xs = x.view(S, x.shape[0] // S, d)
+    names = [f"a{int(idx[s * (x.shape[0] // S), 0])}" for s in range(S)]
+    return lambda: layer(xs, adapter_names=names)
+
+
+def bandwidth_gb_s(device, dtype) -> float:
+    src = torch.empty(64 << 20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), 0.3)
+    return 2 * src.numel() / (ms * 1e-3) / 1e9
+
+
+def floor_ms(x, A, idx, bandwidth):
+    """A separate mixture pass must read x, each used adapter's A and B, and read + write y."""
+    used = torch.unique(idx[idx >= 0]).numel()
+    item = x.element_size()
+    T, d = x.shape
+    r = A.shape[1]
+    moved = item * (T * d + 2 * T * d + used * r * 2 * d)
+    return moved / (bandwidth * 1e9) * 1e3
+
+
+def main(device: str = "cpu", out: str | None = None):
+    cfg = SHAPES["cuda" if device.startswith("cuda") else "cpu"]
+    torch.set_grad_enabled(False)
+    bandwidth = bandwidth_gb_s(device, cfg["dtype"])
+    rows = []
+    for per_sequence in (False, True):
+        for T in cfg["tokens"]:
+            for N in cfg["adapters"]:
+                x, W, A, B, scales, idx, weights = problem(T, N, cfg, device, per_sequence)
+                found = methods(x, W, A, B, scales, idx, weights, cfg, device, per_sequence)
+                times = {name: median_ms(fn, cfg["min_run_time"]) for name, fn in found.items()}
+                times["memory_floor"] = times["base"] + floor_ms(x, A, idx, bandwidth)
+                case = "per_sequence" if per_sequence else f"top{cfg['k']}"
+                for name, ms in times.items():
+                    rows.append(dict(case=case, T=T, N=N, method=name, ms=round(ms, 4),
+                                     ratio=round(ms / times["base"], 3)))
+                print(f"{case:12s} T={T:5d} N={N:5d}  " + "  ".join(
+                    f"{name}={ms / times['base']:.2f}x" for name, ms in times.items()), flush=True)
+    target = TARGETS["cuda" if device.startswith("cuda") else "cpu"]
+    checks = [dict(case=r["case"], T=r["T"], N=r["N"], method=r["method"], ratio=r["ratio"], target=target[r["T"]],
+                   met=r["ratio"] <= target[r["T"]])
+              for r in rows if r["method"].startswith("ours") and r["case"] != "per_sequence"]
+    result = dict(benchmark="kernel_mixture", device=device, machine=machine(),
+                  dtype=str(cfg["dtype"]).replace("torch.", ""), d=cfg["d"], r=cfg["r"], k=cfg["k"],
+                  copy_bandwidth_gb_s=round(bandwidth, 1), rows=rows, targets=checks)
+    path = Path(out) if out else Path(__file__).resolve().parent / "results" / f"kernel_mixture_{device.split(':')[0]}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    args = dict(a.split("=", 1) for a in sys.argv[1:])
+    main(device=args.get("device", "cpu"), out=args.get("out"))
