@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.adaptermix-installed
 
-.PHONY: demo test bench-search clean
+.PHONY: demo test bench-search bench-kernels clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ test: $(STAMP)
 
 bench-search: $(STAMP)
 	$(PY) benchmarks/library_search.py
+
+bench-kernels: $(STAMP)   # on a GPU machine: $(PY) benchmarks/kernel_mixture.py device=cuda
+	$(PY) benchmarks/kernel_mixture.py
 
 clean:
 	rm -rf $(VENV) demo_out build *.egg-info

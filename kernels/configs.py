@@ -37,11 +37,12 @@ GPU_SHRINK = {16: (64, 128, 4), 32: (64, 64, 4), 64: (32, 64, 4), 128: (32, 32, 
 GPU_EXPAND = {16: (64, 128, 4), 32: (64, 128, 4), 64: (64, 64, 4), 128: (32, 64, 8)}
 INTERPRETER = {"BM": 64, "BK": 256, "BN": 256}
 
-# Torch backend cost model (kernels/torch_backend.prefer_dense), in flop-equivalents, measured with
-# benchmarks/kernel_mixture.py: a sorted slot pass costs `slot_fixed` (op overhead) plus `per_feature`
-# per (token, feature) of gather / scatter traffic; a dense GEMM costs its flops.
-TORCH_COST = {"cpu": {"slot_fixed": 2.5e7, "per_feature": 170.0},
-              "cuda": {"slot_fixed": 5.0e7, "per_feature": 200.0}}
+# Torch backend cost model (kernels/torch_backend.prefer_dense), in flop-equivalents. The dense path costs
+# its flops, 2·T·n·r·(d_in + d_out); the sorted pass costs `sorted_fixed` plus `sorted_per_pair_feature`
+# per (token, slot) pair and feature of gather / scatter / small-matmul work. CPU numbers fitted to
+# side-by-side timings (benchmarks/kernel_mixture.py, d = 576): the paths cross at n·r ≈ 52·k.
+TORCH_COST = {"cpu": {"sorted_fixed": 1.0e7, "sorted_per_pair_feature": 105.0},
+              "cuda": {"sorted_fixed": 5.0e7, "sorted_per_pair_feature": 200.0}}
 
 
 def interpreting() -> bool:

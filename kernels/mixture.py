@@ -80,7 +80,9 @@ def mixture_forward_(out, x, A, B, scales, idx, weights, ranks, backend: str) ->
         if prim.prefer_dense(x.shape[0], x.shape[1], B.shape[1], used.numel() * A.shape[1], idx.shape[1],
                              x.device.type):
             prim.forward_dense_(out, x, A, B, scales, idx, weights, ranks, used)
-            return
+        else:
+            prim.forward_sorted_(out, x, A, B, scales, idx, weights, ranks)
+        return
     for slot in range(idx.shape[1]):
         plan = plan_slot(idx, slot, A.shape[0])
         h = prim.shrink(x, A, ranks, plan, _coef(weights, scales, plan, slot))

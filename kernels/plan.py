@@ -61,5 +61,7 @@ def plan_slot(idx: torch.Tensor, slot: int, num_adapters: int) -> SlotPlan:
     # Empty slots sort last (key N) and are cut off by the count of valid entries.
     keys = torch.where(column >= 0, column, torch.full_like(column, num_adapters))
     order = torch.sort(keys, stable=True).indices
-    counts = torch.bincount(keys, minlength=num_adapters + 1)[:num_adapters]
+    # scatter_add into a fixed-size buffer: bincount would read max(keys) on the host to size its output
+    counts = torch.zeros(num_adapters + 1, dtype=torch.long, device=idx.device)
+    counts = counts.scatter_add_(0, keys, torch.ones_like(keys))[:num_adapters]
     return SlotPlan(tokens=order, adapters=keys[order], offsets=torch.cumsum(counts, 0).int(), slot=slot)

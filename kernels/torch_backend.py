@@ -1,8 +1,12 @@
-"""Torch backend: segmented matmuls over the adapters a slot actually uses, or, when few adapters are
-used, two dense GEMMs over just those adapters (chosen per shape by a cost model, kernels/configs.py).
+"""Torch backend: segmented matmuls over the adapters actually used, or, when those are few, two dense
+GEMMs over just them (chosen per shape by a cost model, kernels/configs.py).
 
-Rows are sorted by adapter (kernels/plan.py); each adapter's segment is multiplied by its own factor with
-one `torch._grouped_mm` call (a C++ loop over groups on CPU, a grouped GEMM on CUDA). Where that op is
+Forward: `forward_sorted_` sorts all (token, slot) pairs by adapter once and runs chunks of rows, each with
+one grouped matmul per factor; `forward_dense_` multiplies by the used adapters' stacked factors.
+Backward (and the Triton-shaped per-slot algorithm in kernels/mixture.py): `shrink` / `expand`.
+
+In the segmented paths rows are sorted by adapter; each adapter's segment is multiplied by its own factor
+with one `torch._grouped_mm` call (a C++ loop over groups on CPU, a grouped GEMM on CUDA). Where that op is
 missing or refuses the dtype / layout (float64, unaligned CUDA shapes), a Python loop over the *used*
 adapters does the same. Scratch per call: the gathered rows (P, d) and their result (P, d'): at most
 input- and output-sized, never (T, k, d) nor (T, k, r, d).
@@ -15,7 +19,7 @@ import torch
 from .configs import TORCH_COST
 from .plan import SlotPlan, accumulator_dtype
 
-__all__ = ["shrink", "expand", "grouped_matmul", "prefer_dense", "forward_dense_"]
+__all__ = ["shrink", "expand", "grouped_matmul", "prefer_dense", "forward_dense_", "forward_sorted_"]
 
 
 def _loop_grouped(rows: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -91,7 +95,7 @@ def expand(h: torch.Tensor, B: torch.Tensor, ranks, plan: SlotPlan, out: torch.T
 # -- dense over the used adapters (forward only; the backward pass uses the segmented primitives) ----
 
 def prefer_dense(T: int, d_in: int, d_out: int, used_rank: int, k: int, device_type: str) -> bool:
-    """Two dense GEMMs over the used adapters' n·r columns, or k sorted passes? Costs in flop-equivalents.
+    """Two dense GEMMs over the used adapters' n·r columns, or one sorted pass? (configs.TORCH_COST)
 
     Dense is allowed only while n·r <= min(d_in, d_out): its (T, n·r) scratch is then no larger than x.
     """
@@ -99,8 +103,8 @@ def prefer_dense(T: int, d_in: int, d_out: int, used_rank: int, k: int, device_t
     if used_rank > min(d_in, d_out):
         return False
     dense = 2 * T * used_rank * (d_in + d_out)
-    segmented = k * (cost["slot_fixed"] + cost["per_feature"] * T * (d_in + d_out))
-    return dense <= segmented
+    sorted_pass = cost["sorted_fixed"] + cost["sorted_per_pair_feature"] * k * T * (d_in + d_out)
+    return dense <= sorted_pass
 
 
 def used_adapters(idx: torch.Tensor, num_adapters: int, r_max: int, d: int) -> torch.Tensor:
@@ -132,3 +136,41 @@ def forward_dense_(out, x, A, B, scales, idx, weights, ranks, used: torch.Tensor
         hidden = torch.where(keep[None], hidden, 0.0)
     B_used = B_used.permute(0, 2, 1).reshape(n * r_max, B.shape[1])                         # (n·r, d_out)
     out.addmm_(hidden.view(T, n * r_max).to(out.dtype), B_used.to(out.dtype))
+
+
+# -- all slots at once, in chunks (forward only) ------------------------------------------------------
+
+CHUNK_ROWS = 1024  # a chunk holds max(T, CHUNK_ROWS) pairs: scratch is output-sized or constant
+
+
+def forward_sorted_(out, x, A, B, scales, idx, weights, ranks) -> None:
+    """out += mixture: every (token, slot) pair sorted by adapter once, then processed in chunks of rows;
+    each chunk runs one grouped matmul per factor over just the adapters it spans."""
+    N, r_max, _ = A.shape
+    T, k = idx.shape
+    flat = idx.reshape(-1)
+    keys = torch.where(flat >= 0, flat, N)
+    order = torch.sort(keys, stable=True).indices
+    counts = torch.bincount(keys, minlength=N + 1)[:N]
+    P = int(counts.sum())
+    if P == 0:
+        return
+    order = order[:P]
+    adapters, tokens = keys[order], order // k
+    acc = accumulator_dtype(x.dtype)
+    coef = weights.reshape(-1)[order].to(acc) * scales.to(acc)[adapters]                   # (P,)
+    ends = torch.cumsum(counts, 0)
+    masked = bool((ranks < r_max).any())
+    chunk = max(T, CHUNK_ROWS)
+    for start in range(0, P, chunk):
+        stop = min(start + chunk, P)
+        first, last = int(adapters[start]), int(adapters[stop - 1])
+        offsets = (ends[first:last + 1].clamp(max=stop) - start).int()                     # (G,)
+        rows = x[tokens[start:stop]]
+        hidden = grouped_matmul(rows, A[first:last + 1].transpose(1, 2), offsets).to(acc)  # (C, r_max)
+        if masked:
+            keep = torch.arange(r_max, device=x.device)[None, :] < ranks[adapters[start:stop]][:, None]
+            hidden = torch.where(keep, hidden, 0.0)
+        hidden = hidden * coef[start:stop, None]
+        update = grouped_matmul(hidden.to(out.dtype), B[first:last + 1].transpose(1, 2), offsets)
+        out.index_add_(0, tokens[start:stop], update)

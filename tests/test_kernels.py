@@ -1,9 +1,11 @@
 """lora_mixture: every backend against the float64 reference, forward and backward, awkward sizes."""
 
+import contextlib
+
 import pytest
 import torch
 
-from adaptermix.kernels import lora_mixture, lora_mixture_reference
+from adaptermix.kernels import configs, lora_mixture, lora_mixture_reference
 
 # Relative tolerance (max |err| / max |ref|) by dtype: one helper for every comparison.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -42,9 +44,27 @@ def reference_of(case):
                                   double["weights"], ranks=double["ranks"], base=double["base"])
 
 
+@contextlib.contextmanager
+def torch_strategy(name):
+    """Force the torch backend's dense or sorted forward by making the other one look expensive."""
+    cost = configs.TORCH_COST["cpu"]
+    saved = dict(cost)
+    if name == "dense":
+        cost.update(sorted_fixed=1e30)
+    elif name == "sorted":
+        cost.update(sorted_fixed=0.0, sorted_per_pair_feature=0.0)
+    try:
+        yield
+    finally:
+        cost.update(saved)
+
+
 def run(case, backend, **kwargs):
-    return lora_mixture(case["x"], case["A"], case["B"], case["scales"], case["idx"], case["weights"],
-                        ranks=case["ranks"], backend=backend, **kwargs)
+    """backend may be 'torch-dense' / 'torch-sorted' to pin the torch backend's forward strategy."""
+    name, _, strategy = backend.partition("-")
+    with torch_strategy(strategy):
+        return lora_mixture(case["x"], case["A"], case["B"], case["scales"], case["idx"], case["weights"],
+                            ranks=case["ranks"], backend=name, **kwargs)
 
 
 SHAPES = {
@@ -71,12 +91,22 @@ def build(name, dtype, seed=0):
     return make_case(T, d_in, d_out, N, r_max, k, dtype=dtype, seed=seed, idx=idx)
 
 
-CASES = [("reference", torch.float64), ("torch", torch.float64), ("torch", torch.float32),
-         ("torch", torch.float16), ("torch", torch.bfloat16), ("triton", torch.float32), ("triton", torch.float16)]
+CASES = [("reference", torch.float64), ("triton", torch.float32), ("triton", torch.float16)] + [
+    (f"torch-{strategy}", dtype) for strategy in ("dense", "sorted")
+    for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16)]
 
 
-@pytest.mark.parametrize("shape", list(SHAPES))
-@pytest.mark.parametrize("backend, dtype", CASES)
+def dense_applies(shape) -> bool:
+    """The dense path is only taken while n·r <= min(d_in, d_out)."""
+    T, d_in, d_out, N, r_max, k, _ = SHAPES[shape]
+    return N * r_max <= min(d_in, d_out)
+
+
+FORWARD = [(shape, backend, dtype) for shape in SHAPES for backend, dtype in CASES
+           if backend != "torch-dense" or dense_applies(shape)]
+
+
+@pytest.mark.parametrize("shape, backend, dtype", FORWARD)
 def test_forward_matches_float64_reference(shape, backend, dtype):
     case = build(shape, dtype)
     expected = reference_of(case)
@@ -124,7 +154,7 @@ def test_one_adapter_per_sequence_equals_plain_lora():
 def test_zero_weights_and_empty_slots_give_the_base_exactly():
     case = build("aligned", torch.float32)
     case["weights"] = torch.zeros_like(case["weights"])
-    for backend in ("torch", "triton"):
+    for backend in ("torch-dense", "torch-sorted", "triton"):
         assert torch.equal(run(case, backend, base=case["base"]), case["base"])
 
 
