@@ -1,1 +1,10 @@
-"""Composer: model surgery and fusion (filled in by the routers / composer issue)."""
+"""Composer: model surgery (compose / unload), routing traces, static fusion, merge / unmerge."""
+
+from .compose import compose, set_prompts, unload
+from .fusion import FUSION_METHODS, fuse
+from .layer import MixtureLinear
+from .merge import merge_adapter, unmerge_adapter
+from .trace import RoutingTrace, routing_trace
+
+__all__ = ["FUSION_METHODS", "MixtureLinear", "RoutingTrace", "compose", "fuse", "merge_adapter", "routing_trace",
+           "set_prompts", "unload", "unmerge_adapter"]

@@ -1,0 +1,76 @@
+"""The one mechanism that carries routing context into the layers.
+
+`compose` attaches a `ComposerState` to the model and registers a single forward pre-hook on it. The hook
+reads the call's input_ids / inputs_embeds, attention mask and KV-cache length, and sets `state.context`;
+every mixture layer reads it from the state it was built with. Gradient-checkpoint recomputation reads the
+same context (no other forward runs between a forward and its backward). Generation steps with a KV cache
+keep the per-sequence state of the prefill (sequence-level routers hold their choice).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..routers.routing import Routing, RoutingContext
+
+__all__ = ["ComposerState"]
+
+
+def _cache_length(past) -> int:
+    if past is None:
+        return 0
+    if hasattr(past, "get_seq_length"):
+        return int(past.get_seq_length())
+    return int(past[0][0].shape[-2]) if len(past) else 0
+
+
+class ComposerState:
+    def __init__(self, router, adapter_names: list[str], tokenizer=None, trace: bool = True):
+        self.router = router
+        self.adapter_names = adapter_names
+        self.tokenizer = tokenizer
+        self.trace_enabled = trace
+        self.context: RoutingContext | None = None
+        self.sequence_state: dict = {}
+        self.pending_prompts: list[str] | None = None
+        self.prompts: list[str] | None = None
+        self.steps: list[dict[str, Routing]] = []
+        self.originals: dict[str, torch.nn.Module] = {}
+        self.hook = None
+
+    def pre_forward(self, module, args, kwargs) -> None:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        reference = input_ids if input_ids is not None else embeds
+        if reference is None:
+            raise ValueError("adaptermix: the composed model needs input_ids or inputs_embeds")
+        batch, seq_len = reference.shape[0], reference.shape[1]
+        past_len = _cache_length(kwargs.get("past_key_values"))
+        if past_len == 0:
+            self.sequence_state = {}
+            self.steps = []
+            self.prompts = self._prompts(input_ids, kwargs.get("attention_mask"), batch)
+        device = reference.device
+        self.context = RoutingContext(
+            batch_size=batch, seq_len=seq_len, past_len=past_len,
+            sequence_ids=torch.arange(batch, device=device).repeat_interleave(seq_len),
+            attention_mask=kwargs.get("attention_mask"), input_ids=input_ids, prompts=self.prompts,
+            state=self.sequence_state,
+        )
+        if self.trace_enabled:
+            self.steps.append({})
+
+    def _prompts(self, input_ids, attention_mask, batch: int) -> list[str] | None:
+        if self.pending_prompts is not None:
+            prompts, self.pending_prompts = self.pending_prompts, None
+            if len(prompts) != batch:
+                raise ValueError(f"set_prompts got {len(prompts)} texts for a batch of {batch}")
+            return prompts
+        if self.tokenizer is None or input_ids is None:
+            return None
+        rows = input_ids if attention_mask is None else [ids[mask.bool()] for ids, mask in zip(input_ids, attention_mask)]
+        return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in rows]
+
+    def record(self, module: str, routing: Routing) -> None:
+        if self.trace_enabled and self.steps:
+            self.steps[-1][module] = Routing(routing.indices.detach().cpu(), routing.weights.detach().float().cpu())

@@ -1,0 +1,85 @@
+"""What the router chose: per forward step and module, the (T, k) indices and weights; usage statistics
+and a tokens x adapters heatmap."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..routers.routing import Routing
+from .compose import composer_state
+
+__all__ = ["RoutingTrace", "routing_trace"]
+
+
+@dataclass
+class RoutingTrace:
+    adapter_names: list[str]
+    steps: list[dict[str, Routing]]  # one dict per forward call (prefill, then each generated token)
+
+    @property
+    def modules(self) -> list[str]:
+        return sorted({m for step in self.steps for m in step})
+
+    def mixture(self, module: str) -> torch.Tensor:
+        """(tokens over all steps, N) weight each token gave each adapter at `module`."""
+        rows = []
+        for step in self.steps:
+            if module in step:
+                routing = step[module]
+                dense = torch.zeros(routing.indices.shape[0], len(self.adapter_names) + 1)
+                dense.scatter_add_(1, torch.where(routing.indices >= 0, routing.indices, len(self.adapter_names)),
+                                   routing.weights)
+                rows.append(dense[:, :-1])
+        return torch.cat(rows) if rows else torch.zeros(0, len(self.adapter_names))
+
+    def usage(self, module: str | None = None) -> dict[str, float]:
+        """Share of routing weight each adapter received (one module, or all modules pooled)."""
+        mixtures = [self.mixture(m) for m in ([module] if module else self.modules)]
+        total = torch.cat(mixtures).sum(0) if mixtures else torch.zeros(len(self.adapter_names))
+        total = total / total.sum().clamp_min(1e-12)
+        return dict(zip(self.adapter_names, total.tolist()))
+
+    def top1_share(self, module: str | None = None) -> dict[str, float]:
+        """Share of tokens whose highest-weighted adapter is each adapter."""
+        mixtures = torch.cat([self.mixture(m) for m in ([module] if module else self.modules)])
+        counts = torch.bincount(mixtures.argmax(1), minlength=len(self.adapter_names)).float()
+        return dict(zip(self.adapter_names, (counts / counts.sum().clamp_min(1)).tolist()))
+
+    def entropy(self, module: str | None = None) -> float:
+        """Mean entropy (nats) of the per-token routing distribution."""
+        mixtures = torch.cat([self.mixture(m) for m in ([module] if module else self.modules)])
+        p = mixtures / mixtures.sum(1, keepdim=True).clamp_min(1e-12)
+        return float(-(p * p.clamp_min(1e-12).log()).sum(1).mean()) if p.numel() else 0.0
+
+    def per_layer_usage(self) -> dict[str, dict[str, float]]:
+        return {m: self.usage(m) for m in self.modules}
+
+    def heatmap(self, path, module: str | None = None, tokens: list[str] | None = None) -> Path:
+        """PNG of routing weights, tokens x adapters, for one module (default: all modules averaged)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        modules = [module] if module else self.modules
+        matrix = torch.stack([self.mixture(m) for m in modules]).mean(0)
+        fig, ax = plt.subplots(figsize=(1.2 + 0.5 * len(self.adapter_names), 1.5 + 0.18 * matrix.shape[0]))
+        image = ax.imshow(matrix.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1)
+        ax.set_xticks(range(len(self.adapter_names)), self.adapter_names, rotation=45, ha="right")
+        if tokens is not None:
+            ax.set_yticks(range(len(tokens)), tokens)
+        ax.set_ylabel("token")
+        ax.set_title(module or f"mean over {len(modules)} modules")
+        fig.colorbar(image, ax=ax, label="routing weight")
+        path = Path(path)
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        return path
+
+
+def routing_trace(model) -> RoutingTrace:
+    state = composer_state(model)
+    return RoutingTrace(list(state.adapter_names), list(state.steps))
