@@ -5,6 +5,7 @@ from .fusion import FUSION_METHODS, fuse
 from .layer import MixtureLinear
 from .merge import merge_adapter, unmerge_adapter
 from .trace import RoutingTrace, routing_trace
+from .training import train_router
 
 __all__ = ["FUSION_METHODS", "MixtureLinear", "RoutingTrace", "compose", "fuse", "merge_adapter", "routing_trace",
-           "set_prompts", "unload", "unmerge_adapter"]
+           "set_prompts", "train_router", "unload", "unmerge_adapter"]

@@ -55,7 +55,7 @@ class ComposerState:
             batch_size=batch, seq_len=seq_len, past_len=past_len,
             sequence_ids=torch.arange(batch, device=device).repeat_interleave(seq_len),
             attention_mask=kwargs.get("attention_mask"), input_ids=input_ids, prompts=self.prompts,
-            state=self.sequence_state,
+            state=self.sequence_state, tokenizer=self.tokenizer,
         )
         if self.trace_enabled:
             self.steps.append({})

@@ -71,8 +71,8 @@ class BaseModelSpec:
             modules[module_name] = (shape[0], shape[1])
             if shape[2]:
                 conv1d.add(module_name)
-        if name is None:
-            name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+        if name is None:  # unknown stays empty: the base-name check then relies on shapes alone
+            name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
         return cls(name=str(name), modules=modules, conv1d=frozenset(conv1d))
 
     @classmethod

@@ -16,6 +16,7 @@ under the same lock, so the library reads exactly as before.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from .derived_store import DerivedStore, PendingFile
 from .encoders import TextEncoder, default_encoder
 from .errors import (AdapterNotFoundError, AdapterValidationError, BaseModelMismatchError,
                      DuplicateAdapterError, LibraryError)
-from .files import adapter_file_bytes, fsync_dir, read_adapter_file
+from .files import adapter_file_bytes, fsync_dir, read_adapter_file, write_atomic
 from .index import IndexConfig, TextIndex
 from .validation import check_against_base, coerce_texts
 
@@ -446,6 +447,33 @@ class AdapterLibrary:
         conn = self.catalog.conn
         return bool(conn.execute("SELECT 1 FROM adapters WHERE file = ?", (rel,)).fetchone()
                     or conn.execute("SELECT 1 FROM derived WHERE file = ?", (rel,)).fetchone())
+
+    # -- router artifacts (e.g. trained gates), saved with the library ------------------------------
+
+    def save_artifact(self, name: str, tensors: dict[str, torch.Tensor], metadata: dict) -> Path:
+        """Atomically write routers/<name>.safetensors with a JSON metadata header."""
+        from safetensors.torch import save as st_save
+
+        check_adapter_name(name)
+        data = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                       metadata={"adaptermix": json.dumps(metadata)})
+        path = self.root / "routers" / f"{name}.safetensors"
+        path.parent.mkdir(exist_ok=True)
+        write_atomic(path, data)
+        return path
+
+    def load_artifact(self, name: str) -> tuple[dict[str, torch.Tensor], dict]:
+        from safetensors import safe_open
+
+        path = self.root / "routers" / f"{check_adapter_name(name)}.safetensors"
+        if not path.is_file():
+            raise LibraryError(f"no router artifact {name!r} in {self.root}")
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = json.loads((handle.metadata() or {}).get("adaptermix", "{}"))
+            return {k: handle.get_tensor(k) for k in handle.keys()}, metadata
+
+    def content_hashes(self, names: list[str]) -> list[str]:
+        return [self.record(n).content_hash for n in names]
 
     def ensure_derived(self, kinds=("arrow", "sketch", "text"), names: list[str] | None = None,
                        progress: bool = True) -> int:

@@ -64,6 +64,7 @@ class RoutingContext:
         input_ids: (batch, seq_len) or None (inputs_embeds given).
         prompts: per batch row, the prompt text (from `set_prompts` or the tokenizer), or None.
         state: per-router storage that lives as long as the current sequences (cleared at prefill).
+        tokenizer: the one given to `compose`, for routers that read text (or None).
     """
 
     batch_size: int
@@ -74,6 +75,7 @@ class RoutingContext:
     input_ids: torch.Tensor | None = None
     prompts: list[str] | None = None
     state: dict = field(default_factory=dict)
+    tokenizer: object = None
 
     @property
     def is_prefill(self) -> bool:

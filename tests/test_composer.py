@@ -122,11 +122,14 @@ def test_gradient_checkpointing_gives_the_same_gradients(full_library, h):
     grads = []
     for checkpointing in (False, True):
         model = am.compose(h.tiny_llama(), full_library, am.ArrowRouter(top_k=2)).train()
-        if checkpointing:
+        if checkpointing and hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         loss = model(INPUT, labels=INPUT).loss
         loss.backward()
         grads.append(model.model.embed_tokens.weight.grad.clone())
+        assert model.model.layers[0].gradient_checkpointing == checkpointing
         assert len(am.routing_trace(model).steps) == 1
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
 
