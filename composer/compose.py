@@ -90,6 +90,7 @@ def compose(model: nn.Module, library, router: Router, *, adapters: list[str] | 
     spec = BaseModelSpec.from_model(model)
     loaded = [library.get(n) for n in names]
     _check_fits(loaded, spec)
+    loaded = router.prepare_adapters(library, loaded)
     modules = _targets(loaded, spec, target_modules)
     for adapter in loaded:
         adapter.modules = {m: f for m, f in adapter.modules.items() if m in modules}

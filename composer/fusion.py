@@ -13,19 +13,11 @@ from __future__ import annotations
 
 import torch
 
-from ..library.adapter import LoraAdapter, LoraModule
-from ..library.derived import lora_svd
+from ..library.adapter import LoraAdapter, LoraModule, linear_combination
 
 __all__ = ["fuse", "FUSION_METHODS"]
 
 FUSION_METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
-
-
-def _concat(modules: list[tuple[float, LoraModule]], dtype) -> LoraModule:
-    A = torch.cat([m.A.double() for _, m in modules])
-    B = torch.cat([w * m.scale * m.B.double() for w, m in modules], dim=1)
-    rank = A.shape[0]
-    return LoraModule(A.to(dtype), B.to(dtype), alpha=float(rank))  # scale 1: the weights live in B
 
 
 def _truncate(module: LoraModule, rank: int, dtype) -> LoraModule:
@@ -91,7 +83,7 @@ def fuse(source, names: list[str], weights: list[float] | None = None, *, method
         for module in modules:
             present = [(w, a.modules[module]) for w, a in zip(weights, adapters) if module in a.modules]
             if method in ("linear", "cat", "svd"):
-                merged = _concat(present, dtype)
+                merged = linear_combination(present, dtype)
                 fused[module] = _truncate(merged, rank, dtype) if method == "svd" else merged
             else:
                 deltas = [m.delta_weight(torch.float64) for _, m in present]

@@ -157,6 +157,24 @@ def _backward(ctx, grad):
 _mixture_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _MixtureFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, A, B, scales, idx, weights, ranks, base, backend):
+        out = base.clone()
+        mixture_forward_(out, x, A, B, scales, idx, weights, ranks, backend)
+        ctx.save_for_backward(x, A, B, scales, idx, weights, ranks)
+        ctx.backend = backend
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, A, B, scales, idx, weights, ranks = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        dx, dweights = mixture_backward(grad.contiguous(), x, A, B, scales, idx, weights, ranks, ctx.backend,
+                                        needs[0], needs[5])
+        return dx, None, None, None, None, dweights, None, (grad if needs[7] else None), None
+
+
 @torch.library.custom_op("adaptermix::lora_mixture_", mutates_args=("out",))
 def _mixture_inplace_op(out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                         scales: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, ranks: torch.Tensor,
@@ -209,4 +227,8 @@ def lora_mixture(x, A, B, scales, idx, weights, *, ranks=None, base=None, out=No
         return out
     if base is None:
         base = x.new_zeros(x.shape[0], B.shape[1])
-    return _mixture_op(x, A, B, scales, idx, weights, ranks, base, backend)
+    if torch.compiler.is_compiling():
+        return _mixture_op(x, A, B, scales, idx, weights, ranks, base, backend)
+    # Eager: the same forward / backward through a plain autograd.Function, off the custom-op dispatcher
+    # (less overhead; and a rare segfault was seen in that dispatch under activation checkpointing).
+    return _MixtureFunction.apply(x, A, B, scales, idx, weights, ranks, base, backend)

@@ -1,6 +1,6 @@
 """Adapter formats, the library store, its embeddings and its index."""
 
-from .adapter import LoraAdapter, LoraModule, check_adapter_name
+from .adapter import LoraAdapter, LoraModule, check_adapter_name, linear_combination
 from .base_model import BaseModelSpec
 from .catalog import AdapterRecord
 from .derived import ArrowPrototypes, ParameterSketch, TextEmbedding, lora_svd
@@ -15,5 +15,5 @@ __all__ = [
     "AdaptermixError", "ArrowPrototypes", "BaseModelMismatchError", "BaseModelSpec", "DuplicateAdapterError",
     "LibraryBusyError", "LibraryConfig", "LibraryError", "LoraAdapter", "LoraModule", "ParameterSketch",
     "SearchHit", "SentenceTransformerEncoder", "TextEmbedding", "TextEncoder", "UnsafeCheckpointError",
-    "UnsupportedAdapterError", "check_adapter_name", "default_encoder", "lora_svd",
+    "UnsupportedAdapterError", "check_adapter_name", "default_encoder", "linear_combination", "lora_svd",
 ]

@@ -21,7 +21,7 @@ import torch
 from .base_model import fingerprint_modules
 from .errors import AdapterValidationError
 
-__all__ = ["LoraModule", "LoraAdapter", "check_adapter_name"]
+__all__ = ["LoraModule", "LoraAdapter", "check_adapter_name", "linear_combination"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=@-]{0,127}$")
 
@@ -186,3 +186,12 @@ class LoraAdapter:
     def __repr__(self) -> str:
         return (f"LoraAdapter(name={self.name!r}, base_model={self.base_model!r}, "
                 f"modules={len(self.modules)}, max_rank={self.max_rank}, dtype={self.dtype})")
+
+
+def linear_combination(terms: list[tuple[float, LoraModule]], dtype: torch.dtype | None = None) -> LoraModule:
+    """Exactly Σ w_i·dW_i as one LoRA module, by concatenating ranks: A = [A_1; A_2; ...],
+    B = [w_1 s_1 B_1, w_2 s_2 B_2, ...], alpha = rank (scale 1: the weights live in B). Computed in float64."""
+    A = torch.cat([m.A.double() for _, m in terms])
+    B = torch.cat([w * m.scale * m.B.double() for w, m in terms], dim=1)
+    dtype = dtype or terms[0][1].A.dtype
+    return LoraModule(A.to(dtype), B.to(dtype), alpha=float(A.shape[0]))

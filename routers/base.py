@@ -27,13 +27,18 @@ def build_router(name: str, **config) -> "Router":
 class Router(ABC):
     """Picks and weights adapters per token.
 
-    `bind` is called once by `compose` with the library, the composed adapter names (their order is the
+    `prepare_adapters` may transform the loaded adapters before they are stacked (Arrow's GenKnowSub).
+    `bind` is then called once by `compose` with the library, the composed adapter names (their order is the
     index space of `Routing.indices`) and, per target module, a (N,) bool mask of the adapters that have
     factors there. `route` is called by every mixture layer on every forward.
     """
 
     name: str = ""
     top_k: int = 1
+
+    def prepare_adapters(self, library, adapters: list) -> list:
+        """The adapters to compose (after any transformation this router defines; default: as they are)."""
+        return adapters
 
     def bind(self, library, adapter_names: list[str], available: dict[str, torch.Tensor]) -> None:
         if self.top_k > len(adapter_names):

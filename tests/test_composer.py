@@ -236,3 +236,29 @@ def test_bad_input(full_library, tmp_path, h):
         am.compose(model, full_library, am.ArrowRouter(top_k=1))
     with pytest.raises(ValueError, match="not composed"):
         am.routing_trace(h.tiny_llama())
+
+
+def test_arrow_genknowsub_subtracts_the_mean_general_update_in_dw_space(full_library, tmp_path, h):
+    spec = full_library.base_model
+    gen = torch.Generator().manual_seed(7)
+    for name in ("general1", "general2"):
+        modules = {m: am.LoraModule(torch.randn(3, spec.modules[m][1], generator=gen),
+                                    torch.randn(spec.modules[m][0], 3, generator=gen), 6.0)
+                   for m in spec.modules if m.endswith(("q_proj", "v_proj"))}
+        full_library.add(am.LoraAdapter(name, spec.name, modules))
+    router = am.ArrowRouter(top_k=1, general=["general1", "general2"])
+    model = am.compose(h.tiny_llama(), full_library, router, adapters=["sql"])
+    task, g1, g2 = (full_library.get(n) for n in ("sql", "general1", "general2"))
+    module = "model.layers.1.self_attn.v_proj"
+    expected = (task.modules[module].delta_weight() - 0.5 * g1.modules[module].delta_weight()
+                - 0.5 * g2.modules[module].delta_weight())
+    top = torch.linalg.svd(expected)[2][0]
+    cos = torch.nn.functional.cosine_similarity(router.prototypes[module][0].double(), top, dim=0).abs()
+    assert cos > 0.9999
+    reference = am.fuse(full_library, ["sql", "general1", "general2"], [1.0, -0.5, -0.5], name="sql_gks")
+    full_library.add(reference)
+    exported = full_library.get("sql_gks").save_peft(tmp_path / "gks")
+    torch.testing.assert_close(logits(model), logits(peft_model(h, {"gks": exported})), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="general adapters"):
+        am.compose(h.tiny_llama(), full_library, am.ArrowRouter(top_k=1, general=["general1"]),
+                   adapters=["general1", "sql"])
