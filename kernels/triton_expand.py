@@ -13,6 +13,7 @@ import triton.language as tl
 
 from .configs import dot_precision, expand_config
 from .plan import SlotPlan
+from .triton_common import block_rows
 
 __all__ = ["expand"]
 
@@ -28,11 +29,7 @@ def _expand_kernel(
     adapter = tl.load(block_adapter_ptr + block)
     if adapter < 0:
         return
-    start = tl.load(block_start_ptr + block)
-    end = tl.load(block_end_ptr + block)
-    rows = start + tl.arange(0, BM)
-    row_ok = rows < end
-    tokens = tl.load(tokens_ptr + rows, mask=row_ok, other=0)
+    rows, row_ok, tokens = block_rows(block, block_start_ptr, block_end_ptr, tokens_ptr, BM)
     r = tl.arange(0, BR)
     n = tile * BN + tl.arange(0, BN)
     n_ok = n < d_out

@@ -13,6 +13,7 @@ import triton.language as tl
 
 from .configs import dot_precision, shrink_config
 from .plan import SlotPlan
+from .triton_common import block_rows
 
 __all__ = ["shrink"]
 
@@ -27,11 +28,7 @@ def _shrink_kernel(
     adapter = tl.load(block_adapter_ptr + block)
     if adapter < 0:
         return
-    start = tl.load(block_start_ptr + block)
-    end = tl.load(block_end_ptr + block)
-    rows = start + tl.arange(0, BM)
-    row_ok = rows < end
-    tokens = tl.load(tokens_ptr + rows, mask=row_ok, other=0)
+    rows, row_ok, tokens = block_rows(block, block_start_ptr, block_end_ptr, tokens_ptr, BM)
     rank = tl.load(ranks_ptr + adapter)
     r = tl.arange(0, BR)
     r_ok = r < rank

@@ -65,7 +65,7 @@ class ArrowRouter(Router):
         super().bind(library, adapter_names, available)
         self.prototypes: dict[str, torch.Tensor] = {}
         per_adapter = [self._prototypes_of(library, name, list(available)) for name in adapter_names]
-        for module, mask in available.items():
+        for module in available:
             d_in = next(p[module][0].shape[1] for p in per_adapter if module in p)
             rows = [p[module][0][0] if module in p else torch.zeros(d_in) for p in per_adapter]
             self.prototypes[module] = torch.stack(rows).float()                      # (N, d_in)

@@ -51,7 +51,7 @@ class MoEGateRouter(Router):
         super().bind(library, adapter_names, available)
         self.library = library
         self.keys = {}
-        for module, mask in available.items():
+        for module in available:
             d_in = library.base_model.modules[module][1]
             key = self.keys[module] = self._key(module, d_in)
             if key not in self.gates:
