@@ -69,11 +69,15 @@ class ArrowRouter(Router):
             d_in = next(p[module][0].shape[1] for p in per_adapter if module in p)
             rows = [p[module][0][0] if module in p else torch.zeros(d_in) for p in per_adapter]
             self.prototypes[module] = torch.stack(rows).float()                      # (N, d_in)
+        # Masks only where some adapter lacks the module (most modules need none: no work per token).
+        self.masks = {m: (None if bool(mask.all()) else mask) for m, mask in available.items()}
 
     def route(self, module: str, x: torch.Tensor, context: RoutingContext) -> Routing:
         prototypes = self.prototypes[module]
         if prototypes.device != x.device:
             prototypes = self.prototypes[module] = prototypes.to(x.device)
         scores = (x.float() @ prototypes.T).abs()                                      # (T, N)
-        scores = scores.masked_fill(~self.available[module].to(x.device)[None, :], float("-inf"))
+        mask = self.masks[module]
+        if mask is not None:
+            scores = scores.masked_fill(~mask.to(x.device)[None, :], float("-inf"))
         return Routing.from_scores(scores, self.top_k, self.temperature)

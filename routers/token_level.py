@@ -10,31 +10,22 @@ from __future__ import annotations
 
 import torch
 
-from .base import Router, register
+from .base import register
+from .retrieval import TextRouter
 from .routing import Routing, RoutingContext
 
 __all__ = ["TokenLevelRouter"]
 
 
 @register
-class TokenLevelRouter(Router):
+class TokenLevelRouter(TextRouter):
     name = "token_level"
 
     def __init__(self, *, top_k: int = 2, every: int = 2, temperature: float = 0.05):
-        if top_k < 1 or every < 1 or temperature <= 0:
-            raise ValueError(f"TokenLevelRouter needs top_k >= 1, every >= 1, temperature > 0; "
-                             f"got {top_k}, {every}, {temperature}")
-        self.top_k, self.every, self.temperature = top_k, every, temperature
-
-    def bind(self, library, adapter_names, available):
-        super().bind(library, adapter_names, available)
-        self.encoder = library.encoder
-        _, vectors = library.text_embeddings(adapter_names)
-        self.centroids = torch.from_numpy(vectors)                                          # (N, dim)
-
-    def _weights(self, texts: list[str]) -> Routing:
-        queries = torch.from_numpy(self.encoder.encode(texts))
-        return Routing.from_scores(queries @ self.centroids.T, self.top_k, self.temperature)
+        if every < 1:
+            raise ValueError(f"TokenLevelRouter needs every >= 1, got {every}")
+        super().__init__(top_k=top_k, temperature=temperature)
+        self.every = every
 
     def route(self, module: str, x: torch.Tensor, context: RoutingContext) -> Routing:
         key = ("token_level", id(self))
@@ -54,4 +45,4 @@ class TokenLevelRouter(Router):
         length = memory["ids"].shape[1]
         if memory["routing"] is None or context.is_prefill or length % self.every == 0:
             texts = [context.tokenizer.decode(row, skip_special_tokens=True) for row in memory["ids"]]
-            memory["routing"] = self._weights(texts)
+            memory["routing"] = self.routing_for_texts(texts)
