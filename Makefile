@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(PY) examples/demo.py
 
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -P -m pytest  # -P: never put the repo root on sys.path
 
 bench-search: $(STAMP)
 	$(PY) benchmarks/library_search.py

@@ -83,3 +83,25 @@ def test_every_router_config_instantiates():
             cfg = compose(config_name="config", overrides=[f"router={name}"])
         router = instantiate(cfg.router)
         assert isinstance(router, am.Router) and router.name == name
+
+
+def test_a_checkout_root_on_sys_path_cannot_clobber_the_registered_ops(h, tmp_path):
+    """transformers probes for Hugging Face's `kernels` package with find_spec + import_module; with the repo
+    root on sys.path that finds our `kernels/` folder. It must stay inert, or re-defining the custom ops would
+    destroy the real registration (a crash at the next call)."""
+    code = (
+        "import sys, importlib\n"
+        "import adaptermix.kernels.mixture as mixture\n"
+        "from torch._library.custom_ops import OPDEFS\n"
+        f"sys.path.insert(0, {str(h.repo)!r})\n"
+        "probe = importlib.import_module('kernels')\n"
+        "assert probe.__file__.startswith(sys.path[0]) and not hasattr(probe, 'lora_mixture'), probe\n"
+        "for name in ('library', 'routers', 'composer'):\n"
+        "    importlib.import_module(name)\n"
+        "assert OPDEFS['adaptermix::lora_mixture'] is mixture._mixture_op\n"
+        "from transformers.utils.import_utils import is_kernels_available\n"
+        "assert is_kernels_available() is False\n"
+        "print('ok')\n"
+    )
+    result = run_python(code, cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout + result.stderr
