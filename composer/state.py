@@ -73,4 +73,5 @@ class ComposerState:
 
     def record(self, module: str, routing: Routing) -> None:
         if self.trace_enabled and self.steps:
-            self.steps[-1][module] = Routing(routing.indices.detach().cpu(), routing.weights.detach().float().cpu())
+            # kept on its device: copying to the host here would sync a GPU at every layer
+            self.steps[-1][module] = Routing(routing.indices.detach(), routing.weights.detach())

@@ -28,10 +28,9 @@ class RoutingTrace:
         rows = []
         for step in self.steps:
             if module in step:
-                routing = step[module]
-                dense = torch.zeros(routing.indices.shape[0], len(self.adapter_names) + 1)
-                dense.scatter_add_(1, torch.where(routing.indices >= 0, routing.indices, len(self.adapter_names)),
-                                   routing.weights)
+                indices, weights = step[module].indices.cpu(), step[module].weights.float().cpu()
+                dense = torch.zeros(indices.shape[0], len(self.adapter_names) + 1)
+                dense.scatter_add_(1, torch.where(indices >= 0, indices, len(self.adapter_names)), weights)
                 rows.append(dense[:, :-1])
         return torch.cat(rows) if rows else torch.zeros(0, len(self.adapter_names))
 

@@ -18,6 +18,7 @@ Entries past an adapter's rank are ignored; they must be finite.
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import torch
@@ -35,11 +36,16 @@ def _primitives(backend: str):
     return importlib.import_module(_PRIMITIVES[backend])
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def triton_usable(device: torch.device) -> bool:
     from .configs import interpreting
 
     if device.type == "cuda":
-        return importlib.util.find_spec("triton") is not None
+        return _triton_installed()
     return device.type == "cpu" and interpreting()
 
 
@@ -99,13 +105,12 @@ def mixture_backward(grad, x, A, B, scales, idx, weights, ranks, backend: str, n
     for slot in range(idx.shape[1]):
         plan = plan_slot(idx, slot, N)
         g = prim.shrink(grad, B.transpose(1, 2), ranks, plan, None)        # (T, R): dy @ B[e]
-        coef = _coef(weights, scales, plan, slot)
         if need_weights:
             h = prim.shrink(x, A, ranks, plan, None)                         # (T, R): x @ A[e].T
             scale = scales[plan.adapters.clamp_max(N - 1)].to(acc)
             dweights[plan.tokens, slot] = (h * g).sum(1) * scale * (plan.adapters < N)
         if need_x:
-            prim.expand(g * coef[:, None], A.transpose(1, 2), ranks, plan, dx)
+            prim.expand(g * _coef(weights, scales, plan, slot)[:, None], A.transpose(1, 2), ranks, plan, dx)
     return (None if dx is None else dx.to(x.dtype)), (None if dweights is None else dweights.to(weights.dtype))
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SlotPlan", "plan_slot", "accumulator_dtype"]
+__all__ = ["SlotPlan", "plan_slot", "sort_by_adapter", "accumulator_dtype"]
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -22,10 +22,9 @@ def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @dataclass(frozen=True)
 class SlotPlan:
-    tokens: torch.Tensor      # (T,) int64 token ids, sorted by adapter (stable); the first P are routed
-    adapters: torch.Tensor    # (T,) int64 adapter of each sorted row (N past the first P)
+    tokens: torch.Tensor      # (M,) int64 entry ids sorted by adapter (stable); the first P are routed
+    adapters: torch.Tensor    # (M,) int64 adapter of each sorted row (N past the first P)
     offsets: torch.Tensor     # (N,) int32 end of each adapter's segment in the sorted rows
-    slot: int
 
     @property
     def rows(self) -> int:
@@ -55,13 +54,17 @@ class SlotPlan:
         return adapter.int(), start.int(), end.int()
 
 
-def plan_slot(idx: torch.Tensor, slot: int, num_adapters: int) -> SlotPlan:
-    """Sort the tokens of slot `slot` by adapter; -1 entries are left out."""
-    column = idx[:, slot]
-    # Empty slots sort last (key N) and are cut off by the count of valid entries.
-    keys = torch.where(column >= 0, column, torch.full_like(column, num_adapters))
+def sort_by_adapter(adapter_ids: torch.Tensor, num_adapters: int) -> SlotPlan:
+    """Sort the entries of a 1-D tensor of adapter ids (-1 = none) by adapter; the -1 entries go last."""
+    # Empty entries sort last (key N) and are cut off by the count of valid entries.
+    keys = torch.where(adapter_ids >= 0, adapter_ids, torch.full_like(adapter_ids, num_adapters))
     order = torch.sort(keys, stable=True).indices
     # scatter_add into a fixed-size buffer: bincount would read max(keys) on the host to size its output
-    counts = torch.zeros(num_adapters + 1, dtype=torch.long, device=idx.device)
+    counts = torch.zeros(num_adapters + 1, dtype=torch.long, device=adapter_ids.device)
     counts = counts.scatter_add_(0, keys, torch.ones_like(keys))[:num_adapters]
-    return SlotPlan(tokens=order, adapters=keys[order], offsets=torch.cumsum(counts, 0).int(), slot=slot)
+    return SlotPlan(tokens=order, adapters=keys[order], offsets=torch.cumsum(counts, 0).int())
+
+
+def plan_slot(idx: torch.Tensor, slot: int, num_adapters: int) -> SlotPlan:
+    """The tokens of slot `slot` sorted by adapter (entry ids are token ids)."""
+    return sort_by_adapter(idx[:, slot], num_adapters)

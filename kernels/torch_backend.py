@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from .configs import TORCH_COST
-from .plan import SlotPlan, accumulator_dtype
+from .plan import SlotPlan, accumulator_dtype, sort_by_adapter
 
 __all__ = ["shrink", "expand", "grouped_matmul", "prefer_dense", "forward_dense_", "forward_sorted_"]
 
@@ -148,18 +148,15 @@ def forward_sorted_(out, x, A, B, scales, idx, weights, ranks) -> None:
     each chunk runs one grouped matmul per factor over just the adapters it spans."""
     N, r_max, _ = A.shape
     T, k = idx.shape
-    flat = idx.reshape(-1)
-    keys = torch.where(flat >= 0, flat, N)
-    order = torch.sort(keys, stable=True).indices
-    counts = torch.bincount(keys, minlength=N + 1)[:N]
-    P = int(counts.sum())
+    plan = sort_by_adapter(idx.reshape(-1), N)                     # entry ids are pair ids t·k + j
+    P = plan.routed()
     if P == 0:
         return
-    order = order[:P]
-    adapters, tokens = keys[order], order // k
+    pairs, adapters = plan.tokens[:P], plan.adapters[:P]
+    tokens = pairs // k
     acc = accumulator_dtype(x.dtype)
-    coef = weights.reshape(-1)[order].to(acc) * scales.to(acc)[adapters]                   # (P,)
-    ends = torch.cumsum(counts, 0)
+    coef = weights.reshape(-1)[pairs].to(acc) * scales.to(acc)[adapters]                   # (P,)
+    ends = plan.offsets.long()
     masked = bool((ranks < r_max).any())
     chunk = max(T, CHUNK_ROWS)
     for start in range(0, P, chunk):

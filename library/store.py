@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save as st_save
 from tqdm.auto import tqdm
 
 from .adapter import LoraAdapter, check_adapter_name
@@ -288,17 +290,18 @@ class AdapterLibrary:
                 problems.append(str(exc) if str(exc).startswith(str(label)) else f"{label}: {exc}")
         if problems and not skip_invalid:
             raise AdapterValidationError(f"{len(problems)} invalid adapter(s), nothing added:\n" + "\n".join(problems))
-        names, chunk = [], []
+        names, chunk, chunk_bytes = [], [], 0
         bar = tqdm(total=len(valid), desc="add", disable=not progress)
         for position, item in enumerate(valid):
             chunk.append(self._prepare(item, allow_pickle=allow_pickle))
-            full = sum(len(p.file.data) for p in chunk) >= self.config.max_chunk_bytes
+            chunk_bytes += len(chunk[-1].file.data)
+            full = chunk_bytes >= self.config.max_chunk_bytes
             if len(chunk) == chunk_size or full or position == len(valid) - 1:
                 self._attach_text(chunk)
                 self._commit(chunk, replace=replace)
                 names += [p.adapter.name for p in chunk]
                 bar.update(len(chunk))
-                chunk = []
+                chunk, chunk_bytes = [], 0
         bar.close()
         if self._index is not None:
             self._index.save()
@@ -452,8 +455,6 @@ class AdapterLibrary:
 
     def save_artifact(self, name: str, tensors: dict[str, torch.Tensor], metadata: dict) -> Path:
         """Atomically write routers/<name>.safetensors with a JSON metadata header."""
-        from safetensors.torch import save as st_save
-
         check_adapter_name(name)
         data = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
                        metadata={"adaptermix": json.dumps(metadata)})
@@ -463,8 +464,6 @@ class AdapterLibrary:
         return path
 
     def load_artifact(self, name: str) -> tuple[dict[str, torch.Tensor], dict]:
-        from safetensors import safe_open
-
         path = self.root / "routers" / f"{check_adapter_name(name)}.safetensors"
         if not path.is_file():
             raise LibraryError(f"no router artifact {name!r} in {self.root}")
