@@ -13,29 +13,45 @@ from dataclasses import dataclass
 import torch
 import triton
 
-__all__ = ["TORCH_COST", "ShrinkConfig", "ExpandConfig", "shrink_config", "expand_config", "rank_block", "dot_precision"]
+__all__ = ["TORCH_COST", "ShrinkConfig", "ExpandConfig", "BgmvConfig", "block_m", "use_bgmv", "bgmv_config",
+           "shrink_config", "expand_config", "rank_block", "dot_precision"]
 
 
 @dataclass(frozen=True)
 class ShrinkConfig:
-    BM: int
     BR: int
     BK: int
     num_warps: int
+    num_stages: int
 
 
 @dataclass(frozen=True)
 class ExpandConfig:
-    BM: int
     BN: int
     num_warps: int
+    num_stages: int
 
 
-# (max rows per adapter block, d_in step, warps) on a GPU, by rank block.
-GPU_SHRINK = {16: (64, 128, 4), 32: (64, 64, 4), 64: (32, 64, 4), 128: (32, 32, 8)}
-# (rows per block, d_out tile, warps) on a GPU, by rank block.
-GPU_EXPAND = {16: (64, 128, 4), 32: (64, 128, 4), 64: (64, 64, 4), 128: (32, 64, 8)}
+# Rows per block of the routing plan on a GPU (shared by both kernels), by rank block.
+GPU_BLOCK_M = {16: 64, 32: 64, 64: 64, 128: 32}
+# (d_in step, warps, pipeline stages) of the shrink kernel on a GPU, by rank block.
+GPU_SHRINK = {16: (128, 4, 4), 32: (128, 4, 4), 64: (64, 4, 3), 128: (64, 8, 3)}   # 16: tuned on H100
+# (d_out tile, warps, pipeline stages) of the expand kernel on a GPU, by rank block.
+GPU_EXPAND = {16: (256, 8, 2), 32: (128, 4, 2), 64: (128, 4, 2), 128: (64, 8, 2)}   # 16: tuned on H100
 INTERPRETER = {"BM": 64, "BK": 256, "BN": 256}
+# Up to this many tokens the per-entry (BGMV-style) kernels run instead of the grouped GEMM: at decode
+# sizes the plan's launches cost more than reading each entry's factors (benchmarks/kernel_mixture.py).
+BGMV_MAX_TOKENS = {"gpu": 512, "interpreter": 8}
+# (d_in step, d_out tile, warps) of the BGMV kernels on a GPU.
+GPU_BGMV = (256, 128, 4)
+
+
+@dataclass(frozen=True)
+class BgmvConfig:
+    BR: int
+    BK: int
+    BN: int
+    num_warps: int
 
 # Torch backend cost model (kernels/torch_backend.prefer_dense), in flop-equivalents. The dense path costs
 # its flops, 2·T·n·r·(d_in + d_out); the sorted pass costs `sorted_fixed` plus `sorted_per_pair_feature`
@@ -61,17 +77,36 @@ def rank_block(r_max: int) -> int:
     return max(16, triton.next_power_of_2(r_max))
 
 
+def block_m(r_max: int, rows_per_adapter: float) -> int:
+    """Rows per block of the Triton routing plan: half blocks when adapters get few rows each (many
+    adapters, random routing) waste less of each block (benchmarks/kernel_tune.py)."""
+    if interpreting():
+        return INTERPRETER["BM"]
+    bm = GPU_BLOCK_M[rank_block(r_max)]
+    return bm // 2 if rows_per_adapter < bm else bm
+
+
+def use_bgmv(T: int) -> bool:
+    return T <= BGMV_MAX_TOKENS["interpreter" if interpreting() else "gpu"]
+
+
+def bgmv_config(r_max: int, d_in: int, d_out: int) -> BgmvConfig:
+    BR = max(16, triton.next_power_of_2(r_max))
+    if interpreting():
+        return BgmvConfig(BR, min(INTERPRETER["BK"], triton.next_power_of_2(d_in)),
+                          min(INTERPRETER["BN"], triton.next_power_of_2(d_out)), 1)
+    return BgmvConfig(BR, *GPU_BGMV)
+
+
 def shrink_config(r_max: int, d_in: int, dtype: torch.dtype) -> ShrinkConfig:
     BR = rank_block(r_max)
     if interpreting():
-        return ShrinkConfig(INTERPRETER["BM"], BR, min(INTERPRETER["BK"], max(16, triton.next_power_of_2(d_in))), 1)
-    BM, BK, warps = GPU_SHRINK[BR]
-    return ShrinkConfig(BM, BR, BK, warps)
+        return ShrinkConfig(BR, min(INTERPRETER["BK"], max(16, triton.next_power_of_2(d_in))), 1, 1)
+    return ShrinkConfig(BR, *GPU_SHRINK[BR])
 
 
 def expand_config(r_max: int, d_out: int, dtype: torch.dtype) -> ExpandConfig:
     BR = rank_block(r_max)
     if interpreting():
-        return ExpandConfig(INTERPRETER["BM"], min(INTERPRETER["BN"], max(16, triton.next_power_of_2(d_out))), 1)
-    BM, BN, warps = GPU_EXPAND[BR]
-    return ExpandConfig(BM, BN, warps)
+        return ExpandConfig(min(INTERPRETER["BN"], max(16, triton.next_power_of_2(d_out))), 1, 1)
+    return ExpandConfig(*GPU_EXPAND[BR])

@@ -8,22 +8,22 @@
             if e >= 0:                                   # -1: empty slot
                 y[t] += weights[t, j] * scales[e] * (x[t] @ A[e, :ranks[e]].T) @ B[e, :, :ranks[e]].T
 
-One slot j at a time, the tokens routed there are sorted by adapter (kernels/plan.py) and two primitives
-run over the segments: `shrink` (h = coef * x @ A[e].T, float32 accumulate, ranks masked) and `expand`
-(out[token] += h @ B[e].T). The backward pass (adapters frozen) reuses them: dx is the same mixture with
-A and B swapped (transposed views), d(weights) comes from two shrinks. Backends: `reference` (the
-definition, autograd through plain torch), `torch` (segmented matmuls), `triton` (grouped-GEMM kernels).
+Backends: `reference` (the definition, autograd through plain torch), `torch` (segmented matmuls,
+kernels/torch_backend.py) and `triton` (grouped-GEMM kernels, kernels/triton_backend.py). Both fast
+backends group the routed (token, slot) entries by adapter and run two primitives over the groups:
+`shrink` (h = coef * x @ A[e].T, float32 accumulate, ranks masked) and `expand` (out[token] += h @ B[e].T).
+The backward pass (adapters frozen) reuses them: dx is the same mixture with A and B swapped (transposed
+views), d(weights) comes from two shrinks.
 Entries past an adapter's rank are ignored; they must be finite.
 """
 
 from __future__ import annotations
 
-import functools
 import importlib
+import importlib.util
 
 import torch
 
-from .plan import accumulator_dtype, plan_slot
 from .reference import lora_mixture_reference
 
 __all__ = ["lora_mixture", "BACKENDS", "resolve_backend"]
@@ -36,16 +36,14 @@ def _primitives(backend: str):
     return importlib.import_module(_PRIMITIVES[backend])
 
 
-@functools.cache
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None   # a constant: torch.compile traces this
 
 
 def triton_usable(device: torch.device) -> bool:
     from .configs import interpreting
 
     if device.type == "cuda":
-        return _triton_installed()
+        return _TRITON_INSTALLED
     return device.type == "cpu" and interpreting()
 
 
@@ -67,51 +65,16 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = tor
     return backend
 
 
-# -- one algorithm over two primitives ------------------------------------------------------------
-
-def _coef(weights, scales, plan, slot: int) -> torch.Tensor:
-    """weights[t, j] * scales[e] per sorted row in the accumulator dtype, (T,); rows past P get 0."""
-    N = scales.shape[0]
-    acc = accumulator_dtype(weights.dtype)
-    routed = plan.adapters < N
-    value = weights[plan.tokens, slot].to(acc) * scales[plan.adapters.clamp_max(N - 1)].to(acc)
-    return torch.where(routed, value, torch.zeros((), device=value.device))
-
+# -- dispatch to the backend modules ------------------------------------------------------------------
 
 def mixture_forward_(out, x, A, B, scales, idx, weights, ranks, backend: str) -> None:
     """out += mixture, in place."""
-    prim = _primitives(backend)
-    if backend == "torch":
-        used = prim.used_adapters(idx, A.shape[0], A.shape[1], min(x.shape[1], B.shape[1]))
-        if prim.prefer_dense(x.shape[0], x.shape[1], B.shape[1], used.numel() * A.shape[1], idx.shape[1],
-                             x.device.type):
-            prim.forward_dense_(out, x, A, B, scales, idx, weights, ranks, used)
-        else:
-            prim.forward_sorted_(out, x, A, B, scales, idx, weights, ranks)
-        return
-    for slot in range(idx.shape[1]):
-        plan = plan_slot(idx, slot, A.shape[0])
-        h = prim.shrink(x, A, ranks, plan, _coef(weights, scales, plan, slot))
-        prim.expand(h, B, ranks, plan, out)
+    _primitives(backend).forward_(out, x, A, B, scales, idx, weights, ranks)
 
 
 def mixture_backward(grad, x, A, B, scales, idx, weights, ranks, backend: str, need_x: bool, need_weights: bool):
     """(dx (T, d_in) or None, dweights (T, k) or None) for frozen adapters."""
-    prim = _primitives(backend)
-    N = A.shape[0]
-    acc = accumulator_dtype(x.dtype)
-    dx = torch.zeros(x.shape, dtype=acc, device=x.device) if need_x else None
-    dweights = torch.zeros(weights.shape, dtype=acc, device=x.device) if need_weights else None
-    for slot in range(idx.shape[1]):
-        plan = plan_slot(idx, slot, N)
-        g = prim.shrink(grad, B.transpose(1, 2), ranks, plan, None)        # (T, R): dy @ B[e]
-        if need_weights:
-            h = prim.shrink(x, A, ranks, plan, None)                         # (T, R): x @ A[e].T
-            scale = scales[plan.adapters.clamp_max(N - 1)].to(acc)
-            dweights[plan.tokens, slot] = (h * g).sum(1) * scale * (plan.adapters < N)
-        if need_x:
-            prim.expand(g * _coef(weights, scales, plan, slot)[:, None], A.transpose(1, 2), ranks, plan, dx)
-    return (None if dx is None else dx.to(x.dtype)), (None if dweights is None else dweights.to(weights.dtype))
+    return _primitives(backend).backward(grad, x, A, B, scales, idx, weights, ranks, need_x, need_weights)
 
 
 # -- registered ops (torch.compile / CUDA graphs see them through their fake implementations) ---------

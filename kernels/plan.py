@@ -1,7 +1,6 @@
-"""Routing plans: for one slot j, the tokens routed there, sorted by adapter, and blocks of rows that
-each belong to one adapter. Built with torch ops only (no host sync), so CUDA graphs can capture them.
+"""The torch backend's routing plans: entries sorted by adapter (torch.sort), as segments.
 
-    P = tokens with idx[:, j] >= 0 (each token at most once per slot), BM = rows per block
+    P = entries with an adapter (for one slot j: tokens with idx[:, j] >= 0, each at most once)
 
 Sorted arrays keep all T entries, empty slots last: rows past offsets[-1] (= P) belong to no adapter.
 """
@@ -34,24 +33,6 @@ class SlotPlan:
     def routed(self) -> int:
         """P, the number of routed rows (syncs with the device)."""
         return int(self.offsets[-1]) if self.offsets.numel() else 0
-
-    def blocks(self, block_m: int, num_adapters: int):
-        """(block_adapter, block_start, block_end), each (n_blocks,) int32: an upper bound of blocks,
-        unused ones marked with adapter -1 so a kernel program can return at once."""
-        counts = torch.diff(self.offsets.long(), prepend=self.offsets.new_zeros(1).long())   # (N,)
-        per_adapter = (counts + block_m - 1) // block_m
-        ends = torch.cumsum(per_adapter, 0)                                                  # (N,)
-        upper = (self.rows + block_m - 1) // block_m + min(num_adapters, max(self.rows, 1))
-        block = torch.arange(upper, device=self.tokens.device)
-        adapter = torch.searchsorted(ends, block, right=True)                                # (n_blocks,)
-        valid = adapter < num_adapters
-        adapter_c = adapter.clamp_max(num_adapters - 1)
-        first_block = ends[adapter_c] - per_adapter[adapter_c]
-        seg_start = self.offsets.long()[adapter_c] - counts[adapter_c]
-        start = seg_start + (block - first_block) * block_m
-        end = torch.minimum(start + block_m, self.offsets.long()[adapter_c])
-        adapter = torch.where(valid, adapter_c, torch.full_like(adapter_c, -1))
-        return adapter.int(), start.int(), end.int()
 
 
 def sort_by_adapter(adapter_ids: torch.Tensor, num_adapters: int) -> SlotPlan:

@@ -17,9 +17,10 @@ from __future__ import annotations
 import torch
 
 from .configs import TORCH_COST
-from .plan import SlotPlan, accumulator_dtype, sort_by_adapter
+from .plan import SlotPlan, accumulator_dtype, plan_slot, sort_by_adapter
 
-__all__ = ["shrink", "expand", "grouped_matmul", "prefer_dense", "forward_dense_", "forward_sorted_"]
+__all__ = ["forward_", "backward", "shrink", "expand", "grouped_matmul", "prefer_dense", "forward_dense_",
+           "forward_sorted_"]
 
 
 def _loop_grouped(rows: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -171,3 +172,41 @@ def forward_sorted_(out, x, A, B, scales, idx, weights, ranks) -> None:
         hidden = hidden * coef[start:stop, None]
         update = grouped_matmul(hidden.to(out.dtype), B[first:last + 1].transpose(1, 2), offsets)
         out.index_add_(0, tokens[start:stop], update)
+
+
+# -- the backend's entry points (kernels/mixture.py) ---------------------------------------------------
+
+def forward_(out, x, A, B, scales, idx, weights, ranks) -> None:
+    """out += mixture: dense over the used adapters or one sorted pass, whichever the cost model prefers."""
+    used = used_adapters(idx, A.shape[0], A.shape[1], min(x.shape[1], B.shape[1]))
+    if prefer_dense(x.shape[0], x.shape[1], B.shape[1], used.numel() * A.shape[1], idx.shape[1], x.device.type):
+        forward_dense_(out, x, A, B, scales, idx, weights, ranks, used)
+    else:
+        forward_sorted_(out, x, A, B, scales, idx, weights, ranks)
+
+
+def _coef(weights, scales, plan: SlotPlan, slot: int) -> torch.Tensor:
+    """weights[t, j] * scales[e] per sorted row in the accumulator dtype, (T,); rows past P get 0."""
+    N = scales.shape[0]
+    acc = accumulator_dtype(weights.dtype)
+    routed = plan.adapters < N
+    value = weights[plan.tokens, slot].to(acc) * scales[plan.adapters.clamp_max(N - 1)].to(acc)
+    return torch.where(routed, value, torch.zeros((), device=value.device))
+
+
+def backward(grad, x, A, B, scales, idx, weights, ranks, need_x: bool, need_weights: bool):
+    """(dx or None, dweights or None), one slot at a time."""
+    N = A.shape[0]
+    acc = accumulator_dtype(x.dtype)
+    dx = torch.zeros(x.shape, dtype=acc, device=x.device) if need_x else None
+    dweights = torch.zeros(weights.shape, dtype=acc, device=x.device) if need_weights else None
+    for slot in range(idx.shape[1]):
+        plan = plan_slot(idx, slot, N)
+        g = shrink(grad, B.transpose(1, 2), ranks, plan, None)        # (T, R): dy @ B[e]
+        if need_weights:
+            h = shrink(x, A, ranks, plan, None)                         # (T, R): x @ A[e].T
+            scale = scales[plan.adapters.clamp_max(N - 1)].to(acc)
+            dweights[plan.tokens, slot] = (h * g).sum(1) * scale * (plan.adapters < N)
+        if need_x:
+            expand(g * _coef(weights, scales, plan, slot)[:, None], A.transpose(1, 2), ranks, plan, dx)
+    return (None if dx is None else dx.to(x.dtype)), (None if dweights is None else dweights.to(weights.dtype))

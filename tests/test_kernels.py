@@ -45,24 +45,28 @@ def reference_of(case):
 
 
 @contextlib.contextmanager
-def torch_strategy(name):
-    """Force the torch backend's dense or sorted forward by making the other one look expensive."""
+def strategy(name):
+    """Pin a backend's forward strategy: torch dense / sorted (by making the other look expensive), or
+    triton bgmv (per-entry kernels) / plan (grouped GEMM) (by moving the token threshold)."""
     cost = configs.TORCH_COST["cpu"]
-    saved = dict(cost)
+    saved, saved_bgmv = dict(cost), dict(configs.BGMV_MAX_TOKENS)
     if name == "dense":
         cost.update(sorted_fixed=1e30)
     elif name == "sorted":
         cost.update(sorted_fixed=0.0, sorted_per_pair_feature=0.0)
+    elif name in ("bgmv", "plan"):
+        configs.BGMV_MAX_TOKENS.update(dict.fromkeys(saved_bgmv, 10 ** 9 if name == "bgmv" else 0))
     try:
         yield
     finally:
         cost.update(saved)
+        configs.BGMV_MAX_TOKENS.update(saved_bgmv)
 
 
 def run(case, backend, **kwargs):
-    """backend may be 'torch-dense' / 'torch-sorted' to pin the torch backend's forward strategy."""
-    name, _, strategy = backend.partition("-")
-    with torch_strategy(strategy):
+    """backend may be 'torch-dense' / 'torch-sorted' / 'triton-plan' / 'triton-bgmv' to pin a strategy."""
+    name, _, pinned = backend.partition("-")
+    with strategy(pinned):
         return lora_mixture(case["x"], case["A"], case["B"], case["scales"], case["idx"], case["weights"],
                             ranks=case["ranks"], backend=name, **kwargs)
 
@@ -91,7 +95,8 @@ def build(name, dtype, seed=0):
     return make_case(T, d_in, d_out, N, r_max, k, dtype=dtype, seed=seed, idx=idx)
 
 
-CASES = [("reference", torch.float64), ("triton", torch.float32), ("triton", torch.float16)] + [
+CASES = [("reference", torch.float64), ("triton-plan", torch.float32), ("triton-plan", torch.float16),
+         ("triton-bgmv", torch.float32), ("triton-bgmv", torch.float16)] + [
     (f"torch-{strategy}", dtype) for strategy in ("dense", "sorted")
     for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16)]
 
@@ -154,7 +159,7 @@ def test_one_adapter_per_sequence_equals_plain_lora():
 def test_zero_weights_and_empty_slots_give_the_base_exactly():
     case = build("aligned", torch.float32)
     case["weights"] = torch.zeros_like(case["weights"])
-    for backend in ("torch-dense", "torch-sorted", "triton"):
+    for backend in ("torch-dense", "torch-sorted", "triton-plan", "triton-bgmv"):
         assert torch.equal(run(case, backend, base=case["base"]), case["base"])
 
 
@@ -206,3 +211,97 @@ def test_unknown_backend_and_unsupported_triton_dtype():
         run(case, "cuda-magic")
     with pytest.raises(TypeError, match="triton backend takes"):
         run(build("aligned", torch.float64), "triton")
+
+
+# -- CUDA: the compiled Triton kernels (run on a GPU machine; CI has none, so these skip there) ----------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+GPU_CASES = [("triton-plan", torch.float32), ("triton-plan", torch.float16), ("triton-plan", torch.bfloat16),
+             ("triton-bgmv", torch.float32), ("triton-bgmv", torch.bfloat16), ("torch", torch.float32),
+             ("torch", torch.bfloat16)]
+
+
+def on_cuda(case):
+    return {key: value.cuda() for key, value in case.items()}
+
+
+@cuda
+@pytest.mark.parametrize("shape", list(SHAPES) + ["wide_mixed_ranks"])
+@pytest.mark.parametrize("backend, dtype", GPU_CASES)
+def test_cuda_forward_matches_float64_reference(shape, backend, dtype):
+    if shape == "wide_mixed_ranks":   # d past several blocks, ranks 1..128 in one stack
+        case = make_case(300, 1000, 1500, 12, 128, 2, dtype=dtype, seed=3)
+    else:
+        case = build(shape, dtype)
+    case = on_cuda(case)
+    expected = reference_of(case)
+    assert_close_to(run(case, backend, base=case["base"]), expected, dtype)
+    out = case["base"].clone()
+    run(case, backend, out=out)
+    assert_close_to(out, expected, dtype)
+
+
+@cuda
+@pytest.mark.parametrize("shape", ["aligned", "awkward_d", "k8_duplicates", "one_token"])
+@pytest.mark.parametrize("backend, dtype", GPU_CASES)
+def test_cuda_backward_matches_the_reference(shape, backend, dtype):
+    case = on_cuda(build(shape, dtype, seed=1))
+    x = case["x"].clone().requires_grad_()
+    weights = case["weights"].clone().requires_grad_()
+    y = lora_mixture(x, case["A"], case["B"], case["scales"], case["idx"], weights, ranks=case["ranks"],
+                     base=case["base"], backend=backend.partition("-")[0])
+    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(dtype).cuda()
+    y.backward(grad)
+    x64, w64 = case["x"].double().requires_grad_(), case["weights"].double().requires_grad_()
+    lora_mixture_reference(x64, case["A"].double(), case["B"].double(), case["scales"].double(), case["idx"],
+                           w64, ranks=case["ranks"], base=case["base"].double()).backward(grad.double())
+    assert_close_to(x.grad, x64.grad, dtype)
+    assert_close_to(weights.grad, w64.grad, dtype)
+
+
+@cuda
+def test_cuda_inductor_compiles_the_triton_op_forward_and_backward():
+    case = on_cuda(build("awkward_d", torch.float16))
+
+    def layer(x, weights):
+        return lora_mixture(x, case["A"], case["B"], case["scales"], case["idx"], weights, ranks=case["ranks"],
+                            base=case["base"], backend="triton", validate=False)
+
+    compiled = torch.compile(layer, fullgraph=True)
+    x = case["x"].clone().requires_grad_()
+    y = compiled(x, case["weights"])
+    y.float().sum().backward()
+    assert_close_to(y.detach(), reference_of(case), torch.float16)
+    x64 = case["x"].double().requires_grad_()
+    lora_mixture_reference(x64, case["A"].double(), case["B"].double(), case["scales"].double(), case["idx"],
+                           case["weights"].double(), ranks=case["ranks"], base=case["base"].double()).sum().backward()
+    assert_close_to(x.grad, x64.grad, torch.float16)
+
+
+@cuda
+@pytest.mark.parametrize("backend", ["triton-plan", "triton-bgmv"])
+def test_cuda_graph_replays_with_new_routing(backend):
+    """The Triton path never syncs with the host: one captured graph serves any routing written into idx."""
+    case = on_cuda(build("aligned", torch.bfloat16))
+    out = torch.empty_like(case["base"])
+
+    def step():
+        out.copy_(case["base"])
+        run(case, backend, out=out, validate=False)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()                                   # compile and autotune outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    gen = torch.Generator().manual_seed(7)
+    N, k = case["A"].shape[0], case["idx"].shape[1]
+    for _ in range(3):
+        case["idx"].copy_(torch.randint(-1, N, (case["idx"].shape[0], k), generator=gen))
+        case["weights"].copy_(torch.randn(case["weights"].shape, generator=gen))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close_to(out, reference_of(case), torch.bfloat16)
