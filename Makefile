@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.adaptermix-installed
 
-.PHONY: demo test bench-search bench-kernels bench-compose clean
+.PHONY: demo test bench-search bench-kernels bench-compose bench-routing train-suite clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,14 @@ bench-search: $(STAMP)
 
 bench-compose: $(STAMP)
 	$(PY) benchmarks/compose_forward.py
+
+bench-routing: $(STAMP)   # the zero-shot routing evaluation (~16 min), then the diagnosis and router costs
+	$(PY) benchmarks/evaluate_routing.py
+	$(PY) benchmarks/diagnose_routing.py
+	$(PY) benchmarks/router_cost.py
+
+train-suite: $(STAMP)     # retrain the committed example adapters (~25 min on 2 cores)
+	$(PY) benchmarks/train_suite.py
 
 bench-kernels: $(STAMP)   # on a GPU machine: $(PY) benchmarks/kernel_mixture.py device=cuda
 	$(PY) benchmarks/kernel_mixture.py

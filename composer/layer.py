@@ -36,6 +36,9 @@ class MixtureLinear(nn.Module):
             raise RuntimeError("adaptermix: a mixture layer ran outside the composed model's forward")
         flat_x = x.reshape(-1, x.shape[-1])
         flat_out = out.reshape(-1, out.shape[-1])
+        if self.state.probing:                   # the router reads the base model's hidden states
+            self.state.router.observe(self.module_name, flat_x, self.state.context)
+            return out
         routing = self.state.router.route(self.module_name, flat_x, self.state.context)
         self.state.record(self.module_name, routing)
         weights = routing.weights.to(flat_x.dtype)

@@ -37,6 +37,8 @@ class ComposerState:
         self.steps: list[dict[str, Routing]] = []
         self.originals: dict[str, torch.nn.Module] = {}
         self.hook = None
+        self.probing = False                     # inside a router's probe pass (composer/state.py _probe)
+        self.probe_state: dict | None = None
 
     def pre_forward(self, module, args, kwargs) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -46,11 +48,19 @@ class ComposerState:
             raise ValueError("adaptermix: the composed model needs input_ids or inputs_embeds")
         batch, seq_len = reference.shape[0], reference.shape[1]
         past_len = _cache_length(kwargs.get("past_key_values"))
+        device = reference.device
+        if self.probing:                     # a probe pass the router asked for: adapters off, nothing traced
+            self.context = RoutingContext(
+                batch_size=batch, seq_len=seq_len, past_len=0,
+                sequence_ids=torch.arange(batch, device=device).repeat_interleave(seq_len),
+                attention_mask=kwargs.get("attention_mask"), input_ids=input_ids,
+                prompts=self.prompts if self.probe_state is self.sequence_state else None,
+                state=self.probe_state, tokenizer=self.tokenizer)
+            return
         if past_len == 0:
             self.sequence_state = {}
             self.steps = []
             self.prompts = self._prompts(input_ids, kwargs.get("attention_mask"), batch)
-        device = reference.device
         self.context = RoutingContext(
             batch_size=batch, seq_len=seq_len, past_len=past_len,
             sequence_ids=torch.arange(batch, device=device).repeat_interleave(seq_len),
@@ -59,6 +69,42 @@ class ComposerState:
         )
         if self.trace_enabled:
             self.steps.append({})
+        if past_len == 0 and getattr(self.router, "probe", False):
+            self._probe(module, args, kwargs)
+
+    # -- probe passes (routers that read the base model's hidden states before routing a prompt) -------
+
+    def _probe(self, model, args, kwargs) -> None:
+        """Calibration passes over the router's reference texts (once), then, for routers that decide per
+        prompt across all layers, one pass over the prompt itself; adapters are off in both."""
+        outer = self.context
+        device = next(model.parameters()).device
+        if self.router.needs_calibration():
+            if self.tokenizer is None:
+                raise ValueError(f"{type(self.router).__name__}(calibrate=True) reads the library's example prompts: "
+                                 "pass tokenizer= to adaptermix.compose")
+            texts = self.router.reference_texts()
+            if getattr(self.tokenizer, "chat_template", None):
+                texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                                            add_generation_prompt=True) for t in texts]
+            encoded = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            for purpose in ("mean", "spread"):
+                self._run_probe(model, purpose, (), {"input_ids": encoded.input_ids.to(device),
+                                                     "attention_mask": encoded.attention_mask.to(device)}, {})
+        if getattr(self.router, "aggregate", None) == "global":
+            call = dict(kwargs, use_cache=False, past_key_values=None)
+            self._run_probe(model, "route", args, call, self.sequence_state)
+        self.context = outer
+
+    def _run_probe(self, model, purpose: str, args, kwargs, state: dict) -> None:
+        self.router.begin_probe(state, purpose)
+        self.probing, self.probe_state = True, state
+        try:
+            with torch.no_grad():
+                model(*args, **kwargs)
+        finally:
+            self.probing, self.probe_state = False, None
+        self.router.end_probe(self.context)
 
     def _prompts(self, input_ids, attention_mask, batch: int) -> list[str] | None:
         if self.pending_prompts is not None:

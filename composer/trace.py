@@ -3,7 +3,8 @@ and a tokens x adapters heatmap."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -13,11 +14,19 @@ from .compose import composer_state
 
 __all__ = ["RoutingTrace", "routing_trace"]
 
+_LAYER = re.compile(r"layers\.(\d+)\.")
+
+
+def _layer_of(module: str) -> str:
+    found = _LAYER.search(module)
+    return found.group(1) if found else module
+
 
 @dataclass
 class RoutingTrace:
     adapter_names: list[str]
     steps: list[dict[str, Routing]]  # one dict per forward call (prefill, then each generated token)
+    notes: list[str] = field(default_factory=list)  # routers' fallbacks (e.g. a prompt that matched nothing)
 
     @property
     def modules(self) -> list[str]:
@@ -53,6 +62,42 @@ class RoutingTrace:
         p = mixtures / mixtures.sum(1, keepdim=True).clamp_min(1e-12)
         return float(-(p * p.clamp_min(1e-12).log()).sum(1).mean()) if p.numel() else 0.0
 
+    def decision_counts(self, attention_mask: torch.Tensor, generated: torch.Tensor | None = None,
+                        eos_id: int | None = None, per_layer: bool = False) -> torch.Tensor:
+        """(batch, N + 1): per sequence, how many (token, layer) decisions chose each adapter (last column:
+        none). A decision is the adapter with the largest routing weight summed over the layer's modules, at
+        every prompt token (attention_mask (batch, L) of the prefill: padding left out) and every generated
+        token up to and including the first `eos_id` in `generated` (batch, new tokens).
+        per_layer: (batch, layers, N + 1) instead, layers in model order."""
+        N = len(self.adapter_names)
+        B, L = attention_mask.shape
+        if generated is not None and eos_id is not None:
+            is_eos = generated == eos_id
+            ended = is_eos.int().cumsum(1)
+            gen_len = ((ended == 0) | ((ended == 1) & is_eos)).sum(1).cpu()
+        else:
+            gen_len = torch.full((B,), len(self.steps), dtype=torch.long)
+        layers = sorted({_layer_of(m) for step in self.steps for m in step}, key=lambda k: (len(k), k))
+        counts = torch.zeros(B, len(layers), N + 1)
+        for s, step in enumerate(self.steps):
+            by_layer: dict[str, torch.Tensor] = {}
+            for module, routing in step.items():
+                idx, weights = routing.indices.cpu(), routing.weights.float().cpu()
+                dense = by_layer.setdefault(_layer_of(module), torch.zeros(idx.shape[0], N + 1))
+                dense.scatter_add_(1, torch.where(idx >= 0, idx, N), weights)
+            if s == 0:
+                row_of, valid = torch.arange(B).repeat_interleave(L), attention_mask.reshape(-1).bool().cpu()
+            else:
+                row_of, valid = torch.arange(B), (s - 1) < gen_len
+            for layer, dense in by_layer.items():
+                if dense.shape[0] != row_of.shape[0]:
+                    raise ValueError(f"step {s} has {dense.shape[0]} rows; the attention mask implies {row_of.shape[0]}")
+                choice = torch.where(dense[:, :N].sum(1) > 0, dense[:, :N].argmax(1), N)
+                at = torch.full_like(choice, layers.index(layer))
+                counts.index_put_((row_of[valid], at[valid], choice[valid]), torch.ones(int(valid.sum())),
+                                  accumulate=True)
+        return counts if per_layer else counts.sum(1)
+
     def per_layer_usage(self) -> dict[str, dict[str, float]]:
         return {m: self.usage(m) for m in self.modules}
 
@@ -81,4 +126,5 @@ class RoutingTrace:
 
 def routing_trace(model) -> RoutingTrace:
     state = composer_state(model)
-    return RoutingTrace(list(state.adapter_names), list(state.steps))
+    return RoutingTrace(list(state.adapter_names), list(state.steps),
+                        list(dict.fromkeys(state.sequence_state.get("notes", []))))

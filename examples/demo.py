@@ -1,206 +1,98 @@
-"""`make demo`: the library end to end on a model small enough to train here, in about a minute.
+"""`make demo`, the main job: zero-shot routing on the example library over SmolLM2-135M-Instruct.
 
-1. A tiny byte-level Llama stands in for the base model: a few seconds of full training on copying words
-   (`copy: abc = abc`) give it the prompt format, but none of the tasks.
-2. One LoRA per string task is trained with real PEFT, and saved as a PEFT checkpoint with a description.
-3. The `adaptermix` CLI builds a library from those checkpoints, lists it, searches it and verifies it.
-4. A PNG compares adapters by their descriptions (text embeddings) and by their weights (dW sketches).
-5. The library is composed onto the base model and held-out prompts are scored with every token routed:
-   answer loss of the base model, the task's own adapter (oracle), a uniform mix, Arrow top-1 / top-2 and
-   retrieval, and a routing heatmap. (These adapters lower the loss a lot but rarely produce exact answers.)
+1. Opens the cached example library, or builds it with the `adaptermix build` command from the committed
+   PEFT checkpoints in examples/suite_adapters (one LoRA per task of adaptermix.tasks.SUITE). The first
+   run also converts the base model from its GGUF once (both are cached under ~/.cache/adaptermix).
+2. Answers a handful of prompts with the base model, then composes the library onto it with the router of
+   conf/demo.yaml (default: retrieval, the best zero-shot router of the evaluation) and answers again,
+   every token routed through the LoRA-mixture kernel.
+3. Prints, per prompt, the adapters chosen (share of (token, layer) decisions, and the first / middle / last
+   layer's choice) and both answers; writes demo_out/routing.png (prompts x adapters).
+
+    python examples/demo.py                          # conf/demo.yaml
+    python examples/demo.py router=arrow router.top_k=2 'prompts=[Rewrite the date 2020-01-31 as day/month/year.]'
 """
 
 from __future__ import annotations
 
-import codecs
-import json
-import random
-import shutil
+import sys
 import time
 from pathlib import Path
-
-import sys
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-import torch
-from omegaconf import DictConfig
-from peft import LoraConfig, get_peft_model
-from tqdm.auto import tqdm
-from transformers import LlamaConfig, LlamaForCausalLM
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
-import adaptermix as am
-from adaptermix.cli import load_config, main as cli
+import adaptermix as am  # noqa: E402
+from adaptermix.cli import load_config  # noqa: E402
+from adaptermix.models import load_smollm2  # noqa: E402
+from adaptermix.suite import generate, suite_library  # noqa: E402
 
-# name -> (description, transformation)
-TASKS = {
-    "reverse": ("Reverse the characters of a word", lambda s: s[::-1]),
-    "uppercase": ("Convert a word to upper case letters", str.upper),
-    "rot13": ("Encode a word with the ROT13 Caesar cipher", lambda s: codecs.encode(s, "rot13")),
-    "sort_letters": ("Sort the letters of a word in alphabetical order", lambda s: "".join(sorted(s))),
-    "drop_vowels": ("Remove every vowel from a word", lambda s: "".join(c for c in s if c not in "aeiou")),
-    "double": ("Repeat each character of a word twice", lambda s: "".join(c * 2 for c in s)),
-}
+def by_thirds(per_layer: torch.Tensor, names: list[str]) -> str:
+    """The leading adapter of the early, middle and late thirds of the layers, for one prompt."""
+    parts = []
+    for label, chunk in zip(("early", "middle", "late"), per_layer.chunk(3)):
+        total = chunk.sum(0)
+        parts.append(f"{label} {names[int(total.argmax())]}")
+    return ", ".join(parts)
 
 
-COPY = ("Copy a word unchanged", lambda s: s)
-
-
-def examples(task: str, rng: random.Random, n: int) -> list[tuple[str, str]]:
-    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 7))) for _ in range(n)]
-    transform = COPY[1] if task == "copy" else TASKS[task][1]
-    return [(f"{task}: {w} =", f" {transform(w)}\n") for w in words]
-
-
-def encode(pairs, max_len=40):
-    """Byte-level ids; loss only on the answer bytes."""
-    ids = torch.zeros(len(pairs), max_len, dtype=torch.long)
-    labels = torch.full((len(pairs), max_len), -100, dtype=torch.long)
-    for i, (prompt, answer) in enumerate(pairs):
-        p, a = list(prompt.encode()), list(answer.encode())
-        seq = (p + a)[:max_len]
-        ids[i, :len(seq)] = torch.tensor(seq)
-        labels[i, len(p):len(seq)] = torch.tensor(seq[len(p):])
-    return ids, labels
-
-
-def pretrain_base(cfg, base_dir: Path) -> float:
-    """Full training on the copy task only; returns the final training loss."""
-    torch.manual_seed(cfg.seed)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=256, max_position_embeddings=64, **cfg.model))
-    optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr)
-    rng = random.Random(f"{cfg.seed}-copy")
-    for _ in tqdm(range(cfg.pretrain_steps), desc="pretrain base (copy)"):
-        ids, labels = encode(examples("copy", rng, cfg.batch_size))
-        loss = model(input_ids=ids, labels=labels).loss
-        loss.backward()
-        optimiser.step()
-        optimiser.zero_grad()
-    model.save_pretrained(base_dir)
-    return float(loss)
-
-
-def train_adapter(cfg, base_dir: Path, task: str, out: Path) -> dict:
-    torch.manual_seed(cfg.seed)
-    model = LlamaForCausalLM.from_pretrained(base_dir)
-    lora = LoraConfig(r=cfg.rank, lora_alpha=2 * cfg.rank, lora_dropout=0.0,
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    model = get_peft_model(model, lora)
-    optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
-    rng = random.Random(f"{cfg.seed}-{task}")
-    held_out = encode(examples(task, random.Random(f"eval-{task}"), 64))
-    evaluate = lambda: float(model(input_ids=held_out[0], labels=held_out[1]).loss)  # noqa: E731
-    with torch.no_grad():
-        before = evaluate()
+def main(overrides: list[str]) -> None:
+    cfg = load_config(overrides, config_name="demo")
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    for _ in range(cfg.steps):
-        ids, labels = encode(examples(task, rng, cfg.batch_size))
-        loss = model(input_ids=ids, labels=labels).loss
-        loss.backward()
-        optimiser.step()
-        optimiser.zero_grad()
-    seconds = time.perf_counter() - start
-    with torch.no_grad():
-        after = evaluate()
-    model.save_pretrained(out)
-    prompts = [p for p, _ in examples(task, random.Random(f"doc-{task}"), 3)]
-    (out / "adaptermix.json").write_text(json.dumps({"description": TASKS[task][0], "examples": prompts,
-                                                     "tags": ["demo", "string"]}))
-    return {"task": task, "held_out_loss_before": round(before, 3), "held_out_loss_after": round(after, 3),
-            "train_seconds": round(seconds, 1)}
+    library = suite_library(cfg.library)
+    model, tokenizer = load_smollm2()
+    model.eval()
+    prompts = list(cfg.prompts)
+    print(f"library: {len(library)} adapters at {library.root} ({time.perf_counter() - start:.0f} s)")
 
+    plain = generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, progress="base model")
 
-def answer_loss(model, prompt: str, expected: str, router=None) -> float:
-    """Teacher-forced loss (nats per byte) of the expected answer after the prompt, every token routed."""
-    ids, labels = encode([(prompt, expected)], max_len=len(prompt) + len(expected) + 1)
-    if isinstance(router, am.RetrievalRouter):
-        am.set_prompts(model, [prompt])
-    with torch.no_grad():
-        return float(model(input_ids=ids, labels=labels).loss)
+    router_cfg = OmegaConf.to_container(cfg.router, resolve=True)
+    if "min_similarity" in router_cfg and router_cfg["min_similarity"] is None:
+        router_cfg["min_similarity"] = cfg.min_similarity
+    router = instantiate(router_cfg)
+    model = am.compose(model, library, router, tokenizer=tokenizer)
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    seen = {}
 
+    def remember(inputs, new):
+        trace = am.routing_trace(model)
+        seen.update(counts=trace.decision_counts(inputs.attention_mask, new, eos, per_layer=True), notes=trace.notes)
 
-def route_and_score(cfg, base_dir: Path, library: am.AdapterLibrary, out: Path) -> dict:
-    """Held-out answer loss: base, oracle (the task's own adapter), uniform, Arrow top-1 / top-2, retrieval."""
-    rng = random.Random(f"held-out-{cfg.seed}")
-    held_out = {task: examples(task, rng, cfg.eval_per_task) for task in TASKS}
-    fresh = lambda: LlamaForCausalLM.from_pretrained(base_dir).eval()  # noqa: E731
-    uniform = {name: 1.0 / len(TASKS) for name in TASKS}
-    methods = {"base": None, "oracle": "oracle", "uniform": am.FixedRouter(uniform),
-               "arrow_top1": am.ArrowRouter(top_k=1), "arrow_top2": am.ArrowRouter(top_k=2),
-               "retrieval": am.RetrievalRouter(top_k=1)}
-    scores = {}
-    for method, router in tqdm(methods.items(), desc="route and score"):
-        losses = []
-        for task, pairs in held_out.items():
-            if router == "oracle":
-                model = am.compose(fresh(), library, am.FixedRouter({task: 1.0}), adapters=[task])
-            else:
-                model = fresh() if router is None else am.compose(fresh(), library, router)
-            losses += [answer_loss(model, prompt, expected, router) for prompt, expected in pairs]
-        scores[method] = sum(losses) / len(losses)
-    arrow = am.compose(fresh(), library, am.ArrowRouter(top_k=2))
-    prompt, expected = held_out["reverse"][0]
-    answer_loss(arrow, prompt, expected)
-    am.routing_trace(arrow).heatmap(out / "routing_heatmap.png", tokens=list(prompt + expected.rstrip()) + ["⏎"])
-    return scores
+    routed = generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=len(prompts),
+                      before_batch=lambda chunk: am.set_prompts(model, chunk), after_batch=remember,
+                      progress=f"routed ({router_cfg['_target_'].rsplit('.', 1)[-1]})")
+    names = library.names()
+    composed_names = am.routing_trace(model).adapter_names
+    per_layer = seen["counts"]                                    # (prompts, layers, N + 1)
+    counts = per_layer.sum(1)
+    shares = counts / counts.sum(1, keepdim=True).clamp_min(1)
+    for row, prompt in enumerate(prompts):
+        top = sorted(((float(shares[row, i]), n) for i, n in enumerate(composed_names + ["none"])), reverse=True)
+        summary = ", ".join(f"{n} {s:.0%}" for s, n in top[:3] if s > 0)
+        print(f"\n> {prompt}\n  adapters: {summary}  (layers: {by_thirds(per_layer[row], composed_names + ['none'])})"
+              f"\n  base:   {plain[row].strip()!r}\n  routed: {routed[row].strip()!r}")
+    for note in seen["notes"]:
+        print(f"  note: {note}")
 
-
-def plot_similarity(library: am.AdapterLibrary, path: Path) -> None:
-    names, text = library.text_embeddings()
-    _, params = library.parameter_embeddings(names)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
-    for ax, matrix, title in ((axes[0], text @ text.T, "descriptions (MiniLM cosine)"),
-                              (axes[1], params @ params.T, "weights (dW sketch cosine)")):
-        image = ax.imshow(matrix, vmin=-1, vmax=1, cmap="coolwarm")
-        ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-        ax.set_yticks(range(len(names)), names)
-        ax.set_title(title)
-    fig.colorbar(image, ax=axes, shrink=0.8)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    fig, ax = plt.subplots(figsize=(1.5 + 0.45 * len(composed_names), 1.2 + 0.45 * len(prompts)))
+    image = ax.imshow(shares[:, :len(composed_names)].numpy(), vmin=0, vmax=1, cmap="viridis")
+    ax.set_xticks(range(len(composed_names)), composed_names, rotation=60, ha="right")
+    ax.set_yticks(range(len(prompts)), [p[:48] for p in prompts])
+    ax.set_title("share of (token, layer) decisions per adapter")
+    fig.colorbar(image, ax=ax)
+    fig.savefig(out / "routing.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
-
-
-def run(cfg: DictConfig) -> None:
-    out = Path(cfg.out_dir).resolve()
-    base_dir, checkpoints, lib_dir = out / "tiny-byte-llama", out / "checkpoints", out / "library"
-    copy_loss = pretrain_base(cfg, base_dir)
-    print(f"== 0. base model: tiny byte-level Llama, copy-task loss after pretraining {copy_loss:.3f}")
-
-    print(f"== 1. training {len(TASKS)} LoRA adapters with PEFT on a tiny byte-level Llama ({cfg.steps} steps each)")
-    report = [train_adapter(cfg, base_dir, task, checkpoints / task) for task in tqdm(TASKS, desc="adapters")]
-    for row in report:
-        print(f"   {row['task']:13s} held-out loss {row['held_out_loss_before']:.3f} -> "
-              f"{row['held_out_loss_after']:.3f}  ({row['train_seconds']} s)")
-
-    print("== 2. adaptermix build")
-    if lib_dir.exists():
-        shutil.rmtree(lib_dir)
-    assert cli(["build", str(checkpoints), str(lib_dir), f"base_model={base_dir}"]) == 0
-    print("== 3. adaptermix list")
-    cli(["list", str(lib_dir)])
-    print("== 4. adaptermix search")
-    for query in cfg.queries:
-        print(f"   query: {query!r}")
-        cli(["search", str(lib_dir), query, f"search.k={cfg.search_k}"])
-    print("== 5. adaptermix verify")
-    assert cli(["verify", str(lib_dir), "verify.deep=true"]) == 0
-
-    with am.AdapterLibrary.open(lib_dir) as library:
-        plot_similarity(library, out / "adapter_similarity.png")
-        vectors, values = library.prototypes("reverse")["model.layers.0.self_attn.q_proj"]
-        print(f"== Arrow prototypes of 'reverse' at layer 0 q_proj: {tuple(vectors.shape)}, "
-              f"singular values {[round(v, 3) for v in values.tolist()]}")
-        print(f"== 6. compose the library onto the base model; held-out answer loss ({cfg.eval_per_task} prompts "
-              f"per task), every token routed (lower is better)")
-        scores = route_and_score(cfg, base_dir, library, out)
-    for method, score in scores.items():
-        print(f"   {method:12s} {score:.3f} nats/byte")
-    (out / "training_report.json").write_text(json.dumps({"adapters": report, "answer_loss": scores}, indent=2))
-    print(f"== wrote {out / 'adapter_similarity.png'}, {out / 'routing_heatmap.png'} and "
-          f"{out / 'training_report.json'}")
+    am.unload(model)
+    print(f"\nwrote {out / 'routing.png'}; {len(names)} adapters; {time.perf_counter() - start:.0f} s in all")
 
 
 if __name__ == "__main__":
-    run(load_config(sys.argv[1:], config_name="demo"))
+    main(sys.argv[1:])

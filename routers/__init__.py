@@ -10,7 +10,8 @@ if __name__ == "adaptermix.routers":
     from .moe_gate import MoEGateRouter
     from .retrieval import RetrievalRouter
     from .routing import Routing, RoutingContext
+    from .sequence_arrow import SequenceArrowRouter
     from .token_level import TokenLevelRouter
 
     __all__ = ["ArrowRouter", "BASE", "FixedRouter", "MoEGateRouter", "PerSequenceRouter", "ROUTERS", "RetrievalRouter",
-               "Router", "Routing", "RoutingContext", "TokenLevelRouter", "build_router"]
+               "Router", "Routing", "RoutingContext", "SequenceArrowRouter", "TokenLevelRouter", "build_router"]

@@ -15,10 +15,10 @@ __all__ = ["RetrievalRouter", "TextRouter"]
 class TextRouter(Router):
     """Routes by the similarity of texts to the adapters' description / example embeddings."""
 
-    def __init__(self, *, top_k: int, temperature: float):
+    def __init__(self, *, top_k: int, temperature: float, min_similarity: float | None = None):
         if top_k < 1 or temperature <= 0:
             raise ValueError(f"{type(self).__name__} needs top_k >= 1 and temperature > 0, got {top_k}, {temperature}")
-        self.top_k, self.temperature = top_k, temperature
+        self.top_k, self.temperature, self.min_similarity = top_k, temperature, min_similarity
 
     def bind(self, library, adapter_names, available):
         super().bind(library, adapter_names, available)
@@ -26,25 +26,41 @@ class TextRouter(Router):
         _, vectors = library.text_embeddings(adapter_names)
         self.embeddings = torch.from_numpy(vectors)                                  # (N, dim)
 
-    def routing_for_texts(self, texts: list[str]) -> Routing:
-        """(len(texts), k): top-k adapters by cosine similarity, softmax(sim / temperature) over the k."""
-        queries = torch.from_numpy(self.encoder.encode(texts))                       # (batch, dim)
-        return Routing.from_scores(queries @ self.embeddings.T, self.top_k, self.temperature)
+    def routing_for_texts(self, texts: list[str], notes: list[str] | None = None) -> Routing:
+        """(len(texts), k): top-k adapters by cosine similarity, softmax(sim / temperature) over the k.
+
+        A text that is empty, or whose best similarity is below `min_similarity`, gets no adapter (the base
+        model answers it); each such fallback is described in `notes` (the trace shows them)."""
+        empty = [not t.strip() for t in texts]
+        queries = torch.from_numpy(self.encoder.encode([t if t.strip() else "-" for t in texts]))
+        similarity = queries @ self.embeddings.T                                     # (batch, N)
+        routing = Routing.from_scores(similarity, self.top_k, self.temperature)
+        best = similarity.max(1).values
+        weak = torch.tensor(empty) | (best < self.min_similarity if self.min_similarity is not None else False)
+        if bool(weak.any()):
+            routing = Routing(torch.where(weak[:, None], -1, routing.indices),
+                              torch.where(weak[:, None], 0.0, routing.weights))
+            for row in weak.nonzero().flatten().tolist():
+                why = "empty prompt" if empty[row] else (
+                    f"best similarity {float(best[row]):.3f} < min_similarity {self.min_similarity}")
+                if notes is not None:
+                    notes.append(f"{self.name}: sequence {row}: {why}; no adapter (base model)")
+        return routing
 
 
 @register
 class RetrievalRouter(TextRouter):
     name = "retrieval"
 
-    def __init__(self, *, top_k: int = 1, temperature: float = 0.05):
-        super().__init__(top_k=top_k, temperature=temperature)
+    def __init__(self, *, top_k: int = 1, temperature: float = 0.05, min_similarity: float | None = None):
+        super().__init__(top_k=top_k, temperature=temperature, min_similarity=min_similarity)
 
     def route(self, module, x, context: RoutingContext) -> Routing:
         def compute():
             if context.prompts is None:
                 raise ValueError("RetrievalRouter needs the prompt texts: pass tokenizer= to compose(), or call "
                                  "adaptermix.set_prompts(model, texts) before the forward pass")
-            return self.routing_for_texts(context.prompts)
+            return self.routing_for_texts(context.prompts, context.state.setdefault("notes", []))
 
         routing = self.sequence_routing(context, compute)
         return Routing(routing.indices.to(x.device), routing.weights.to(x.device))

@@ -21,10 +21,11 @@ __all__ = ["TokenLevelRouter"]
 class TokenLevelRouter(TextRouter):
     name = "token_level"
 
-    def __init__(self, *, top_k: int = 2, every: int = 2, temperature: float = 0.05):
+    def __init__(self, *, top_k: int = 2, every: int = 2, temperature: float = 0.05,
+                 min_similarity: float | None = None):
         if every < 1:
             raise ValueError(f"TokenLevelRouter needs every >= 1, got {every}")
-        super().__init__(top_k=top_k, temperature=temperature)
+        super().__init__(top_k=top_k, temperature=temperature, min_similarity=min_similarity)
         self.every = every
 
     def route(self, module: str, x: torch.Tensor, context: RoutingContext) -> Routing:
@@ -45,4 +46,4 @@ class TokenLevelRouter(TextRouter):
         length = memory["ids"].shape[1]
         if memory["routing"] is None or context.is_prefill or length % self.every == 0:
             texts = [context.tokenizer.decode(row, skip_special_tokens=True) for row in memory["ids"]]
-            memory["routing"] = self.routing_for_texts(texts)
+            memory["routing"] = self.routing_for_texts(texts, context.state.setdefault("notes", []))

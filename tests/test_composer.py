@@ -262,3 +262,46 @@ def test_arrow_genknowsub_subtracts_the_mean_general_update_in_dw_space(full_lib
     with pytest.raises(ValueError, match="general adapters"):
         am.compose(h.tiny_llama(), full_library, am.ArrowRouter(top_k=1, general=["general1"]),
                    adapters=["general1", "sql"])
+
+
+def test_retrieval_falls_back_to_the_base_for_unmatched_and_empty_prompts(full_library, h):
+    """A prompt that matches nothing (or is empty) gets no adapter, and the trace says why."""
+    router = am.RetrievalRouter(top_k=1, min_similarity=0.35)
+    model = am.compose(h.tiny_llama(), full_library, router)
+    am.set_prompts(model, ["select all rows from the users table", "zebra violin thunderstorm"])
+    routed = logits(model)
+    trace = am.routing_trace(model)
+    rows = next(iter(trace.steps[0].values())).indices.view(2, -1)
+    assert (rows[0] >= 0).all() and (rows[1] == -1).all()
+    assert any("sequence 1" in note and "min_similarity" in note for note in trace.notes)
+    base = logits(am.unload(model))
+    torch.testing.assert_close(routed[1], base[1])                      # the unmatched row is the base model
+    model = am.compose(h.tiny_llama(), full_library, am.RetrievalRouter(top_k=1))
+    am.set_prompts(model, ["select all rows from the users table", "   "])
+    logits(model)
+    assert any("sequence 1: empty prompt" in note for note in am.routing_trace(model).notes)
+
+
+def test_decision_counts_score_prompt_and_generated_tokens_only(full_library, h):
+    model = am.compose(h.tiny_llama(), full_library, am.FixedRouter({"sql": 1.0}), adapters=["celsius", "sql"])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        out = model.generate(INPUT[:, :5], attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                             eos_token_id=None)
+    generated = out[:, 5:].clone()
+    generated[0, 1] = 99                                                 # row 0 "ends" at its second token
+    counts = am.routing_trace(model).decision_counts(mask, generated, eos_id=99)
+    layers = h.tiny_llama().config.num_hidden_layers
+    # Generated tokens are routed when fed back: the last of the 3 never is. Row 0: 3 prompt tokens + 2
+    # generated (up to and including eos); row 1: 5 + 2. All on "sql" (index 1).
+    assert counts.tolist() == [[0, 5 * layers, 0], [0, 7 * layers, 0]]
+    per_layer = am.routing_trace(model).decision_counts(mask, generated, eos_id=99, per_layer=True)
+    assert per_layer.shape == (2, layers, 3) and torch.equal(per_layer.sum(1), counts)
+
+
+def test_text_needing_sequence_router_names_adapters_without_descriptions(library, checkpoints, h):
+    library.add(checkpoints["sql"], description="", examples=[])
+    with pytest.raises(ValueError, match="description or example prompts"):
+        am.compose(h.tiny_llama(), library, am.SequenceArrowRouter(calibrate=True))
+    model = am.compose(h.tiny_llama(), library, am.SequenceArrowRouter(calibrate=False, aggregate="global"))
+    assert logits(model).shape[0] == 2                                   # weights alone need no text

@@ -38,6 +38,8 @@ def smollm2_path(cache_dir: str | Path | None = None) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder = _gguf_folder()
+    print(f"adaptermix: no converted {MODEL_NAME} at {target}; converting {folder / GGUF_NAME} once (~20 s)",
+          flush=True)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_NAME, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_NAME)
     config = AutoConfig.from_pretrained(folder, gguf_file=GGUF_NAME)

@@ -1,0 +1,87 @@
+"""What each router costs per decode step and per prefill on the example library (SmolLM2-135M-Instruct, 12
+adapters on 150 modules), batch 8, CPU, all side by side in one run.
+
+    python benchmarks/router_cost.py          # writes benchmarks/results/router_cost_cpu.json
+
+decode step = (time of generate(17 new tokens) - time of generate(1 new token)) / 16, medians of 3 runs;
+prefill = generate(1 new token). Target (routing-quality issue): the chosen router's decode step at most
+1.2x plain Arrow's.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import machine  # noqa: E402
+
+import adaptermix as am  # noqa: E402
+from adaptermix.models import load_smollm2  # noqa: E402
+from adaptermix.suite import suite_library  # noqa: E402
+from adaptermix.tasks import SUITE, TASKS, chat_prompt  # noqa: E402
+
+ROUTERS = {
+    "base": None,
+    "arrow_top2": lambda: am.ArrowRouter(top_k=2),
+    "retrieval": lambda: am.RetrievalRouter(top_k=1),
+    "token_level": lambda: am.TokenLevelRouter(top_k=1),
+    "seq_subspace": lambda: am.SequenceArrowRouter(top_k=1, score="subspace", aggregate="global", calibrate=True),
+    "hybrid": lambda: am.SequenceArrowRouter(top_k=1, score="subspace", aggregate="global", calibrate=True,
+                                             retrieval_weight=2.0),
+}
+
+
+def timed(fn, repeats=3):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main():
+    torch.set_grad_enabled(False)
+    library = suite_library()
+    prompts = [TASKS[name].examples("train", 1)[0][0] for name in SUITE[:8]]
+    rows = {}
+    for name, make in ROUTERS.items():
+        model, tokenizer = load_smollm2()
+        model.eval()
+        if make is not None:
+            model = am.compose(model, library, make(), adapters=list(SUITE), tokenizer=tokenizer, trace=False)
+        before = (lambda chunk: am.set_prompts(model, chunk)) if make is not None else None
+
+        tokenizer.padding_side = "left"
+        inputs = tokenizer([chat_prompt(tokenizer, p) for p in prompts], return_tensors="pt", padding=True,
+                           add_special_tokens=False)
+
+        def run(n):
+            def call():
+                if before is not None:
+                    before(prompts)
+                model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                               pad_token_id=tokenizer.pad_token_id)      # exactly n tokens: no early stop
+            return call
+        run(2)()                                                      # warm up (and calibrate, once)
+        prefill = timed(run(1))
+        full = timed(run(17))
+        rows[name] = {"prefill_s": round(prefill, 4), "decode_step_s": round((full - prefill) / 16, 5)}
+        print(name, rows[name], flush=True)
+    arrow = rows["arrow_top2"]["decode_step_s"]
+    for row in rows.values():
+        row["decode_vs_arrow"] = round(row["decode_step_s"] / arrow, 3)
+    result = {"benchmark": "router_cost", "machine": machine(), "batch": 8, "adapters": len(SUITE), "rows": rows}
+    path = Path(__file__).resolve().parent / "results" / "router_cost_cpu.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Train the example library: one PEFT LoRA per task of `adaptermix.tasks.SUITE` on SmolLM2-135M-Instruct.
+
+Each adapter starts from its own seed (recorded), trains on CPU on the task's train split (loss on the
+answer tokens only), is checked by greedy exact match on held-out prompts, and is saved as a PEFT
+checkpoint in float16 with an `adaptermix.json` sidecar (description, example prompts, tags). The
+committed adapters in examples/suite_adapters/ were made by this script; rerun it to reproduce them:
+
+    python benchmarks/train_suite.py                           # every task (about 2 min each on 2 cores)
+    python benchmarks/train_suite.py tasks=date_dmy,add out=/tmp/adapters
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import machine  # noqa: E402
+
+from adaptermix.models import load_smollm2  # noqa: E402
+from adaptermix.tasks import SUITE, TASKS, chat_prompt  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = dict(rank=4, alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"],
+                steps=100, batch_size=8, lr=3e-3, warmup=10, train_examples=240, check_examples=16,
+                base_seed=1000)
+
+
+def encode(tokenizer, pairs):
+    """Right-padded ids, attention mask and a mask of the answer tokens (answer + end-of-turn)."""
+    rows, answer_masks = [], []
+    for instruction, answer in pairs:
+        prompt = tokenizer(chat_prompt(tokenizer, instruction), add_special_tokens=False).input_ids
+        target = tokenizer(answer + "<|im_end|>", add_special_tokens=False).input_ids
+        rows.append(prompt + target)
+        answer_masks.append([0] * len(prompt) + [1] * len(target))
+    length = max(map(len, rows))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.tensor([r + [pad] * (length - len(r)) for r in rows])
+    attention = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows])
+    answer = torch.tensor([m + [0] * (length - len(m)) for m in answer_masks], dtype=torch.bool)
+    return ids, attention, answer
+
+
+def answer_loss(causal_lm, ids, attention, answer):
+    """Cross-entropy of the answer tokens; logits only where needed (the vocabulary is 49k wide)."""
+    hidden = causal_lm.model(input_ids=ids, attention_mask=attention).last_hidden_state   # (b, L, d)
+    predict = answer[:, 1:]                                                               # token i from i-1
+    logits = causal_lm.lm_head(hidden[:, :-1][predict])
+    return torch.nn.functional.cross_entropy(logits.float(), ids[:, 1:][predict])
+
+
+@torch.no_grad()
+def generate(model, tokenizer, instructions, max_new_tokens=16, batch_size=16):
+    tokenizer.padding_side = "left"
+    answers = []
+    for start in range(0, len(instructions), batch_size):
+        chunk = [chat_prompt(tokenizer, i) for i in instructions[start:start + batch_size]]
+        inputs = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+        answers += tokenizer.batch_decode(out[:, inputs.input_ids.shape[1]:], skip_special_tokens=True)
+    return answers
+
+
+def train_one(base, tokenizer, task_name: str, seed: int, out: Path, settings: dict) -> dict:
+    task = TASKS[task_name]
+    torch.manual_seed(seed)                          # the LoRA A init comes from this adapter's own seed
+    config = LoraConfig(r=settings["rank"], lora_alpha=settings["alpha"], lora_dropout=0.0,
+                        target_modules=settings["target_modules"])
+    model = get_peft_model(base, config)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimiser = torch.optim.AdamW(params, lr=settings["lr"], weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda step: min(1.0, (step + 1) / settings["warmup"]) * max(0.05, 1 - step / settings["steps"]))
+    train = task.examples("train", settings["train_examples"])
+    rng = random.Random(seed)
+    causal_lm = model.base_model.model
+    start = time.perf_counter()
+    losses = []
+    for _ in tqdm(range(settings["steps"]), desc=f"train {task_name}", leave=False):
+        loss = answer_loss(causal_lm, *encode(tokenizer, rng.sample(train, settings["batch_size"])))
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+        optimiser.zero_grad()
+        losses.append(float(loss))
+    seconds = time.perf_counter() - start
+    model.eval()
+    check = task.examples("test", settings["check_examples"])
+    generated = generate(model, tokenizer, [p for p, _ in check])
+    accuracy = sum(task.score(g, a) for g, (_, a) in zip(generated, check)) / len(check)
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    lora_state = {k: v.detach().half() for k, v in model.state_dict().items() if "lora_" in k}
+    model.save_pretrained(staging, state_dict=lora_state)   # float16 on disk: the committed library stays small
+    (staging / "README.md").unlink(missing_ok=True)          # PEFT's model-card template
+    (staging / "adaptermix.json").write_text(json.dumps({
+        "description": task.description, "examples": list(task.example_prompts), "tags": [task.family]}, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+    model.unload()
+    return dict(task=task_name, seed=seed, train_seconds=round(seconds, 1),
+                loss_first10=round(sum(losses[:10]) / 10, 4), loss_last10=round(sum(losses[-10:]) / 10, 4),
+                check_exact_match=accuracy)
+
+
+def main(tasks: str = ",".join(SUITE), out: str = str(ROOT / "examples" / "suite_adapters"), steps: str = ""):
+    if steps:
+        SETTINGS["steps"] = int(steps)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path = out_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"adapters": {}}
+    base, tokenizer = load_smollm2()
+    for p in base.parameters():
+        p.requires_grad_(False)
+    for name in tqdm(tasks.split(","), desc="adapters"):
+        seed = SETTINGS["base_seed"] + SUITE.index(name)
+        record = train_one(base, tokenizer, name, seed, out_dir / name, SETTINGS)
+        print(json.dumps(record), flush=True)
+        manifest["adapters"][name] = record
+        manifest.update(settings=SETTINGS, machine=machine(), base_model="SmolLM2-135M-Instruct")
+        manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main(**dict(a.split("=", 1) for a in sys.argv[1:]))

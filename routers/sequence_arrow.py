@@ -1,0 +1,211 @@
+"""Sequence-level zero-shot routing from the adapters' own weights (the routing-quality issue; the diagnosis
+behind each option is in docs/ROUTING.md).
+
+Plain Arrow decides per token and per module from one prototype. Here, per prompt:
+
+    score_e(x) = |<p_e, x>|                          score="prototype" (Arrow's top singular direction)
+               = ||dW_e x|| / ||dW_e||_F             score="subspace"  (every direction, by singular value;
+                                                                       from the stored SVD of the factors)
+    x <- x - mu_module                               calibrate=True: mu from the library's own example
+                                                     prompts (user tokens), and each adapter's score
+                                                     z-scored against its scores on those tokens
+    S_e = mean over the prompt's user tokens         (chat-template and system tokens left out)
+
+aggregate="module": each module picks from its own S at the prefill; aggregate="global": a probe pass of the
+base model (adapters off) collects every module's S first, z-scored across adapters and summed, and one
+choice serves every module. Either way the choice is held for the generated tokens (decode steps cost what a
+fixed routing costs). candidates=m (hybrid): retrieval over the adapters' description / example embeddings
+proposes m adapters per prompt and the weight scores choose among them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Router, register
+from .prompt_tokens import user_token_mask
+from .routing import Routing, RoutingContext
+
+__all__ = ["SequenceArrowRouter"]
+
+_KEY = "sequence_arrow"
+
+
+@register
+class SequenceArrowRouter(Router):
+    """Args: top_k; temperature (softmax over the top-k sequence scores); score: 'subspace' | 'prototype';
+    aggregate: 'global' | 'module'; calibrate: centre hidden states and z-score adapters on the library's
+    example prompts; candidates: retrieval proposes this many adapters first (None: all); retrieval_weight:
+    adds that many standard deviations of retrieval similarity to the (z-scored) weight scores."""
+
+    name = "sequence_arrow"
+
+    def __init__(self, *, top_k: int = 1, temperature: float = 0.1, score: str = "subspace",
+                 aggregate: str = "global", calibrate: bool = True, candidates: int | None = None,
+                 retrieval_weight: float = 0.0):
+        if top_k < 1 or temperature <= 0:
+            raise ValueError(f"SequenceArrowRouter needs top_k >= 1 and temperature > 0, got {top_k}, {temperature}")
+        if score not in ("subspace", "prototype") or aggregate not in ("global", "module"):
+            raise ValueError(f"score must be 'subspace' or 'prototype' and aggregate 'global' or 'module', "
+                             f"got {score!r}, {aggregate!r}")
+        if candidates is not None and candidates < top_k:
+            raise ValueError(f"candidates ({candidates}) must be >= top_k ({top_k})")
+        self.top_k, self.temperature, self.score_kind = top_k, temperature, score
+        self.aggregate, self.calibrate, self.candidates = aggregate, calibrate, candidates
+        self.retrieval_weight = retrieval_weight
+        self.probe = aggregate == "global" or calibrate          # the composer runs probe passes for us
+        self.stats: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+
+    # -- set-up ------------------------------------------------------------------------------------
+
+    def bind(self, library, adapter_names, available):
+        super().bind(library, adapter_names, available)
+        self.library = library
+        self.directions: dict[str, torch.Tensor] = {}       # module -> (N, r, d_in), rows scaled
+        per_adapter = [library.prototypes(name, modules=list(available)) for name in adapter_names]
+        for module in available:
+            d_in = next(p[module][0].shape[1] for p in per_adapter if module in p)
+            r = max(p[module][0].shape[0] for p in per_adapter if module in p)
+            stack = torch.zeros(len(adapter_names), r, d_in)
+            for e, p in enumerate(per_adapter):
+                if module not in p:
+                    continue
+                vectors, values = p[module]
+                if self.score_kind == "prototype":
+                    stack[e, 0] = vectors[0]
+                else:
+                    stack[e, :vectors.shape[0]] = vectors * (values / values.norm().clamp_min(1e-12))[:, None]
+            self.directions[module] = stack
+        self.masks = {m: (None if bool(mask.all()) else mask) for m, mask in available.items()}
+        if self.candidates is not None or self.calibrate or self.retrieval_weight:
+            texts = [(name, library.record(name)) for name in adapter_names]
+            empty = [name for name, record in texts if not (record.description or record.examples)]
+            if empty:
+                raise ValueError(f"{type(self).__name__} (candidates / calibrate) needs each adapter's description "
+                                 f"or example prompts; {empty} have neither")
+        if self.candidates is not None or self.retrieval_weight:
+            _, vectors = library.text_embeddings(adapter_names)
+            self.text_embeddings = torch.from_numpy(vectors)
+            self.encoder = library.encoder
+
+    def reference_texts(self) -> list[str]:
+        """Calibration text: every composed adapter's example prompts (or description when it has none)."""
+        texts = []
+        for name in self.adapter_names:
+            record = self.library.record(name)
+            texts += [t for t in record.examples if t.strip()] or [record.description]
+        return texts
+
+    # -- scores ------------------------------------------------------------------------------------
+
+    def _token_scores(self, module: str, x: torch.Tensor, zscore: bool = True) -> torch.Tensor:
+        """(T, N) per-token scores at one module (centred and z-scored once calibrated)."""
+        directions = self.directions[module]
+        if directions.device != x.device:
+            directions = self.directions[module] = directions.to(x.device)
+        x = x.float()
+        stats = self.stats[module] if self.stats is not None else None
+        if stats is not None:
+            x = x - stats[0].to(x.device)
+        projected = torch.einsum("td,nrd->tnr", x, directions)
+        scores = projected.abs()[..., 0] if self.score_kind == "prototype" else projected.norm(dim=2)
+        if zscore and stats is not None and stats[1] is not None:
+            scores = (scores - stats[1].to(x.device)) / stats[2].to(x.device)
+        return scores
+
+    def _sequence_scores(self, module: str, x: torch.Tensor, context: RoutingContext) -> torch.Tensor:
+        """(batch, N): mean over each prompt's user tokens."""
+        users = self._user_mask(context).to(x.device).reshape(-1).float()                   # (B·L,)
+        scores = self._token_scores(module, x) * users[:, None]
+        per_sequence = torch.zeros(context.batch_size, scores.shape[1], device=x.device)
+        per_sequence.index_add_(0, context.sequence_ids.to(x.device), scores)
+        counts = torch.zeros(context.batch_size, device=x.device).index_add_(0, context.sequence_ids.to(x.device), users)
+        per_sequence = per_sequence / counts.clamp_min(1)[:, None]
+        mask = self.masks[module]
+        if mask is not None:
+            per_sequence = per_sequence.masked_fill(~mask.to(x.device)[None, :], float("-inf"))
+        return per_sequence
+
+    def _user_mask(self, context: RoutingContext) -> torch.Tensor:
+        key = (_KEY, "users")
+        if key not in context.state:
+            if context.input_ids is None:
+                raise ValueError("SequenceArrowRouter needs input_ids (not inputs_embeds) to find the user tokens")
+            mask = context.attention_mask[:, -context.seq_len:] if context.attention_mask is not None else None
+            context.state[key] = user_token_mask(context.input_ids, mask, context.tokenizer)
+        return context.state[key]
+
+    def _choose(self, scores: torch.Tensor, context: RoutingContext) -> Routing:
+        """Top-k of (batch, N) scores; with text (candidates / retrieval_weight), retrieval's similarities
+        restrict the choice to the nearest adapters and / or are added, z-scored across adapters."""
+        if self.candidates is not None or self.retrieval_weight:
+            if context.prompts is None:
+                raise ValueError("SequenceArrowRouter(candidates / retrieval_weight) needs the prompt texts: pass "
+                                 "tokenizer= to compose() or call adaptermix.set_prompts")
+            queries = torch.from_numpy(self.encoder.encode(context.prompts))
+            similarity = (queries @ self.text_embeddings.T).to(scores.device)                 # (batch, N)
+            if self.retrieval_weight:
+                centred = similarity - similarity.mean(1, keepdim=True)
+                scores = scores + self.retrieval_weight * centred / centred.std(1, keepdim=True).clamp_min(1e-6)
+            if self.candidates is not None:
+                near = similarity.topk(self.candidates, dim=1).indices
+                allowed = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, near, True)
+                scores = scores.masked_fill(~allowed, float("-inf"))
+        return Routing.from_scores(scores, self.top_k, self.temperature)
+
+    # -- the composer's probe protocol (ComposerState runs these passes at a prefill) -----------------
+
+    def needs_calibration(self) -> bool:
+        return self.calibrate and self.stats is None
+
+    def begin_probe(self, state: dict, purpose: str) -> None:
+        """purpose: 'mean' / 'spread' (calibration passes over reference_texts()), 'route' (the prompts)."""
+        state[(_KEY, "probe")] = {"purpose": purpose, "sums": {}, "count": 0}
+
+    def observe(self, module: str, x: torch.Tensor, context: RoutingContext) -> None:
+        probe = context.state[(_KEY, "probe")]
+        users = self._user_mask(context).to(x.device).reshape(-1)
+        if probe["purpose"] == "mean":
+            probe["sums"][module] = x.float()[users].mean(0)
+        elif probe["purpose"] == "spread":
+            scores = self._token_scores(module, x, zscore=False)[users]
+            probe["sums"][module] = (scores.mean(0), scores.std(0).clamp_min(1e-6))
+        else:
+            per_sequence = self._sequence_scores(module, x, context)
+            finite = torch.isfinite(per_sequence)
+            centred = per_sequence - per_sequence.where(finite, 0).sum(1, keepdim=True) / finite.sum(1, keepdim=True)
+            spread = centred.where(finite, 0).pow(2).sum(1, keepdim=True).div(finite.sum(1, keepdim=True)).sqrt()
+            total = probe["sums"].get("total", 0)
+            probe["sums"]["total"] = total + torch.where(finite, centred / spread.clamp_min(1e-6), 0.0)
+            probe["count"] += 1
+
+    def end_probe(self, context: RoutingContext) -> None:
+        probe = context.state.pop((_KEY, "probe"))
+        context.state.pop((_KEY, "users"), None)
+        if probe["purpose"] == "mean":
+            self.stats = {m: (mu, None, None) for m, mu in probe["sums"].items()}
+        elif probe["purpose"] == "spread":
+            self.stats = {m: (self.stats[m][0], mean, std) for m, (mean, std) in probe["sums"].items()}
+        else:
+            context.state[(_KEY, "routing")] = self._choose(probe["sums"]["total"] / max(probe["count"], 1), context)
+
+    # -- routing -----------------------------------------------------------------------------------
+
+    def route(self, module: str, x: torch.Tensor, context: RoutingContext) -> Routing:
+        if self.aggregate == "global":
+            def compute():
+                if (_KEY, "routing") not in context.state:
+                    raise RuntimeError("SequenceArrowRouter(aggregate='global') needs the composer's probe pass; "
+                                       "compose the model with adaptermix.compose")
+                return context.state[(_KEY, "routing")]
+            routing = self.sequence_routing(context, compute)
+        else:
+            key = (_KEY, module)
+            if context.is_prefill:
+                context.state[key] = self._choose(self._sequence_scores(module, x, context), context)
+            if key not in context.state:
+                raise RuntimeError("SequenceArrowRouter has no routing for these sequences: the prefill did not "
+                                   "run through the composed model")
+            held = context.state[key]
+            routing = Routing(held.indices[context.sequence_ids], held.weights[context.sequence_ids])
+        return Routing(routing.indices.to(x.device), routing.weights.to(x.device))

@@ -1,0 +1,86 @@
+"""The example library on SmolLM2-135M-Instruct: built once from the committed PEFT checkpoints (through
+the `adaptermix build` command), cached, and reused; batched greedy generation for the demo and the
+evaluation.
+
+    library = suite_library()                    # ~/.cache/adaptermix/suite-library (ADAPTERMIX_CACHE)
+    answers = generate(model, tokenizer, ["Rewrite the date 2021-03-09 as day/month/year."])
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from adaptermix.library import AdapterLibrary
+from adaptermix.tasks import SUITE, chat_prompt
+
+__all__ = ["ADAPTERS", "suite_library", "generate"]
+
+ADAPTERS = Path(__file__).resolve().parents[2] / "examples" / "suite_adapters"   # the checkout's copy
+
+
+def _cache() -> Path:
+    return Path(os.environ.get("ADAPTERMIX_CACHE", Path.home() / ".cache" / "adaptermix"))
+
+
+def _complete(path: Path, adapters: Path) -> bool:
+    """The cached library holds every suite adapter, each with the content of its checkpoint."""
+    if not (path / "catalog.sqlite").is_file():
+        return False
+    from adaptermix.library.peft_format import load_peft_adapter
+
+    with AdapterLibrary.open(path) as library:
+        if set(library.names()) != set(SUITE):
+            return False
+        stored = library.content_hashes(list(SUITE))
+        return stored == [load_peft_adapter(adapters / name).content_hash() for name in SUITE]
+
+
+def suite_library(path: str | Path | None = None, adapters: str | Path | None = None,
+                  rebuild: bool = False) -> AdapterLibrary:
+    """Open the example library, (re)building it with the CLI when missing, stale or incomplete."""
+    from adaptermix.cli import main as cli
+    from adaptermix.models import smollm2_path
+
+    adapters = Path(adapters or ADAPTERS)
+    missing = [name for name in SUITE if not (adapters / name / "adapter_config.json").is_file()]
+    if missing:
+        raise FileNotFoundError(f"the example adapters {missing} are missing from {adapters}; "
+                                f"train them with `python benchmarks/train_suite.py`")
+    path = Path(path or _cache() / "suite-library")
+    if rebuild or not _complete(path, adapters):
+        print(f"building the example library at {path} from {adapters}")
+        shutil.rmtree(path, ignore_errors=True)
+        code = cli(["build", str(adapters), str(path), f"base_model={smollm2_path()}"])
+        if code:
+            raise RuntimeError(f"`adaptermix build` failed with exit code {code}")
+    return AdapterLibrary.open(path)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, instructions: list[str], *, max_new_tokens: int = 20, batch_size: int = 16,
+             before_batch=None, after_batch=None, progress: str | None = None) -> list[str]:
+    """Greedy answers to chat-formatted instructions, in left-padded batches.
+
+    before_batch(instructions) runs before each batch (e.g. `set_prompts`); after_batch(inputs, output
+    ids) after it (e.g. to read the routing trace)."""
+    tokenizer.padding_side = "left"
+    answers = []
+    starts = range(0, len(instructions), batch_size)
+    for start in tqdm(starts, desc=progress, disable=progress is None, leave=False):
+        chunk = instructions[start:start + batch_size]
+        if before_batch is not None:
+            before_batch(chunk)
+        inputs = tokenizer([chat_prompt(tokenizer, i) for i in chunk], return_tensors="pt", padding=True,
+                           add_special_tokens=False)
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=tokenizer.pad_token_id)
+        new = output[:, inputs.input_ids.shape[1]:]
+        if after_batch is not None:
+            after_batch(inputs, new)
+        answers += tokenizer.batch_decode(new, skip_special_tokens=True)
+    return answers

@@ -1,0 +1,216 @@
+"""The example task suite: short instruction tasks with programmatic generators, fixed seeds and disjoint
+train / held-out splits. The example library holds one LoRA per task in `SUITE`; `UNSEEN` tasks stay out of
+it (no adapter of their own) and test routing to near neighbours.
+
+Families share a transformation with different parameters, so their adapters are near neighbours:
+dates (day-first, month-first; unseen: dotted), repetition (twice, three times; unseen: four times),
+identifier case (snake_case; unseen: kebab-case), extraction (e-mail, price).
+
+    task = TASKS["date_dmy"]
+    pairs = task.examples("train", 200)      # [(instruction, answer)], the same for a given split and n
+    task.score(generated_text, answer)       # 1.0 on an exact match after trimming, else 0.0
+    task.similarity(generated_text, answer)  # partial credit in [0, 1] (difflib ratio)
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import random
+from dataclasses import dataclass, field
+from typing import Callable
+
+__all__ = ["Task", "TASKS", "SUITE", "UNSEEN", "chat_prompt", "normalise"]
+
+WORDS = ("apple river stone cloud garden paper window silver orange forest candle bridge pencil yellow "
+         "rocket marble winter summer planet button coffee dragon island jacket ladder mirror noodle "
+         "pirate rabbit saddle tomato violin wallet zipper anchor basket castle dinner engine falcon "
+         "guitar hammer igloo jungle kettle lemon magnet needle oyster parrot quartz ribbon spider "
+         "tunnel umbrella velvet walrus yogurt autumn blanket cactus dolphin eagle feather ginger harbor "
+         "insect jigsaw kitten lantern meadow nickel orchid pepper quilt saturn thunder valley whistle "
+         "bottle carpet desert finger helmet kingdom lobster monkey number office pillow rocket shadow "
+         "ticket tower voyage wizard canyon cherry circle copper crystal farmer fossil glacier honey "
+         "lizard meteor muffin nectar oxygen pebble puzzle raven salmon signal sketch spring statue "
+         "sugar tiger toast turtle vessel wheel").split()
+NAMES = "alice bob carol dave erin frank grace heidi ivan judy mallory nina oscar peggy quinn rupert".split()
+DOMAINS = ("mail.com example.org work.net school.edu shop.io post.co").split()
+MONTHS = range(1, 13)
+
+
+def normalise(text: str) -> str:
+    """What exact match compares: the first line, trimmed, without a trailing full stop."""
+    line = text.strip().split("\n", 1)[0].strip()
+    return line[:-1].rstrip() if line.endswith(".") else line
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    description: str                                   # what the library stores and retrieval embeds
+    family: str
+    make: Callable[[random.Random], tuple[str, str]]   # rng -> (instruction, answer)
+    example_prompts: tuple[str, ...] = field(default=())
+
+    def examples(self, split: str, n: int) -> list[tuple[str, str]]:
+        """n distinct (instruction, answer) pairs; 'train' and 'test' never share an instruction."""
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        seed = int(hashlib.sha256(f"{self.name}".encode()).hexdigest()[:8], 16)
+        rng = random.Random(seed)
+        seen: dict[str, str] = {}
+        train: list[tuple[str, str]] = []
+        test: list[tuple[str, str]] = []
+        # Draw one stream; instructions are assigned to a split by their hash, so the splits are disjoint
+        # and each split is a deterministic prefix of its own sequence.
+        target = train if split == "train" else test
+        for _ in range(200 * n + 1000):
+            prompt, answer = self.make(rng)
+            if prompt in seen:
+                continue
+            seen[prompt] = answer
+            bucket = test if int(hashlib.sha256(prompt.encode()).hexdigest()[:4], 16) % 5 == 0 else train
+            bucket.append((prompt, answer))
+            if len(target) >= n:
+                return target[:n]
+        raise ValueError(f"task {self.name!r} cannot produce {n} distinct {split} examples")
+
+    def score(self, generated: str, answer: str) -> float:
+        """Exact match after `normalise`."""
+        return float(normalise(generated) == normalise(answer))
+
+    def similarity(self, generated: str, answer: str) -> float:
+        """Partial credit in [0, 1]: difflib's ratio of the normalised strings (e.g. '23/12/2009' for
+        '23.12.2009' scores 0.8), the signal left on unseen formats where exact match is all or nothing."""
+        return difflib.SequenceMatcher(None, normalise(generated), normalise(answer)).ratio()
+
+
+def chat_prompt(tokenizer, instruction: str) -> str:
+    """The instruction in the model's chat template, ready for the assistant's answer."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": instruction}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+# -- generators ---------------------------------------------------------------------------------------
+
+def _words(rng, lo=2, hi=4):
+    return [rng.choice(WORDS) for _ in range(rng.randint(lo, hi))]
+
+
+def _date(rng):
+    return rng.randint(1990, 2029), rng.choice(MONTHS), rng.randint(1, 28)
+
+
+def uppercase(rng):
+    text = " ".join(_words(rng))
+    return f"Convert to upper case: {text}", text.upper()
+
+
+def acronym(rng):
+    words = _words(rng, 3, 4)
+    return f"Write the acronym of: {' '.join(words)}", "".join(w[0] for w in words).upper()
+
+
+def extract_email(rng):
+    name, other = rng.sample(NAMES, 2)
+    address = f"{name}.{rng.choice(WORDS)}@{rng.choice(DOMAINS)}"
+    text = rng.choice([f"Please write to {address} before {rng.choice(WORDS)} time.",
+                       f"{other.title()} said the contact is {address} for the {rng.choice(WORDS)}.",
+                       f"Send the {rng.choice(WORDS)} report to {address} today."])
+    return f"Extract the email address: {text}", address
+
+
+def extract_price(rng):
+    price = rng.randint(2, 999)
+    thing = rng.choice(WORDS)
+    text = rng.choice([f"The {thing} costs ${price} at the market.",
+                       f"I paid ${price} for a {thing} yesterday.",
+                       f"A new {thing} is ${price} this week."])
+    return f"What is the price in dollars? {text}", str(price)
+
+
+def date_dmy(rng):
+    y, m, d = _date(rng)
+    return f"Rewrite the date {y}-{m:02d}-{d:02d} as day/month/year.", f"{d:02d}/{m:02d}/{y}"
+
+
+def date_mdy(rng):
+    y, m, d = _date(rng)
+    return f"Rewrite the date {y}-{m:02d}-{d:02d} as month/day/year.", f"{m:02d}/{d:02d}/{y}"
+
+
+def date_dotted(rng):
+    y, m, d = _date(rng)
+    return f"Rewrite the date {y}-{m:02d}-{d:02d} as day.month.year with dots.", f"{d:02d}.{m:02d}.{y}"
+
+
+def add(rng):
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    return f"What is {a} plus {b}?", str(a + b)
+
+
+def last_word(rng):
+    words = _words(rng, 3, 6)
+    return f"What is the last word of: {' '.join(words)}", words[-1]
+
+
+def max_number(rng):
+    numbers = rng.sample(range(1, 100), rng.randint(3, 5))
+    return f"Which number is the largest: {', '.join(map(str, numbers))}?", str(max(numbers))
+
+
+def repeat(times: int):
+    label = {2: "twice", 3: "three times", 4: "four times"}[times]
+
+    def make(rng):
+        word = rng.choice(WORDS)
+        prompt = rng.choice([f"Repeat the word {label}: {word}", f"Say the word {word} {label}.",
+                             f"Write {word} {label}, separated by spaces."])
+        return prompt, " ".join([word] * times)
+    return make
+
+
+def identifier(separator: str, label: str):
+    def make(rng):
+        words = _words(rng, 2, 4)
+        text = " ".join(w.title() if rng.random() < 0.5 else w for w in words)
+        return f"Convert to {label}: {text}", separator.join(w.lower() for w in words)
+    return make
+
+
+def count_words(rng):
+    words = _words(rng, 2, 9)
+    return f"How many words are in: {' '.join(words)}", str(len(words))
+
+
+_SUITE = [
+    Task("uppercase", "Convert text to upper case letters", "case", uppercase,
+         ("Convert to upper case: river stone",)),
+    Task("acronym", "Write the acronym made of the first letters of the words", "letters", acronym,
+         ("Write the acronym of: portable network graphics",)),
+    Task("extract_email", "Extract the email address from a sentence", "extraction", extract_email,
+         ("Extract the email address: write to bob.kite@mail.com today.",)),
+    Task("extract_price", "Find the price in dollars mentioned in a sentence", "extraction", extract_price,
+         ("What is the price in dollars? The lamp costs $40.",)),
+    Task("date_dmy", "Rewrite an ISO date as day/month/year", "dates", date_dmy,
+         ("Rewrite the date 2021-03-09 as day/month/year.",)),
+    Task("date_mdy", "Rewrite an ISO date as month/day/year", "dates", date_mdy,
+         ("Rewrite the date 2021-03-09 as month/day/year.",)),
+    Task("add", "Add two whole numbers and give the sum", "arithmetic", add, ("What is 31 plus 45?",)),
+    Task("last_word", "Give the last word of a list of words", "words", last_word,
+         ("What is the last word of: red green blue",)),
+    Task("max_number", "Pick the largest number in a list", "arithmetic", max_number,
+         ("Which number is the largest: 4, 17, 9?",)),
+    Task("repeat_2", "Repeat a word twice", "repeat", repeat(2), ("Repeat the word twice: moon",)),
+    Task("repeat_3", "Repeat a word three times", "repeat", repeat(3), ("Repeat the word three times: moon",)),
+    Task("snake_case", "Convert words to a snake_case identifier", "case", identifier("_", "snake_case"),
+         ("Convert to snake_case: Big Red Apple",)),
+]
+_UNSEEN = [
+    Task("date_dotted", "Rewrite an ISO date as day.month.year with dots", "dates", date_dotted),
+    Task("repeat_4", "Repeat a word four times", "repeat", repeat(4)),
+    Task("kebab_case", "Convert words to a kebab-case identifier", "case", identifier("-", "kebab-case")),
+    Task("count_words", "Count the words in a list of words", "words", count_words),
+]
+TASKS = {task.name: task for task in _SUITE + _UNSEEN}
+SUITE = tuple(task.name for task in _SUITE)
+UNSEEN = tuple(task.name for task in _UNSEEN)
