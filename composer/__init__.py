@@ -7,9 +7,10 @@ if __name__ == "adaptermix.composer":
     from .compose import compose, set_prompts, unload
     from .fusion import FUSION_METHODS, fuse
     from .layer import MixtureLinear
+    from .lorahub import search_fusion_weights
     from .merge import merge_adapter, unmerge_adapter
     from .trace import RoutingTrace, routing_trace
     from .training import train_router
 
     __all__ = ["FUSION_METHODS", "MixtureLinear", "RoutingTrace", "compose", "fuse", "merge_adapter", "routing_trace",
-               "set_prompts", "train_router", "unload", "unmerge_adapter"]
+               "search_fusion_weights", "set_prompts", "train_router", "unload", "unmerge_adapter"]

@@ -12,6 +12,7 @@ if __name__ == "adaptermix.library":
     from .errors import (AdapterFormatError, AdaptermixError, AdapterNotFoundError, AdapterValidationError,
                          BaseModelMismatchError, DuplicateAdapterError, LibraryBusyError, LibraryError,
                          UnsafeCheckpointError, UnsupportedAdapterError)
+    from .learning import cluster_adapters, clustered_library, merge_cluster
     from .store import AdapterLibrary, LibraryConfig, SearchHit
 
     __all__ = [
@@ -19,5 +20,6 @@ if __name__ == "adaptermix.library":
         "AdaptermixError", "ArrowPrototypes", "BaseModelMismatchError", "BaseModelSpec", "DuplicateAdapterError",
         "LibraryBusyError", "LibraryConfig", "LibraryError", "LoraAdapter", "LoraModule", "ParameterSketch",
         "SearchHit", "SentenceTransformerEncoder", "TextEmbedding", "TextEncoder", "UnsafeCheckpointError",
-        "UnsupportedAdapterError", "check_adapter_name", "default_encoder", "linear_combination", "lora_svd",
+        "UnsupportedAdapterError", "check_adapter_name", "cluster_adapters", "clustered_library", "default_encoder",
+        "linear_combination", "lora_svd", "merge_cluster",
     ]

@@ -20,8 +20,11 @@ proposes m adapters per prompt and the weight scores choose among them.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
+from ..library.errors import BaseModelMismatchError
 from .base import Router, register
 from .prompt_tokens import user_token_mask
 from .routing import Routing, RoutingContext
@@ -188,6 +191,39 @@ class SequenceArrowRouter(Router):
             self.stats = {m: (self.stats[m][0], mean, std) for m, (mean, std) in probe["sums"].items()}
         else:
             context.state[(_KEY, "routing")] = self._choose(probe["sums"]["total"] / max(probe["count"], 1), context)
+
+    # -- calibration saved with the library ---------------------------------------------------------
+
+    def save_calibration(self, name: str) -> Path:
+        """Write the calibration statistics as a library artifact (routers/<name>.safetensors)."""
+        if self.stats is None or any(v[1] is None for v in self.stats.values()):
+            raise ValueError("nothing to save: the router calibrates at the first prompt through the composed model")
+        tensors = {}
+        for module, (mean, score_mean, score_std) in self.stats.items():
+            tensors.update({f"{module}::mean": mean, f"{module}::score_mean": score_mean,
+                            f"{module}::score_std": score_std})
+        metadata = {"router": self.name, "kind": "calibration", "score": self.score_kind,
+                    "adapters": self.adapter_names, "content_hashes": self.library.content_hashes(self.adapter_names),
+                    "base_fingerprint": self.library.base_model.fingerprint}
+        return self.library.save_artifact(name, tensors, metadata)
+
+    def load_calibration(self, name: str) -> "SequenceArrowRouter":
+        """Use statistics saved for exactly this base model, these adapters and this score."""
+        tensors, metadata = self.library.load_artifact(name)
+        if metadata.get("kind") != "calibration":
+            raise ValueError(f"artifact {name!r} holds no calibration statistics")
+        if metadata.get("base_fingerprint") != self.library.base_model.fingerprint:
+            raise BaseModelMismatchError(f"calibration {name!r} was computed for another base model than this "
+                                         f"library's ({self.library.base_model.name!r})")
+        if (metadata.get("adapters") != self.adapter_names
+                or metadata.get("content_hashes") != self.library.content_hashes(self.adapter_names)):
+            raise BaseModelMismatchError(f"calibration {name!r} was computed for adapters {metadata.get('adapters')} "
+                                         f"(or other versions of them); this router composes {self.adapter_names}")
+        if metadata.get("score") != self.score_kind:
+            raise ValueError(f"calibration {name!r} is for score={metadata.get('score')!r}, not {self.score_kind!r}")
+        self.stats = {m: (tensors[f"{m}::mean"], tensors[f"{m}::score_mean"], tensors[f"{m}::score_std"])
+                      for m in self.directions}
+        return self
 
     # -- routing -----------------------------------------------------------------------------------
 

@@ -79,6 +79,11 @@ def test_sequence_arrow_calibrated_routes_by_weights_alone_and_matches_a_fixed_a
     stats = router.stats
     generate(model, tokenizer, [pairs[0][1]], max_new_tokens=2)
     assert router.stats is stats                                         # calibrated once
+    router.save_calibration("smollm2-calibration")                       # saved with the library
+    again = am.SequenceArrowRouter(top_k=1, score="subspace", calibrate=True)
+    again.bind(suite, list(SUITE), {m: torch.ones(len(SUITE), dtype=torch.bool) for m in router.directions})
+    again.load_calibration("smollm2-calibration")
+    assert all(torch.equal(again.stats[m][1], stats[m][1]) for m in stats) and not again.needs_calibration()
 
     fixed = am.PerSequenceRouter()
     by_hand = am.compose(am.unload(model), suite, fixed, adapters=list(SUITE))
@@ -97,3 +102,20 @@ def test_sequence_arrow_bad_input(suite):
         generate(model, tokenizer, [""], max_new_tokens=1)
     with pytest.raises(ValueError, match="score must be"):
         am.SequenceArrowRouter(score="cosine")
+
+
+def test_calibration_from_another_base_model_is_refused(suite, library, h):
+    """Statistics saved for SmolLM2's library cannot be loaded into a library of another base model."""
+    model, tokenizer = load_smollm2()
+    router = am.SequenceArrowRouter(top_k=1, calibrate=True)
+    model = am.compose(model.eval(), suite, router, adapters=list(SUITE), tokenizer=tokenizer)
+    generate(model, tokenizer, ["What is 31 plus 45?"], max_new_tokens=1)
+    saved = router.save_calibration("calibration")
+    library.add(h.make_peft_checkpoint(h.tiny_llama, library.root.parent / "ckpt", seed=0), name="tiny",
+                description="tiny", examples=["x"])
+    (library.root / "routers").mkdir(exist_ok=True)
+    (library.root / "routers" / "calibration.safetensors").write_bytes(saved.read_bytes())
+    other = am.SequenceArrowRouter(top_k=1, calibrate=True)
+    am.compose(h.tiny_llama(), library, other, adapters=["tiny"])
+    with pytest.raises(am.BaseModelMismatchError, match="another base model"):
+        other.load_calibration("calibration")
