@@ -7,11 +7,13 @@ if __name__ == "adaptermix.routers":
     from .arrow import ArrowRouter
     from .base import ROUTERS, Router, build_router
     from .fixed import BASE, FixedRouter, PerSequenceRouter
+    from .hypernetwork import LoraGenerator, generate_adapter, train_generator
     from .moe_gate import MoEGateRouter
     from .retrieval import RetrievalRouter
     from .routing import Routing, RoutingContext
     from .sequence_arrow import SequenceArrowRouter
     from .token_level import TokenLevelRouter
 
-    __all__ = ["ArrowRouter", "BASE", "FixedRouter", "MoEGateRouter", "PerSequenceRouter", "ROUTERS", "RetrievalRouter",
-               "Router", "Routing", "RoutingContext", "SequenceArrowRouter", "TokenLevelRouter", "build_router"]
+    __all__ = ["ArrowRouter", "BASE", "FixedRouter", "LoraGenerator", "MoEGateRouter", "PerSequenceRouter", "ROUTERS", "RetrievalRouter",
+               "Router", "Routing", "RoutingContext", "SequenceArrowRouter", "TokenLevelRouter", "build_router", "generate_adapter",
+               "train_generator"]
