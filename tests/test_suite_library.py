@@ -7,7 +7,7 @@ import torch
 
 import adaptermix as am
 from adaptermix.models import load_smollm2
-from adaptermix.suite import ADAPTERS, generate, suite_library
+from adaptermix.suite import generate, suite_library
 from adaptermix.tasks import SUITE, TASKS
 
 
