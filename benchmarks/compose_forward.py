@@ -8,7 +8,7 @@ a batch of 8 x 128 tokens, no grad. Times (medians) and ratios to the base forwa
   peft_mixed_batch      PeftModel with the 16 adapters, adapter_names= one per sequence
 Target (issue 4): ours_arrow_top2 <= 1.5x on CPU. Writes benchmarks/results/compose_forward_<device>.json.
 
-    python benchmarks/compose_forward.py [device=cpu] [adapters=16] [repeats=3]
+    python benchmarks/compose_forward.py [device=cpu] [adapters=16] [repeats=5]
 """
 
 from __future__ import annotations
@@ -31,14 +31,18 @@ from machine import machine  # noqa: E402
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
+def interleaved_medians(methods: dict, repeats: int) -> dict[str, float]:
+    """Median seconds per method, the methods run in turn each round (a shared machine drifts: timing one
+    method after another would fold the drift into their ratios)."""
+    for fn in methods.values():
+        fn()                                                     # warm up
+    times = {name: [] for name in methods}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+        for name, fn in methods.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def write_checkpoints(base, folder: Path, count: int, rank: int = 8) -> list[Path]:
@@ -59,7 +63,7 @@ def write_checkpoints(base, folder: Path, count: int, rank: int = 8) -> list[Pat
     return paths
 
 
-def main(device: str = "cpu", adapters: int = 16, repeats: int = 3, out: str | None = None) -> dict:
+def main(device: str = "cpu", adapters: int = 16, repeats: int = 5, out: str | None = None) -> dict:
     from peft import ArrowConfig, PeftModel, create_arrow_model
 
     torch.set_grad_enabled(False)
@@ -73,23 +77,24 @@ def main(device: str = "cpu", adapters: int = 16, repeats: int = 3, out: str | N
     names = library.names()
     inputs = torch.randint(0, tokenizer.vocab_size, (8, 128), device=device)
     base = base.to(device)
-    times = {"base": median_seconds(lambda: base(inputs), repeats)}
+    methods = {"base": lambda: base(inputs)}
 
     ours = am.compose(load_smollm2()[0].to(device), library, am.ArrowRouter(top_k=2), trace=False)
-    times["ours_arrow_top2"] = median_seconds(lambda: ours(inputs), repeats)
+    methods["ours_arrow_top2"] = lambda: ours(inputs)
     router = am.PerSequenceRouter()
     per_sequence = am.compose(load_smollm2()[0].to(device), library, router, trace=False)
     router.assign(names[:8])
-    times["ours_per_sequence"] = median_seconds(lambda: per_sequence(inputs), repeats)
+    methods["ours_per_sequence"] = lambda: per_sequence(inputs)
 
     peft_arrow = create_arrow_model(load_smollm2()[0], [str(c) for c in checkpoints],
                                     ArrowConfig(top_k=2, router_temperature=1.0)).to(device).eval()
-    times["peft_arrow_top2"] = median_seconds(lambda: peft_arrow(inputs), repeats)
+    methods["peft_arrow_top2"] = lambda: peft_arrow(inputs)
     mixed = PeftModel.from_pretrained(load_smollm2()[0], str(checkpoints[0]), adapter_name=names[0])
     for name, checkpoint in zip(names[1:], checkpoints[1:]):
         mixed.load_adapter(str(checkpoint), adapter_name=name)
     mixed = mixed.to(device).eval()
-    times["peft_mixed_batch"] = median_seconds(lambda: mixed(inputs, adapter_names=names[:8]), repeats)
+    methods["peft_mixed_batch"] = lambda: mixed(inputs, adapter_names=names[:8])
+    times = interleaved_medians(methods, repeats)
 
     result = {"benchmark": "compose_forward", "model": "SmolLM2-135M-Instruct", "device": device,
               "machine": machine(), "batch": list(inputs.shape), "adapters": adapters, "rank": 8,
@@ -106,4 +111,4 @@ def main(device: str = "cpu", adapters: int = 16, repeats: int = 3, out: str | N
 if __name__ == "__main__":
     args = dict(a.split("=", 1) for a in sys.argv[1:])
     main(device=args.get("device", "cpu"), adapters=int(args.get("adapters", 16)),
-         repeats=int(args.get("repeats", 3)), out=args.get("out"))
+         repeats=int(args.get("repeats", 5)), out=args.get("out"))

@@ -53,11 +53,14 @@ class BgmvConfig:
     BN: int
     num_warps: int
 
+
 # Torch backend cost model (kernels/torch_backend.prefer_dense), in flop-equivalents. The dense path costs
 # its flops, 2·T·n·r·(d_in + d_out); the sorted pass costs `sorted_fixed` plus `sorted_per_pair_feature`
 # per (token, slot) pair and feature of gather / scatter / small-matmul work. CPU numbers fitted to
-# side-by-side timings (benchmarks/kernel_mixture.py, d = 576): the paths cross at n·r ≈ 52·k.
-TORCH_COST = {"cpu": {"sorted_fixed": 1.0e7, "sorted_per_pair_feature": 105.0},
+# side-by-side timings: benchmarks/kernel_mixture.py (d = 576: even at n·r = 128, sorted ahead at 512) and
+# benchmarks/compose_forward.py (SmolLM2, 16 rank-8 adapters, top-2: dense 1.47x, sorted 1.81x the base).
+# The paths cross at n·r ≈ 75·k.
+TORCH_COST = {"cpu": {"sorted_fixed": 1.0e7, "sorted_per_pair_feature": 150.0},
               "cuda": {"sorted_fixed": 5.0e7, "sorted_per_pair_feature": 200.0}}
 
 
