@@ -72,12 +72,14 @@ def methods(x, W, A, B, scales, idx, weights, cfg, device, per_sequence):
     def ours(backend, pin=None):
         """pin = 'plan' / 'bgmv' forces the Triton strategy (by the token threshold); None lets it choose."""
         def run():
-            saved = dict(configs.BGMV_MAX_TOKENS)
+            saved, saved_graph = dict(configs.BGMV_MAX_TOKENS), configs.GRAPH_BGMV_MIN_ADAPTERS
             if pin:
                 configs.BGMV_MAX_TOKENS.update(dict.fromkeys(saved, 10 ** 9 if pin == "bgmv" else 0))
+                configs.GRAPH_BGMV_MIN_ADAPTERS = 0 if pin == "bgmv" else saved_graph
             y = F.linear(x, W)
             lora_mixture(x, A, B, scales, idx, weights, out=y, backend=backend, validate=False)
             configs.BGMV_MAX_TOKENS.update(saved)
+            configs.GRAPH_BGMV_MIN_ADAPTERS = saved_graph
             return y
         return run
 

@@ -42,6 +42,9 @@ INTERPRETER = {"BM": 64, "BK": 256, "BN": 256}
 # Up to this many tokens the per-entry (BGMV-style) kernels run instead of the grouped GEMM: at decode
 # sizes the plan's launches cost more than reading each entry's factors (benchmarks/kernel_mixture.py).
 BGMV_MAX_TOKENS = {"gpu": 512, "interpreter": 8}
+# Under CUDA-graph capture launches are cheap, and the grouped GEMM wins unless adapters are many (each then
+# gets few rows): the per-entry kernels run only above this many adapters (H100, T = 256, bf16, d = 4096).
+GRAPH_BGMV_MIN_ADAPTERS = 64
 # (d_in step, d_out tile, warps) of the BGMV kernels on a GPU.
 GPU_BGMV = (256, 128, 4)
 
@@ -89,8 +92,11 @@ def block_m(r_max: int, rows_per_adapter: float) -> int:
     return bm // 2 if rows_per_adapter < bm else bm
 
 
-def use_bgmv(T: int) -> bool:
-    return T <= BGMV_MAX_TOKENS["interpreter" if interpreting() else "gpu"]
+def use_bgmv(T: int, num_adapters: int, capturing: bool = False) -> bool:
+    """Per-entry kernels for small batches; while a CUDA graph is captured, only for many adapters."""
+    if T > BGMV_MAX_TOKENS["interpreter" if interpreting() else "gpu"]:
+        return False
+    return not capturing or num_adapters > GRAPH_BGMV_MIN_ADAPTERS
 
 
 def bgmv_config(r_max: int, d_in: int, d_out: int) -> BgmvConfig:

@@ -1,7 +1,8 @@
 """The Triton backend: plan (triton_plan.py), one shrink launch for all slots, one expand launch per slot.
 
 Forward: 3 plan kernels + 1 shrink + k expands, no host sync, no Python work per adapter; for small
-batches (decode) the two per-entry kernels of triton_bgmv.py instead.
+batches (decode) the two per-entry kernels of triton_bgmv.py instead (under CUDA-graph capture only with many
+adapters: configs.use_bgmv).
 Backward (adapters frozen), on the same plan:
     g = grad @ B[e]             shrink with B's transposed view
     dweights[t, j] = s_e · <x[t] @ A[e].T, g>      (a second shrink, only when weights need a gradient)
@@ -31,7 +32,8 @@ def forward_(out, x, A, B, scales, idx, weights, ranks) -> None:
     """out += mixture, in place: per-entry kernels for small batches, else the grouped GEMM."""
     if idx.numel() == 0:
         return
-    if use_bgmv(idx.shape[0]):
+    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    if use_bgmv(idx.shape[0], A.shape[0], capturing):
         bgmv_forward_(out, x, A, B, scales, idx, weights, ranks)
         return
     plan = plan_for(idx, A)

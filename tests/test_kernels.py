@@ -49,18 +49,20 @@ def strategy(name):
     """Pin a backend's forward strategy: torch dense / sorted (by making the other look expensive), or
     triton bgmv (per-entry kernels) / plan (grouped GEMM) (by moving the token threshold)."""
     cost = configs.TORCH_COST["cpu"]
-    saved, saved_bgmv = dict(cost), dict(configs.BGMV_MAX_TOKENS)
+    saved, saved_bgmv, saved_graph = dict(cost), dict(configs.BGMV_MAX_TOKENS), configs.GRAPH_BGMV_MIN_ADAPTERS
     if name == "dense":
         cost.update(sorted_fixed=1e30)
     elif name == "sorted":
         cost.update(sorted_fixed=0.0, sorted_per_pair_feature=0.0)
     elif name in ("bgmv", "plan"):
         configs.BGMV_MAX_TOKENS.update(dict.fromkeys(saved_bgmv, 10 ** 9 if name == "bgmv" else 0))
+        configs.GRAPH_BGMV_MIN_ADAPTERS = 0 if name == "bgmv" else saved_graph
     try:
         yield
     finally:
         cost.update(saved)
         configs.BGMV_MAX_TOKENS.update(saved_bgmv)
+        configs.GRAPH_BGMV_MIN_ADAPTERS = saved_graph
 
 
 def run(case, backend, **kwargs):
