@@ -62,6 +62,25 @@ def capture(model, tokenizer, texts, fn):
     return encoded, users
 
 
+def line_chart(path, series: dict, title: str, ylabel: str | None, *, chance: bool = False, ylim=None,
+               height: float = 3.5) -> None:
+    """One PNG of lines over layers: series = {label: (xs, ys)}; chance: a dotted line at 1 / #adapters."""
+    fig, ax = plt.subplots(figsize=(8, height))
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, label=label)
+    if chance:
+        ax.axhline(1 / len(SUITE), color="grey", linestyle=":", label="chance")
+    ax.set_xlabel("layer")
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
 def main(per_task: int = 5):
     torch.set_grad_enabled(False)
     library = suite_library()
@@ -155,28 +174,18 @@ def main(per_task: int = 5):
         "top3_share_of_prototype_score": round(sum(b for _, b in massive[layer]) / len(massive[layer]), 4)}
         for layer in layers}
 
-    fig, ax = plt.subplots(figsize=(8, 4))
-    for key, values in result["sequence_accuracy_by_layer"].items():
-        ax.plot(layers, [values[str(layer)] for layer in layers], label=key)
-    ax.axhline(1 / len(SUITE), color="grey", linestyle=":", label="chance")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("share of prompts routed to their own adapter")
-    ax.set_title("sequence-level scores per layer (mean over the user's tokens), train split")
-    ax.legend(fontsize=7)
-    fig.savefig(out_png / "layer_scores.png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    ax.plot(layers, [result["massive_activations"][str(layer)]["top3_energy_share"] for layer in layers],
-            label="share of ||x||^2 in the 3 largest coordinates")
-    ax.plot(layers, [result["massive_activations"][str(layer)]["top3_share_of_prototype_score"] for layer in layers],
-            label="share of |<p, x>| from those coordinates")
-    ax.set_xlabel("layer")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
-    ax.set_title("massive activations at the adapted modules' inputs (user tokens)")
-    fig.savefig(out_png / "massive_activations.png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    line_chart(out_png / "layer_scores.png",
+               {key: (layers, [values[str(layer)] for layer in layers])
+                for key, values in result["sequence_accuracy_by_layer"].items()},
+               "sequence-level scores per layer (mean over the user's tokens), train split",
+               "share of prompts routed to their own adapter", chance=True, height=4)
+    massive_by_layer = result["massive_activations"]
+    line_chart(out_png / "massive_activations.png", {
+        "share of ||x||^2 in the 3 largest coordinates":
+            (layers, [massive_by_layer[str(layer)]["top3_energy_share"] for layer in layers]),
+        "share of |<p, x>| from those coordinates":
+            (layers, [massive_by_layer[str(layer)]["top3_share_of_prototype_score"] for layer in layers])},
+        "massive activations at the adapted modules' inputs (user tokens)", None, ylim=(0, 1))
 
     # 2. per-token Arrow decisions by token kind (template / user / generated).
     router = am.ArrowRouter(top_k=1)
@@ -210,16 +219,10 @@ def main(per_task: int = 5):
                for layer in sorted(v)} for kind, v in kinds.items()}
     result["arrow_token_accuracy_by_kind_mean"] = {
         kind: round(sum(v.values()) / len(v), 4) for kind, v in result["arrow_token_accuracy_by_kind"].items()}
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    for kind, values in result["arrow_token_accuracy_by_kind"].items():
-        ax.plot([int(k) for k in values], list(values.values()), label=kind)
-    ax.axhline(1 / len(SUITE), color="grey", linestyle=":", label="chance")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("top-1 = own adapter")
-    ax.set_title("per-token Arrow (top-1) decisions by token kind, train split")
-    ax.legend(fontsize=8)
-    fig.savefig(out_png / "token_kinds.png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    line_chart(out_png / "token_kinds.png",
+               {kind: ([int(k) for k in values], list(values.values()))
+                for kind, values in result["arrow_token_accuracy_by_kind"].items()},
+               "per-token Arrow (top-1) decisions by token kind, train split", "top-1 = own adapter", chance=True)
 
     best = {key: max(v.values()) for key, v in result["sequence_accuracy_by_layer"].items()}
     result["sequence_accuracy_best_layer"] = best

@@ -42,29 +42,11 @@ from machine import machine  # noqa: E402
 import adaptermix as am  # noqa: E402
 from adaptermix.cli import load_config  # noqa: E402
 from adaptermix.models import load_smollm2  # noqa: E402
-from adaptermix.suite import ADAPTERS, generate, suite_library  # noqa: E402
-from adaptermix.tasks import SUITE, TASKS, UNSEEN, chat_prompt  # noqa: E402
+from adaptermix.suite import ADAPTERS, answer_example, score_task, suite_library  # noqa: E402
+from adaptermix.tasks import SUITE, TASKS, UNSEEN  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINED: dict = {}   # routers trained in this run (the MoE gate), by method
-
-
-class Decisions:
-    """Per prompt, how many (token, layer) decisions went to each adapter (RoutingTrace.decision_counts)."""
-
-    def __init__(self, num_adapters: int):
-        self.N = num_adapters
-        self.rows: list[torch.Tensor] = []
-
-    def add(self, trace, attention_mask: torch.Tensor, generated: torch.Tensor, eos_id: int) -> None:
-        self.rows.append(trace.decision_counts(attention_mask, generated, eos_id))
-
-    def counts(self) -> torch.Tensor:
-        return torch.cat(self.rows) if self.rows else torch.zeros(0, self.N + 1)
-
-
-def held_out(names, per_task):
-    return {name: TASKS[name].examples("test", per_task) for name in names}
 
 
 def routed_model(method: str, library, tokenizer, cfg, train_examples):
@@ -104,21 +86,13 @@ def peft_arrow(k: int, cfg):
 
 def moe_examples(tokenizer, per_task: int):
     """Teacher-forced examples from the train split, loss on the answer (and end of turn) only."""
-    examples = []
-    for name in SUITE:
-        for instruction, answer in TASKS[name].examples("train", per_task):
-            prompt = tokenizer(chat_prompt(tokenizer, instruction), add_special_tokens=False).input_ids
-            target = tokenizer(answer + "<|im_end|>", add_special_tokens=False).input_ids
-            ids = torch.tensor(prompt + target)
-            labels = torch.tensor([-100] * len(prompt) + target)
-            examples.append({"input_ids": ids, "labels": labels})
-    return examples
+    return [answer_example(tokenizer, *pair) for name in SUITE for pair in TASKS[name].examples("train", per_task)]
 
 
-def run_method(method, prompts, library, tokenizer, cfg, train_examples, track: bool):
-    """{task: exact match}, {task: similarity}, Decisions or None, seconds."""
+def run_method(method, names, library, tokenizer, cfg, train_examples):
+    """{task: exact match}, {task: similarity}, per-prompt decision counts (prompts, N + 1) or None, seconds."""
     start = time.perf_counter()
-    decisions = None
+    counts = None
     if method == "base":
         model, before = load_smollm2()[0].eval(), None
     elif method.startswith("peft_arrow_top"):
@@ -127,29 +101,28 @@ def run_method(method, prompts, library, tokenizer, cfg, train_examples, track: 
         model, before = None, None
     else:
         model, before = routed_model(method, library, tokenizer, cfg, train_examples)
-        if track and method != "uniform":     # fixed equal weights: no decision to score
-            decisions = Decisions(len(SUITE))
+        if method != "uniform":                 # fixed equal weights: no decision to score
+            counts = []
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     scores, similar = {}, {}
-    for name, pairs in tqdm(prompts.items(), desc=method, leave=False):
+    for name in tqdm(names, desc=method, leave=False):
         if method == "oracle":
             model = am.compose(load_smollm2()[0].eval(), library, am.FixedRouter({name: 1.0}), adapters=[name])
         after = None
-        if decisions is not None:
-            after = lambda inputs, new: decisions.add(am.routing_trace(model), inputs.attention_mask, new, eos)  # noqa: E731
-        answers = generate(model, tokenizer, [p for p, _ in pairs], max_new_tokens=cfg.max_new_tokens,
-                           batch_size=cfg.batch_size, before_batch=before, after_batch=after)
-        scores[name] = sum(TASKS[name].score(g, a) for g, (_, a) in zip(answers, pairs)) / len(pairs)
-        similar[name] = sum(TASKS[name].similarity(g, a) for g, (_, a) in zip(answers, pairs)) / len(pairs)
-    return scores, similar, decisions, time.perf_counter() - start
+        if counts is not None:
+            after = lambda inputs, new: counts.append(  # noqa: E731
+                am.routing_trace(model).decision_counts(inputs.attention_mask, new, eos))
+        scores[name], similar[name] = score_task(model, tokenizer, name, cfg.per_task,
+                                                 max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                                                 before_batch=before, after_batch=after)
+    return scores, similar, None if counts is None else torch.cat(counts), time.perf_counter() - start
 
 
-def summarise(scores, similar, decisions, names, in_library: bool):
+def summarise(scores, similar, counts, names, in_library: bool):
     entry = {"accuracy": round(sum(scores.values()) / len(scores), 4), "routing_accuracy": None,
              "similarity": round(sum(similar.values()) / len(similar), 4),
              "per_task": {k: round(v, 4) for k, v in scores.items()}}
-    if decisions is not None:
-        counts = decisions.counts()                                           # (prompts, N + 1)
+    if counts is not None:                                                    # (prompts, N + 1)
         per_task = len(counts) // len(names)
         if in_library:
             own = torch.tensor([SUITE.index(n) for n in names]).repeat_interleave(per_task)
@@ -222,12 +195,10 @@ def main(overrides: list[str]):
     summary["machine"] = f"{info['cpu']}, {info['cores']} cores" + (f", {info['gpu']}" if info["gpu"] else "")
     summary["machine_line"] = summary["machine"] + f", torch {info['torch']}"
     for split, names, methods in (("in_library", SUITE, cfg.methods), ("unseen", UNSEEN, cfg.unseen_methods)):
-        prompts = held_out(names, cfg.per_task)
         for method in tqdm(list(methods), desc=f"methods ({split})"):
             with torch.enable_grad() if method == "moe_gate" else torch.no_grad():
-                scores, similar, decisions, seconds = run_method(method, prompts, library, tokenizer, cfg,
-                                                                 train_examples, track=True)
-            summary[split][method] = summarise(scores, similar, decisions, list(names), split == "in_library")
+                scores, similar, counts, seconds = run_method(method, names, library, tokenizer, cfg, train_examples)
+            summary[split][method] = summarise(scores, similar, counts, list(names), split == "in_library")
             summary["seconds"][f"{split}/{method}"] = round(seconds, 1)
             print(f"{split:10s} {method:16s} accuracy={summary[split][method]['accuracy']:.3f} "
                   f"routing={summary[split][method]['routing_accuracy']}  ({seconds:.0f} s)", flush=True)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from machine import machine  # noqa: E402
 
 import adaptermix as am  # noqa: E402
 from adaptermix.models import load_smollm2  # noqa: E402
-from adaptermix.suite import generate, suite_library  # noqa: E402
+from adaptermix.suite import compose_adapter, score_task, suite_library  # noqa: E402
 from adaptermix.tasks import SUITE, TASKS, UNSEEN  # noqa: E402
 
 PER_TASK = 10
@@ -45,16 +44,8 @@ PARAPHRASES = {   # written for this benchmark; never seen in training
 
 
 def score(model, tokenizer, task, before=None):
-    pairs = TASKS[task].examples("test", PER_TASK)
-    answers = generate(model, tokenizer, [p for p, _ in pairs], max_new_tokens=20, batch_size=PER_TASK,
-                       before_batch=before)
-    return {"exact_match": round(sum(TASKS[task].score(a, y) for a, (_, y) in zip(answers, pairs)) / len(pairs), 4),
-            "similarity": round(sum(TASKS[task].similarity(a, y) for a, (_, y) in zip(answers, pairs)) / len(pairs), 4)}
-
-
-def with_adapter(scratch, adapter, tokenizer):
-    scratch.add(adapter, replace=True)
-    return am.compose(load_smollm2()[0].eval(), scratch, am.FixedRouter({adapter.name: 1.0}), adapters=[adapter.name])
+    exact, similar = score_task(model, tokenizer, task, PER_TASK, batch_size=PER_TASK, before_batch=before)
+    return {"exact_match": round(exact, 4), "similarity": round(similar, 4)}
 
 
 def main(steps: int = 1500):
@@ -65,17 +56,15 @@ def main(steps: int = 1500):
     generator = am.train_generator(library, steps=steps, lr=2e-3)
     train_seconds = time.perf_counter() - start
     torch.set_grad_enabled(False)
-    scratch = am.AdapterLibrary.create(Path(tempfile.mkdtemp()) / "generated", base_model=library.base_model,
-                                       encoder=library.encoder)
     result = {"machine": machine(), "per_task": PER_TASK, "steps": steps, "train_seconds": round(train_seconds, 1),
               "final_reconstruction_loss": round(generator.final_loss, 4), "in_library": {}, "unseen": {}}
     for task in SUITE:
         original = library.get(task)
-        entry = {"original": score(with_adapter(scratch, original.with_metadata(name="original"), tokenizer),
-                                   tokenizer, task)}
+        own = am.compose(load_smollm2()[0].eval(), library, am.FixedRouter({task: 1.0}), adapters=[task])
+        entry = {"original": score(own, tokenizer, task)}
         for label, text in (("from_description", TASKS[task].description), ("from_paraphrase", PARAPHRASES[task])):
             adapter = am.generate_adapter(generator, text, name=label)
-            entry[label] = score(with_adapter(scratch, adapter, tokenizer), tokenizer, task)
+            entry[label] = score(compose_adapter(adapter, library), tokenizer, task)
             errors = [((adapter.modules[m].delta_weight() - f.delta_weight()).norm() / f.delta_weight().norm())
                       for m, f in original.modules.items()]
             entry[label]["relative_dw_error"] = round(float(torch.stack(errors).mean()), 4)
@@ -83,7 +72,7 @@ def main(steps: int = 1500):
         print(task, {k: v["exact_match"] for k, v in entry.items()}, flush=True)
     for task in UNSEEN:
         adapter = am.generate_adapter(generator, TASKS[task].description, name="from_description")
-        entry = {"generated": score(with_adapter(scratch, adapter, tokenizer), tokenizer, task),
+        entry = {"generated": score(compose_adapter(adapter, library), tokenizer, task),
                  "base": score(load_smollm2()[0].eval(), tokenizer, task)}
         nearest = am.compose(load_smollm2()[0].eval(), library, am.RetrievalRouter(top_k=1), adapters=list(SUITE))
         entry["nearest_by_retrieval"] = score(nearest, tokenizer, task, lambda chunk: am.set_prompts(nearest, chunk))

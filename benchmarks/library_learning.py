@@ -25,22 +25,18 @@ from machine import machine  # noqa: E402
 
 import adaptermix as am  # noqa: E402
 from adaptermix.models import load_smollm2  # noqa: E402
-from adaptermix.suite import generate, suite_library  # noqa: E402
-from adaptermix.tasks import SUITE, TASKS, UNSEEN, chat_prompt  # noqa: E402
+from adaptermix.suite import answer_example, compose_adapter, score_task, suite_library  # noqa: E402
+from adaptermix.tasks import SUITE, TASKS, UNSEEN  # noqa: E402
 
 PER_TASK = 10
 
 
 def score(model, tokenizer, names, before=None):
-    exact, similar = {}, {}
-    for name in names:
-        pairs = TASKS[name].examples("test", PER_TASK)
-        answers = generate(model, tokenizer, [p for p, _ in pairs], max_new_tokens=20, batch_size=PER_TASK,
-                           before_batch=before)
-        exact[name] = sum(TASKS[name].score(a, y) for a, (_, y) in zip(answers, pairs)) / len(pairs)
-        similar[name] = sum(TASKS[name].similarity(a, y) for a, (_, y) in zip(answers, pairs)) / len(pairs)
-    return {"exact_match": round(sum(exact.values()) / len(exact), 4),
-            "similarity": round(sum(similar.values()) / len(similar), 4), "per_task": exact}
+    scored = {name: score_task(model, tokenizer, name, PER_TASK, batch_size=PER_TASK, before_batch=before)
+              for name in names}
+    return {"exact_match": round(sum(e for e, _ in scored.values()) / len(scored), 4),
+            "similarity": round(sum(s for _, s in scored.values()) / len(scored), 4),
+            "per_task": {name: e for name, (e, _) in scored.items()}}
 
 
 def routed(library, router, tokenizer, names=None):
@@ -69,18 +65,11 @@ def main(k: int = 6):
 
     lorahub = {}
     for task in UNSEEN:
-        examples = []
-        for instruction, answer in TASKS[task].examples("train", 5):
-            prompt = tokenizer(chat_prompt(tokenizer, instruction), add_special_tokens=False).input_ids
-            target = tokenizer(answer + "<|im_end|>", add_special_tokens=False).input_ids
-            examples.append({"input_ids": torch.tensor(prompt + target),
-                             "labels": torch.tensor([-100] * len(prompt) + target)})
+        examples = [answer_example(tokenizer, *pair) for pair in TASKS[task].examples("train", 5)]
         weights, fused = am.search_fusion_weights(load_smollm2()[0].eval(), library, list(SUITE), examples,
                                                   budget=40, l1=0.05, pad_id=tokenizer.pad_token_id,
                                                   name=f"lorahub_{task}", progress=False)
-        fused_dict = {fused.name: fused}
-        model = am.compose(load_smollm2()[0].eval(), fused_dict_library(library, fused_dict), am.FixedRouter(
-            {fused.name: 1.0}), adapters=[fused.name])
+        model = compose_adapter(fused, library)
         entry = {"weights": {n: round(w, 3) for n, w in weights.items()},
                  "lorahub": score(model, tokenizer, [task])}
         uniform, _ = routed(library, am.FixedRouter({n: 1 / len(SUITE) for n in SUITE}), tokenizer)
@@ -96,14 +85,6 @@ def main(k: int = 6):
     path = Path(__file__).resolve().parent / "results" / "library_learning.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
-
-
-def fused_dict_library(library, adapters: dict):
-    """A scratch library holding the fused adapter (compose reads adapters from a library)."""
-    scratch = am.AdapterLibrary.create(Path(tempfile.mkdtemp()) / "fused", base_model=library.base_model,
-                                       encoder=library.encoder)
-    scratch.add_many(list(adapters.values()), progress=False)
-    return scratch
 
 
 if __name__ == "__main__":

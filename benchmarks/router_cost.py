@@ -3,22 +3,21 @@ adapters on 150 modules), batch 8, CPU, all side by side in one run.
 
     python benchmarks/router_cost.py          # writes benchmarks/results/router_cost_cpu.json
 
-decode step = (time of generate(17 new tokens) - time of generate(1 new token)) / 16, medians of 3 runs;
-prefill = generate(1 new token). Target (routing-quality issue): the chosen router's decode step at most
+decode step = (time of generate(17 new tokens) - time of generate(1 new token)) / 16; prefill =
+generate(1 new token); every measurement runs in turn each round, medians of 5 rounds (compose_forward.py). Target (routing-quality issue): the chosen router's decode step at most
 1.2x plain Arrow's.
 """
 
 from __future__ import annotations
 
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compose_forward import interleaved_medians  # noqa: E402
 from machine import machine  # noqa: E402
 
 import adaptermix as am  # noqa: E402
@@ -37,51 +36,47 @@ ROUTERS = {
 }
 
 
-def timed(fn, repeats=3):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def generation(model, tokenizer, prompts, new_tokens: int, text_router: bool):
+    """generate() of exactly new_tokens tokens (no early stop) for the batch of prompts."""
+    tokenizer.padding_side = "left"
+    inputs = tokenizer([chat_prompt(tokenizer, p) for p in prompts], return_tensors="pt", padding=True,
+                       add_special_tokens=False)
+
+    def call():
+        if text_router:
+            am.set_prompts(model, prompts)
+        model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                       pad_token_id=tokenizer.pad_token_id)
+    return call
 
 
-def main():
+def main(repeats: int = 5):
     torch.set_grad_enabled(False)
     library = suite_library()
     prompts = [TASKS[name].examples("train", 1)[0][0] for name in SUITE[:8]]
-    rows = {}
+    methods = {}
     for name, make in ROUTERS.items():
         model, tokenizer = load_smollm2()
         model.eval()
         if make is not None:
             model = am.compose(model, library, make(), adapters=list(SUITE), tokenizer=tokenizer, trace=False)
-        before = (lambda chunk: am.set_prompts(model, chunk)) if make is not None else None
-
-        tokenizer.padding_side = "left"
-        inputs = tokenizer([chat_prompt(tokenizer, p) for p in prompts], return_tensors="pt", padding=True,
-                           add_special_tokens=False)
-
-        def run(n):
-            def call():
-                if before is not None:
-                    before(prompts)
-                model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                               pad_token_id=tokenizer.pad_token_id)      # exactly n tokens: no early stop
-            return call
-        run(2)()                                                      # warm up (and calibrate, once)
-        prefill = timed(run(1))
-        full = timed(run(17))
+        for n in (1, 17):
+            methods[f"{name}/{n}"] = generation(model, tokenizer, prompts, n, make is not None)
+    times = interleaved_medians(methods, repeats)            # warms up (and calibrates) first
+    rows = {}
+    for name in ROUTERS:
+        prefill, full = times[f"{name}/1"], times[f"{name}/17"]
         rows[name] = {"prefill_s": round(prefill, 4), "decode_step_s": round((full - prefill) / 16, 5)}
         print(name, rows[name], flush=True)
     arrow = rows["arrow_top2"]["decode_step_s"]
     for row in rows.values():
         row["decode_vs_arrow"] = round(row["decode_step_s"] / arrow, 3)
-    result = {"benchmark": "router_cost", "machine": machine(), "batch": 8, "adapters": len(SUITE), "rows": rows}
+    result = {"benchmark": "router_cost", "machine": machine(), "batch": 8, "adapters": len(SUITE),
+              "repeats": repeats, "rows": rows}
     path = Path(__file__).resolve().parent / "results" / "router_cost_cpu.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
 
 
 if __name__ == "__main__":
-    main()
+    main(**{k: int(v) for k, v in (a.split("=", 1) for a in sys.argv[1:])})

@@ -25,8 +25,10 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine  # noqa: E402
 
+from adaptermix.composer.training import pad_examples  # noqa: E402
 from adaptermix.models import load_smollm2  # noqa: E402
-from adaptermix.tasks import SUITE, TASKS, chat_prompt  # noqa: E402
+from adaptermix.suite import answer_example, generate  # noqa: E402
+from adaptermix.tasks import SUITE, TASKS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = dict(rank=4, alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"],
@@ -34,41 +36,13 @@ SETTINGS = dict(rank=4, alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "
                 base_seed=1000)
 
 
-def encode(tokenizer, pairs):
-    """Right-padded ids, attention mask and a mask of the answer tokens (answer + end-of-turn)."""
-    rows, answer_masks = [], []
-    for instruction, answer in pairs:
-        prompt = tokenizer(chat_prompt(tokenizer, instruction), add_special_tokens=False).input_ids
-        target = tokenizer(answer + "<|im_end|>", add_special_tokens=False).input_ids
-        rows.append(prompt + target)
-        answer_masks.append([0] * len(prompt) + [1] * len(target))
-    length = max(map(len, rows))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.tensor([r + [pad] * (length - len(r)) for r in rows])
-    attention = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows])
-    answer = torch.tensor([m + [0] * (length - len(m)) for m in answer_masks], dtype=torch.bool)
-    return ids, attention, answer
-
-
-def answer_loss(causal_lm, ids, attention, answer):
+def answer_loss(causal_lm, batch):
     """Cross-entropy of the answer tokens; logits only where needed (the vocabulary is 49k wide)."""
-    hidden = causal_lm.model(input_ids=ids, attention_mask=attention).last_hidden_state   # (b, L, d)
-    predict = answer[:, 1:]                                                               # token i from i-1
+    ids = batch["input_ids"]
+    hidden = causal_lm.model(input_ids=ids, attention_mask=batch["attention_mask"]).last_hidden_state  # (b, L, d)
+    predict = batch["labels"][:, 1:] != -100                                             # token i from i-1
     logits = causal_lm.lm_head(hidden[:, :-1][predict])
     return torch.nn.functional.cross_entropy(logits.float(), ids[:, 1:][predict])
-
-
-@torch.no_grad()
-def generate(model, tokenizer, instructions, max_new_tokens=16, batch_size=16):
-    tokenizer.padding_side = "left"
-    answers = []
-    for start in range(0, len(instructions), batch_size):
-        chunk = [chat_prompt(tokenizer, i) for i in instructions[start:start + batch_size]]
-        inputs = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-        answers += tokenizer.batch_decode(out[:, inputs.input_ids.shape[1]:], skip_special_tokens=True)
-    return answers
 
 
 def train_one(base, tokenizer, task_name: str, seed: int, out: Path, settings: dict) -> dict:
@@ -81,13 +55,13 @@ def train_one(base, tokenizer, task_name: str, seed: int, out: Path, settings: d
     optimiser = torch.optim.AdamW(params, lr=settings["lr"], weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimiser, lambda step: min(1.0, (step + 1) / settings["warmup"]) * max(0.05, 1 - step / settings["steps"]))
-    train = task.examples("train", settings["train_examples"])
+    train = [answer_example(tokenizer, *pair) for pair in task.examples("train", settings["train_examples"])]
     rng = random.Random(seed)
     causal_lm = model.base_model.model
     start = time.perf_counter()
     losses = []
     for _ in tqdm(range(settings["steps"]), desc=f"train {task_name}", leave=False):
-        loss = answer_loss(causal_lm, *encode(tokenizer, rng.sample(train, settings["batch_size"])))
+        loss = answer_loss(causal_lm, pad_examples(rng.sample(train, settings["batch_size"]), tokenizer.pad_token_id))
         loss.backward()
         optimiser.step()
         schedule.step()
@@ -96,7 +70,7 @@ def train_one(base, tokenizer, task_name: str, seed: int, out: Path, settings: d
     seconds = time.perf_counter() - start
     model.eval()
     check = task.examples("test", settings["check_examples"])
-    generated = generate(model, tokenizer, [p for p, _ in check])
+    generated = generate(model, tokenizer, [p for p, _ in check], max_new_tokens=16, batch_size=16)
     accuracy = sum(task.score(g, a) for g, (_, a) in zip(generated, check)) / len(check)
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)

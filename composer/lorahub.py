@@ -19,7 +19,7 @@ from ..library.adapter import LoraAdapter
 from ..routers.fixed import FixedRouter
 from .compose import compose, unload
 from .fusion import fuse
-from .training import _batch
+from .training import pad_examples
 
 __all__ = ["search_fusion_weights"]
 
@@ -41,7 +41,7 @@ def search_fusion_weights(model, library, names: list[str], examples: list, *, b
         raise ValueError(f"budget must be >= 2 loss evaluations, got {budget}")
     examples = [e if isinstance(e, dict) else {"input_ids": e} for e in examples]
     device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in _batch(examples, pad_id).items()}
+    batch = {k: v.to(device) for k, v in pad_examples(examples, pad_id).items()}
     router = FixedRouter({n: 1.0 / len(names) for n in names})
     composed = compose(model, library, router, adapters=list(names), trace=False)
     try:

@@ -9,10 +9,11 @@ from tqdm.auto import tqdm
 
 from .compose import composer_state
 
-__all__ = ["train_router"]
+__all__ = ["train_router", "pad_examples"]
 
 
-def _batch(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+def pad_examples(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids, labels (-100 on padding and where an example gives none) and attention_mask."""
     length = max(e["input_ids"].shape[0] for e in examples)
     ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), length), -100, dtype=torch.long)
@@ -49,8 +50,8 @@ def train_router(model, examples: list, *, steps: int = 100, batch_size: int = 8
     losses = []
     try:
         for _ in tqdm(range(steps), desc="train router", disable=not progress):
-            batch = {k: v.to(device) for k, v in _batch(rng.sample(examples, min(batch_size, len(examples))),
-                                                       pad_id).items()}
+            chosen = rng.sample(examples, min(batch_size, len(examples)))
+            batch = {k: v.to(device) for k, v in pad_examples(chosen, pad_id).items()}
             loss = model(**batch).loss + router.take_aux_loss().to(device)
             optimiser.zero_grad()
             loss.backward()

@@ -69,7 +69,6 @@ def main(overrides: list[str]) -> None:
     routed = generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=len(prompts),
                       before_batch=lambda chunk: am.set_prompts(model, chunk), after_batch=remember,
                       progress=f"routed ({router_cfg['_target_'].rsplit('.', 1)[-1]})")
-    names = library.names()
     composed_names = am.routing_trace(model).adapter_names
     per_layer = seen["counts"]                                    # (prompts, layers, N + 1)
     counts = per_layer.sum(1)
@@ -91,7 +90,7 @@ def main(overrides: list[str]) -> None:
     fig.savefig(out / "routing.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
     am.unload(model)
-    print(f"\nwrote {out / 'routing.png'}; {len(names)} adapters; {time.perf_counter() - start:.0f} s in all")
+    print(f"\nwrote {out / 'routing.png'}; {len(library)} adapters; {time.perf_counter() - start:.0f} s in all")
 
 
 if __name__ == "__main__":

@@ -72,6 +72,7 @@ class LoraGenerator(nn.Module):
         self.base_fingerprint: str | None = None
         self.base_name: str = ""
         self.encoder = None
+        self.final_loss: float | None = None       # last training step's loss (train_generator)
 
     def forward(self, text: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """text (batch, text_dim) -> module -> (A (batch, r, d_in), B (batch, d_out, r))."""

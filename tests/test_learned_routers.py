@@ -29,7 +29,7 @@ def fit(model, params, task, steps, lr, seed):
     optimiser = torch.optim.AdamW(params, lr=lr)
     rng = random.Random(seed)
     for _ in range(steps):
-        batch = am.composer.training._batch([encode(task, w) for w in words(rng, 16)], 0)
+        batch = am.composer.training.pad_examples([encode(task, w) for w in words(rng, 16)], 0)
         loss = model(**batch).loss
         loss.backward()
         optimiser.step()

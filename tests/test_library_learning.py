@@ -65,7 +65,7 @@ def test_weight_search_finds_the_adapter_that_wrote_the_answers(library, checkpo
 
     def loss(weights):
         model = am.compose(h.tiny_llama(), library, am.FixedRouter(weights))
-        batch = am.composer.training._batch(examples, 0)
+        batch = am.composer.training.pad_examples(examples, 0)
         with torch.no_grad():
             return float(model(**batch).loss)
 

@@ -4,21 +4,23 @@ evaluation.
 
     library = suite_library()                    # ~/.cache/adaptermix/suite-library (ADAPTERMIX_CACHE)
     answers = generate(model, tokenizer, ["Rewrite the date 2021-03-09 as day/month/year."])
+    exact, similarity = score_task(model, tokenizer, "date_dmy", 10)      # on the held-out split
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from adaptermix.library import AdapterLibrary
-from adaptermix.tasks import SUITE, chat_prompt
+from adaptermix.tasks import SUITE, TASKS, chat_prompt
 
-__all__ = ["ADAPTERS", "suite_library", "generate"]
+__all__ = ["ADAPTERS", "suite_library", "generate", "answer_example", "score_task", "compose_adapter"]
 
 ADAPTERS = Path(__file__).resolve().parents[2] / "examples" / "suite_adapters"   # the checkout's copy
 
@@ -84,3 +86,35 @@ def generate(model, tokenizer, instructions: list[str], *, max_new_tokens: int =
             after_batch(inputs, new)
         answers += tokenizer.batch_decode(new, skip_special_tokens=True)
     return answers
+
+
+def answer_example(tokenizer, instruction: str, answer: str) -> dict[str, torch.Tensor]:
+    """A teacher-forced example: the chat-formatted instruction, then the answer and the end of turn; labels
+    -100 on the prompt (loss on the answer only). Pad a list with `composer.training.pad_examples`."""
+    prompt = tokenizer(chat_prompt(tokenizer, instruction), add_special_tokens=False).input_ids
+    target = tokenizer(answer + "<|im_end|>", add_special_tokens=False).input_ids
+    return {"input_ids": torch.tensor(prompt + target), "labels": torch.tensor([-100] * len(prompt) + target)}
+
+
+def score_task(model, tokenizer, task: str, n: int, *, split: str = "test", max_new_tokens: int = 20,
+               batch_size: int = 20, before_batch=None, after_batch=None) -> tuple[float, float]:
+    """(exact match, string similarity) of greedy answers to the first n prompts of a task's split."""
+    pairs = TASKS[task].examples(split, n)
+    answers = generate(model, tokenizer, [p for p, _ in pairs], max_new_tokens=max_new_tokens,
+                       batch_size=batch_size, before_batch=before_batch, after_batch=after_batch)
+    exact = sum(TASKS[task].score(a, y) for a, (_, y) in zip(answers, pairs)) / len(pairs)
+    similar = sum(TASKS[task].similarity(a, y) for a, (_, y) in zip(answers, pairs)) / len(pairs)
+    return exact, similar
+
+
+def compose_adapter(adapter, library):
+    """The base model with one adapter that is not in `library` (generated, fused): held in a scratch library
+    of the same base model, composed at weight 1."""
+    from adaptermix.composer import compose
+    from adaptermix.models import load_smollm2
+    from adaptermix.routers import FixedRouter
+
+    scratch = AdapterLibrary.create(Path(tempfile.mkdtemp(prefix="am-scratch-")) / "lib",
+                                    base_model=library.base_model, encoder=library.encoder)
+    scratch.add(adapter)
+    return compose(load_smollm2()[0].eval(), scratch, FixedRouter({adapter.name: 1.0}), adapters=[adapter.name])
