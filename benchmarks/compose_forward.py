@@ -2,7 +2,8 @@
 
 16 random rank-8 LoRA adapters on every attention and MLP linear (q, k, v, o, gate, up, down; 30 layers),
 a batch of 8 x 128 tokens, no grad. Times (medians) and ratios to the base forward for:
-  ours_arrow_top2       adaptermix.compose(..., ArrowRouter(top_k=2))
+  ours_arrow_top2       adaptermix.compose(..., ArrowRouter(top_k=2)) (backend 'auto': the cpu kernels on a CPU)
+  ours_arrow_top2[torch]  the same with backend="torch" (segmented matmuls)
   ours_per_sequence     adaptermix.compose(..., PerSequenceRouter()), one adapter per sequence
   peft_arrow_top2       peft.create_arrow_model (dense einsum over all 16 adapters)
   peft_mixed_batch      PeftModel with the 16 adapters, adapter_names= one per sequence
@@ -81,6 +82,9 @@ def main(device: str = "cpu", adapters: int = 16, repeats: int = 5, out: str | N
 
     ours = am.compose(load_smollm2()[0].to(device), library, am.ArrowRouter(top_k=2), trace=False)
     methods["ours_arrow_top2"] = lambda: ours(inputs)
+    ours_torch = am.compose(load_smollm2()[0].to(device), library, am.ArrowRouter(top_k=2), trace=False,
+                            backend="torch")
+    methods["ours_arrow_top2[torch]"] = lambda: ours_torch(inputs)
     router = am.PerSequenceRouter()
     per_sequence = am.compose(load_smollm2()[0].to(device), library, router, trace=False)
     router.assign(names[:8])

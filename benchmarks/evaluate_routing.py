@@ -3,10 +3,13 @@ held-out prompts and routing accuracy, per method, in-library and on unseen task
 
     python benchmarks/evaluate_routing.py                       # config: conf/evaluate.yaml
     python benchmarks/evaluate_routing.py per_task=5 methods=[base,retrieval] unseen_methods=[]
+    python benchmarks/evaluate_routing.py methods=[retrieval_lexical] unseen_methods=[] merge=true   # add to it
+    python benchmarks/evaluate_routing.py config=evaluate_shared_seed     # adapters from one shared seed
 
 Methods: base (no adapter); oracle (the task's own adapter); uniform (every adapter, equal weights);
 arrow_top1/2/4 (ours); peft_arrow_top1/2/4 (PEFT's create_arrow_model on the same checkpoints, the
-anchor); retrieval (prompt embedding -> nearest adapter); moe_gate (a per-layer linear gate trained on
+anchor); retrieval (prompt embedding -> nearest adapter); retrieval_lexical (the same plus the TF-IDF
+word-bigram cosine, routers/lexical.py); moe_gate (a per-layer linear gate trained on
 <= 16 examples per task); token_level (context-embedding similarity, every 2 tokens); seq_* and hybrid:
 sequence-level routing from the adapters' weights (routers/sequence_arrow.py; settings in conf/evaluate.yaml,
 chosen on the train split, docs/ROUTING.md).
@@ -18,6 +21,8 @@ own adapter; `token_routing_accuracy`: share of all decisions that are. PEFT's A
 so its routing accuracy is null.
 
 Writes <out_dir>/summary.json, table.md, accuracy.png and routing.png (task x adapter share of decisions).
+merge=true adds this run's methods to an existing summary.json (same prompts, tasks and adapters) instead of
+replacing it; the added methods' routing heatmaps go to routing_added.png.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ def routed_model(method: str, library, tokenizer, cfg, train_examples):
     routers = {
         "uniform": lambda: am.FixedRouter({name: 1.0 / len(SUITE) for name in SUITE}),
         "retrieval": lambda: am.RetrievalRouter(**cfg.retrieval),
+        "retrieval_lexical": lambda: am.RetrievalRouter(**cfg.retrieval_lexical),
         "token_level": lambda: am.TokenLevelRouter(**cfg.token_level),
         "moe_gate": lambda: am.MoEGateRouter(top_k=cfg.moe_gate.top_k, load_balance=cfg.moe_gate.load_balance),
     }
@@ -76,11 +82,18 @@ def routed_model(method: str, library, tokenizer, cfg, train_examples):
     return model, before
 
 
+def adapters_dir(cfg) -> Path:
+    """The PEFT checkpoints of the library: the committed example adapters unless cfg.adapters names others."""
+    if cfg.adapters is None:
+        return ADAPTERS
+    return Path(cfg.adapters) if Path(cfg.adapters).is_absolute() else ROOT / cfg.adapters
+
+
 def peft_arrow(k: int, cfg):
     from peft import ArrowConfig, create_arrow_model
 
     base = load_smollm2()[0]
-    return create_arrow_model(base, [str(ADAPTERS / name) for name in SUITE],
+    return create_arrow_model(base, [str(adapters_dir(cfg) / name) for name in SUITE],
                               ArrowConfig(top_k=k, router_temperature=cfg.arrow_temperature)).eval()
 
 
@@ -134,7 +147,7 @@ def summarise(scores, similar, counts, names, in_library: bool):
     return entry
 
 
-def charts(summary, out: Path):
+def charts(summary, out: Path, routing_file: str = "routing.png"):
     fig, ax = plt.subplots(figsize=(11, 4))
     methods = list(summary["in_library"])
     width = 0.4
@@ -159,7 +172,7 @@ def charts(summary, out: Path):
             ax.set_yticks(range(len(SUITE)), SUITE, fontsize=7)
         axes[0][0].set_ylabel("task of the prompt")
         fig.suptitle("share of (token, layer) decisions going to each adapter")
-        fig.savefig(out / "routing.png", dpi=110, bbox_inches="tight")
+        fig.savefig(out / routing_file, dpi=110, bbox_inches="tight")
         plt.close(fig)
 
 
@@ -168,6 +181,9 @@ def table(summary) -> str:
              f"{summary['date']}.", "",
              "| method | in-library exact match | routing accuracy (prompt / token) | unseen exact match | "
              "unseen similarity |", "| --- | --- | --- | --- | --- |"]
+    for added in summary.get("merged", []):
+        lines.insert(1, f"Added with merge=true on {added['date']} ({added['machine']}): "
+                        f"{', '.join(added['methods'])}; unseen: {', '.join(added['unseen_methods']) or 'none'}.")
     for method, entry in summary["in_library"].items():
         routing = "n/a" if entry["routing_accuracy"] is None else \
             f"{entry['routing_accuracy']:.2f} / {entry.get('token_routing_accuracy', float('nan')):.2f}"
@@ -177,20 +193,54 @@ def table(summary) -> str:
     return "\n".join(lines) + "\n"
 
 
+def previous_summary(out: Path, cfg) -> dict:
+    """The summary.json this run adds to (merge=true): same prompts per task, tasks and adapters."""
+    path = out / "summary.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"merge=true adds methods to {path}, which does not exist; run without merge first")
+    earlier = json.loads(path.read_text())
+    for key in ("per_task", "tasks", "unseen_tasks"):
+        now = cfg.per_task if key == "per_task" else list(SUITE if key == "tasks" else UNSEEN)
+        if earlier[key] != now:
+            raise ValueError(f"merge=true: {path} was made with {key}={earlier[key]}, this run has {now}")
+    if earlier["config"].get("adapters") != cfg.adapters:
+        raise ValueError(f"merge=true: {path} evaluated adapters={earlier['config'].get('adapters')}, "
+                         f"this run adapters={cfg.adapters}")
+    return earlier
+
+
+def merged(earlier: dict, summary: dict) -> dict:
+    """The earlier summary with this run's methods added or replaced (each keeps the date it was run on);
+    the methods' charts read their routing shares from the earlier entries where this run has none."""
+    for split in ("in_library", "unseen"):
+        for method, entry in summary[split].items():
+            earlier[split][method] = dict(entry, date=summary["date"])
+    earlier["seconds"].update({k: v for k, v in summary["seconds"].items() if k != "total"})
+    earlier["config"] = dict(earlier["config"], **{k: v for k, v in summary["config"].items()
+                                                   if k not in ("methods", "unseen_methods", "merge")})
+    earlier["merged"] = earlier.get("merged", []) + [
+        {"date": summary["date"], "methods": list(summary["in_library"]), "unseen_methods": list(summary["unseen"]),
+         "machine": summary["machine_line"]}]
+    return earlier
+
+
 def main(overrides: list[str]):
-    cfg = load_config(overrides, config_name="evaluate")
+    names = [o.split("=", 1)[1] for o in overrides if o.startswith("config=")]
+    cfg = load_config([o for o in overrides if not o.startswith("config=")],
+                      config_name=names[-1] if names else "evaluate")
     torch.manual_seed(cfg.seed)
     torch.set_grad_enabled(False)
     out = Path(cfg.out_dir)
     out = out if out.is_absolute() else ROOT / out
     out.mkdir(parents=True, exist_ok=True)
-    library = suite_library(cfg.library)
+    library = suite_library(cfg.library, adapters_dir(cfg))
     _, tokenizer = load_smollm2()
     started = time.perf_counter()
     train_examples = moe_examples(tokenizer, cfg.moe_gate.examples_per_task)
     summary = {"in_library": {}, "unseen": {}, "machine": "", "date": datetime.date.today().isoformat(),
                "per_task": cfg.per_task, "tasks": list(SUITE), "unseen_tasks": list(UNSEEN),
                "config": OmegaConf.to_container(cfg), "seconds": {}}
+    earlier = previous_summary(out, cfg) if cfg.merge else None
     info = machine()
     summary["machine"] = f"{info['cpu']}, {info['cores']} cores" + (f", {info['gpu']}" if info["gpu"] else "")
     summary["machine_line"] = summary["machine"] + f", torch {info['torch']}"
@@ -203,7 +253,9 @@ def main(overrides: list[str]):
             print(f"{split:10s} {method:16s} accuracy={summary[split][method]['accuracy']:.3f} "
                   f"routing={summary[split][method]['routing_accuracy']}  ({seconds:.0f} s)", flush=True)
     summary["seconds"]["total"] = round(time.perf_counter() - started, 1)
-    charts(summary, out)
+    if earlier is not None:
+        summary = merged(earlier, summary)
+    charts(summary, out, "routing.png" if earlier is None else "routing_added.png")
     for split in ("in_library", "unseen"):
         for entry in summary[split].values():
             entry.pop("_shares", None)

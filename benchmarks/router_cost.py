@@ -4,8 +4,8 @@ adapters on 150 modules), batch 8, CPU, all side by side in one run.
     python benchmarks/router_cost.py          # writes benchmarks/results/router_cost_cpu.json
 
 decode step = (time of generate(17 new tokens) - time of generate(1 new token)) / 16; prefill =
-generate(1 new token); every measurement runs in turn each round, medians of 5 rounds (compose_forward.py). Target (routing-quality issue): the chosen router's decode step at most
-1.2x plain Arrow's.
+generate(1 new token); every measurement runs in turn each round, medians of 5 rounds (compose_forward.py).
+Target (routing-quality issue): the chosen router's decode step at most 1.2x plain Arrow's.
 """
 
 from __future__ import annotations
@@ -29,10 +29,13 @@ ROUTERS = {
     "base": None,
     "arrow_top2": lambda: am.ArrowRouter(top_k=2),
     "retrieval": lambda: am.RetrievalRouter(top_k=1),
+    "retrieval_lexical": lambda: am.RetrievalRouter(top_k=1, lexical_weight=1.0),
     "token_level": lambda: am.TokenLevelRouter(top_k=1),
     "seq_subspace": lambda: am.SequenceArrowRouter(top_k=1, score="subspace", aggregate="global", calibrate=True),
     "hybrid": lambda: am.SequenceArrowRouter(top_k=1, score="subspace", aggregate="global", calibrate=True,
                                              retrieval_weight=2.0),
+    "hybrid_lexical": lambda: am.SequenceArrowRouter(top_k=1, score="subspace", aggregate="global", calibrate=True,
+                                                     retrieval_weight=2.0, lexical_weight=1.0),
 }
 
 

@@ -7,6 +7,10 @@ committed adapters in examples/suite_adapters/ were made by this script; rerun i
 
     python benchmarks/train_suite.py                           # every task (about 2 min each on 2 cores)
     python benchmarks/train_suite.py tasks=date_dmy,add out=/tmp/adapters
+    python benchmarks/train_suite.py seeds=shared out=examples/suite_adapters_shared_seed   # one seed for all
+
+`seeds=shared` starts every adapter from the same seed (what a fixed-seed training script does: the LoRA A
+matrices start equal), the hard case for weight-based routing (docs/ROUTING.md).
 """
 
 from __future__ import annotations
@@ -87,7 +91,10 @@ def train_one(base, tokenizer, task_name: str, seed: int, out: Path, settings: d
                 check_exact_match=accuracy)
 
 
-def main(tasks: str = ",".join(SUITE), out: str = str(ROOT / "examples" / "suite_adapters"), steps: str = ""):
+def main(tasks: str = ",".join(SUITE), out: str = str(ROOT / "examples" / "suite_adapters"), steps: str = "",
+         seeds: str = "own"):
+    if seeds not in ("own", "shared"):
+        raise ValueError(f"seeds must be 'own' (one seed per adapter) or 'shared', got {seeds!r}")
     if steps:
         SETTINGS["steps"] = int(steps)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -99,11 +106,11 @@ def main(tasks: str = ",".join(SUITE), out: str = str(ROOT / "examples" / "suite
     for p in base.parameters():
         p.requires_grad_(False)
     for name in tqdm(tasks.split(","), desc="adapters"):
-        seed = SETTINGS["base_seed"] + SUITE.index(name)
+        seed = SETTINGS["base_seed"] + (SUITE.index(name) if seeds == "own" else 0)
         record = train_one(base, tokenizer, name, seed, out_dir / name, SETTINGS)
         print(json.dumps(record), flush=True)
         manifest["adapters"][name] = record
-        manifest.update(settings=SETTINGS, machine=machine(), base_model="SmolLM2-135M-Instruct")
+        manifest.update(settings=SETTINGS, seeds=seeds, machine=machine(), base_model="SmolLM2-135M-Instruct")
         manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
 
 

@@ -49,11 +49,16 @@ def _check_fits(adapters, spec: BaseModelSpec) -> None:
 
 
 def _stack(adapters, module: str, d_out: int, d_in: int, dtype, device):
-    """(A (N, r_max, d_in), B (N, d_out, r_max), scales (N,), ranks (N,), available (N,) bool)."""
+    """(A (N, r_max, d_in), B (N, d_out, r_max), scales (N,), ranks (N,), available (N,) bool).
+
+    B is stored by rows, (N, r_max, d_out) contiguous, and returned as its transposed view: the kernels read
+    each rank's d_out values with unit stride (kernels/cpu_backend.py; coalesced loads in Triton's expand).
+    """
     N = len(adapters)
     r_max = max(a.modules[module].rank for a in adapters if module in a.modules)
     A = torch.zeros(N, r_max, d_in, dtype=dtype)
-    B = torch.zeros(N, d_out, r_max, dtype=dtype)
+    B_rows = torch.zeros(N, r_max, d_out, dtype=dtype)
+    B = B_rows.transpose(1, 2)
     scales, ranks = torch.zeros(N), torch.ones(N, dtype=torch.int32)
     available = torch.zeros(N, dtype=torch.bool)
     for e, adapter in enumerate(adapters):
@@ -63,7 +68,7 @@ def _stack(adapters, module: str, d_out: int, d_in: int, dtype, device):
         A[e, :factors.rank] = factors.A.to(dtype)
         B[e, :, :factors.rank] = factors.B.to(dtype)
         scales[e], ranks[e], available[e] = factors.scale, factors.rank, True
-    return A.to(device), B.to(device), scales.to(device), ranks.to(device), available
+    return A.to(device), B_rows.to(device).transpose(1, 2), scales.to(device), ranks.to(device), available
 
 
 def compose(model: nn.Module, library, router: Router, *, adapters: list[str] | None = None,
@@ -76,7 +81,8 @@ def compose(model: nn.Module, library, router: Router, *, adapters: list[str] | 
         target_modules: module names or suffixes ("q_proj") to adapt (default: every module an adapter targets).
         tokenizer: lets prompt-level routers read the prompts' text (or use `set_prompts`).
         trace: keep each forward's routing for `routing_trace`.
-        backend: `lora_mixture` backend ('auto': Triton on CUDA, torch elsewhere).
+        backend: `lora_mixture` backend ('auto': Triton on CUDA, the native cpu kernels on a CPU for
+            fp32 / fp64, torch otherwise).
     Adapters lacking some target modules are fine: those modules get no contribution from them.
     """
     if hasattr(model, ATTRIBUTE):

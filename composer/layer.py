@@ -4,6 +4,7 @@
 
 A: (N, r_max, d_in), B: (N, d_out, r_max): the composed adapters' factors at this module, stacked once
 (rank-padded with zeros; adapters without factors here are zero and never picked by masking routers).
+B is the transposed view of its rows (N, r_max, d_out), the layout the kernels read with unit stride.
 """
 
 from __future__ import annotations

@@ -16,7 +16,12 @@ from ..routers.routing import Routing, RoutingContext
 __all__ = ["ComposerState"]
 
 
-def _cache_length(past) -> int:
+# The KV cache's keyword: `past_key_values` up to transformers 5.2x, `cache` after.
+CACHE_KWARGS = ("past_key_values", "cache")
+
+
+def _cache_length(kwargs: dict) -> int:
+    past = next((kwargs[name] for name in CACHE_KWARGS if kwargs.get(name) is not None), None)
     if past is None:
         return 0
     if hasattr(past, "get_seq_length"):
@@ -47,7 +52,7 @@ class ComposerState:
         if reference is None:
             raise ValueError("adaptermix: the composed model needs input_ids or inputs_embeds")
         batch, seq_len = reference.shape[0], reference.shape[1]
-        past_len = _cache_length(kwargs.get("past_key_values"))
+        past_len = _cache_length(kwargs)
         device = reference.device
         if self.probing:                     # a probe pass the router asked for: adapters off, nothing traced
             self.context = RoutingContext(
@@ -92,7 +97,7 @@ class ComposerState:
                 self._run_probe(model, purpose, (), {"input_ids": encoded.input_ids.to(device),
                                                      "attention_mask": encoded.attention_mask.to(device)}, {})
         if getattr(self.router, "aggregate", None) == "global":
-            call = dict(kwargs, use_cache=False, past_key_values=None)
+            call = dict(kwargs, use_cache=False, **{name: None for name in CACHE_KWARGS if name in kwargs})
             self._run_probe(model, "route", args, call, self.sequence_state)
         self.context = outer
 

@@ -9,7 +9,8 @@
                 y[t] += weights[t, j] * scales[e] * (x[t] @ A[e, :ranks[e]].T) @ B[e, :, :ranks[e]].T
 
 Backends: `reference` (the definition, autograd through plain torch), `torch` (segmented matmuls,
-kernels/torch_backend.py) and `triton` (grouped-GEMM kernels, kernels/triton_backend.py). Both fast
+kernels/torch_backend.py), `triton` (grouped-GEMM kernels, kernels/triton_backend.py) and `cpu` (one fused
+native pass over the tokens, kernels/cpu_backend.py; 'auto' on a CPU when it builds). The torch and triton
 backends group the routed (token, slot) entries by adapter and run two primitives over the groups:
 `shrink` (h = coef * x @ A[e].T, float32 accumulate, ranks masked) and `expand` (out[token] += h @ B[e].T).
 The backward pass (adapters frozen) reuses them: dx is the same mixture with A and B swapped (transposed
@@ -28,8 +29,9 @@ from .reference import lora_mixture_reference
 
 __all__ = ["lora_mixture", "BACKENDS", "resolve_backend"]
 
-BACKENDS = ("reference", "torch", "triton")
-_PRIMITIVES = {"torch": "adaptermix.kernels.torch_backend", "triton": "adaptermix.kernels.triton_backend"}
+BACKENDS = ("reference", "torch", "triton", "cpu")
+_PRIMITIVES = {"torch": "adaptermix.kernels.torch_backend", "triton": "adaptermix.kernels.triton_backend",
+               "cpu": "adaptermix.kernels.cpu_backend"}
 
 
 def _primitives(backend: str):
@@ -48,16 +50,36 @@ def triton_usable(device: torch.device) -> bool:
 
 
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+CPU_DTYPES = (torch.float32, torch.float64)
+
+
+def cpu_usable() -> bool:
+    """The native CPU kernels are built (building them on first use; never while torch.compile traces)."""
+    from . import cpu_backend
+
+    return cpu_backend.ready() if torch.compiler.is_compiling() else cpu_backend.available()
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
-    """'auto' -> 'triton' on a CUDA GPU with Triton (fp32 / fp16 / bf16), else 'torch'. Explicit names
-    are checked."""
+    """'auto' -> 'triton' on a CUDA GPU with Triton (fp32 / fp16 / bf16), 'cpu' on a CPU for fp32 / fp64
+    when its kernels build, else 'torch'. Explicit names are checked."""
     if backend == "auto":
-        usable = device.type == "cuda" and dtype in TRITON_DTYPES and triton_usable(device)
-        return "triton" if usable else "torch"
+        if device.type == "cuda" and dtype in TRITON_DTYPES and triton_usable(device):
+            return "triton"
+        if device.type == "cpu" and dtype in CPU_DTYPES and cpu_usable():
+            return "cpu"
+        return "torch"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    if backend == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"the cpu backend runs on the CPU; x is on {device}")
+        if dtype not in CPU_DTYPES:
+            raise TypeError(f"the cpu backend takes x in {CPU_DTYPES}, got {dtype}")
+        if not cpu_usable():
+            from . import cpu_backend
+
+            raise RuntimeError(f"the cpu backend's native kernels could not be built: {cpu_backend.build_error()}")
     if backend == "triton" and not triton_usable(device):
         raise ValueError(f"the triton backend needs a CUDA device (or TRITON_INTERPRET=1 on CPU); got {device}")
     if backend == "triton" and dtype not in TRITON_DTYPES:

@@ -15,7 +15,8 @@ aggregate="module": each module picks from its own S at the prefill; aggregate="
 base model (adapters off) collects every module's S first, z-scored across adapters and summed, and one
 choice serves every module. Either way the choice is held for the generated tokens (decode steps cost what a
 fixed routing costs). candidates=m (hybrid): retrieval over the adapters' description / example embeddings
-proposes m adapters per prompt and the weight scores choose among them.
+proposes m adapters per prompt and the weight scores choose among them; retrieval_weight adds retrieval's
+(z-scored) similarity instead, with lexical_weight times the TF-IDF cosine in it (routers/lexical.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 
 from ..library.errors import BaseModelMismatchError
 from .base import Router, register
+from .lexical import LexicalIndex, adapter_documents
 from .prompt_tokens import user_token_mask
 from .routing import Routing, RoutingContext
 
@@ -39,13 +41,14 @@ class SequenceArrowRouter(Router):
     """Args: top_k; temperature (softmax over the top-k sequence scores); score: 'subspace' | 'prototype';
     aggregate: 'global' | 'module'; calibrate: centre hidden states and z-score adapters on the library's
     example prompts; candidates: retrieval proposes this many adapters first (None: all); retrieval_weight:
-    adds that many standard deviations of retrieval similarity to the (z-scored) weight scores."""
+    adds that many standard deviations of retrieval similarity to the (z-scored) weight scores; lexical_weight:
+    retrieval's similarity adds this many times the TF-IDF word-n-gram cosine (with candidates / retrieval_weight)."""
 
     name = "sequence_arrow"
 
     def __init__(self, *, top_k: int = 1, temperature: float = 0.1, score: str = "subspace",
                  aggregate: str = "global", calibrate: bool = True, candidates: int | None = None,
-                 retrieval_weight: float = 0.0):
+                 retrieval_weight: float = 0.0, lexical_weight: float = 0.0):
         if top_k < 1 or temperature <= 0:
             raise ValueError(f"SequenceArrowRouter needs top_k >= 1 and temperature > 0, got {top_k}, {temperature}")
         if score not in ("subspace", "prototype") or aggregate not in ("global", "module"):
@@ -53,9 +56,12 @@ class SequenceArrowRouter(Router):
                              f"got {score!r}, {aggregate!r}")
         if candidates is not None and candidates < top_k:
             raise ValueError(f"candidates ({candidates}) must be >= top_k ({top_k})")
+        if lexical_weight < 0 or (lexical_weight and candidates is None and not retrieval_weight):
+            raise ValueError(f"lexical_weight ({lexical_weight}) must be >= 0, and it only acts with candidates or "
+                             f"retrieval_weight")
         self.top_k, self.temperature, self.score_kind = top_k, temperature, score
         self.aggregate, self.calibrate, self.candidates = aggregate, calibrate, candidates
-        self.retrieval_weight = retrieval_weight
+        self.retrieval_weight, self.lexical_weight = retrieval_weight, lexical_weight
         self.probe = aggregate == "global" or calibrate          # the composer runs probe passes for us
         self.stats: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
 
@@ -90,6 +96,7 @@ class SequenceArrowRouter(Router):
             _, vectors = library.text_embeddings(adapter_names)
             self.text_embeddings = torch.from_numpy(vectors)
             self.encoder = library.encoder
+        self.lexical = LexicalIndex(adapter_documents(library, adapter_names)) if self.lexical_weight else None
 
     def reference_texts(self) -> list[str]:
         """Calibration text: every composed adapter's example prompts (or description when it has none)."""
@@ -146,7 +153,10 @@ class SequenceArrowRouter(Router):
                 raise ValueError("SequenceArrowRouter(candidates / retrieval_weight) needs the prompt texts: pass "
                                  "tokenizer= to compose() or call adaptermix.set_prompts")
             queries = torch.from_numpy(self.encoder.encode(context.prompts))
-            similarity = (queries @ self.text_embeddings.T).to(scores.device)                 # (batch, N)
+            similarity = queries @ self.text_embeddings.T                                     # (batch, N)
+            if self.lexical is not None:
+                similarity = similarity + self.lexical_weight * self.lexical.similarity(context.prompts)
+            similarity = similarity.to(scores.device)
             if self.retrieval_weight:
                 centred = similarity - similarity.mean(1, keepdim=True)
                 scores = scores + self.retrieval_weight * centred / centred.std(1, keepdim=True).clamp_min(1e-6)

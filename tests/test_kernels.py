@@ -98,7 +98,8 @@ def build(name, dtype, seed=0):
 
 
 CASES = [("reference", torch.float64), ("triton-plan", torch.float32), ("triton-plan", torch.float16),
-         ("triton-bgmv", torch.float32), ("triton-bgmv", torch.float16)] + [
+         ("triton-bgmv", torch.float32), ("triton-bgmv", torch.float16), ("cpu", torch.float64),
+         ("cpu", torch.float32)] + [
     (f"torch-{strategy}", dtype) for strategy in ("dense", "sorted")
     for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16)]
 
@@ -127,7 +128,8 @@ def test_forward_matches_float64_reference(shape, backend, dtype):
 
 @pytest.mark.parametrize("shape", ["aligned", "awkward_d", "k8_duplicates", "one_token", "all_on_one_adapter"])
 @pytest.mark.parametrize("backend, dtype", [("torch", torch.float64), ("torch", torch.float32),
-                                            ("triton", torch.float32), ("torch", torch.bfloat16)])
+                                            ("triton", torch.float32), ("torch", torch.bfloat16),
+                                            ("cpu", torch.float64), ("cpu", torch.float32)])
 def test_backward_matches_autograd_through_the_reference(shape, backend, dtype):
     case = build(shape, dtype, seed=1)
     x = case["x"].clone().requires_grad_()
@@ -161,7 +163,7 @@ def test_one_adapter_per_sequence_equals_plain_lora():
 def test_zero_weights_and_empty_slots_give_the_base_exactly():
     case = build("aligned", torch.float32)
     case["weights"] = torch.zeros_like(case["weights"])
-    for backend in ("torch-dense", "torch-sorted", "triton-plan", "triton-bgmv"):
+    for backend in ("torch-dense", "torch-sorted", "triton-plan", "triton-bgmv", "cpu"):
         assert torch.equal(run(case, backend, base=case["base"]), case["base"])
 
 
@@ -171,12 +173,13 @@ def test_out_refuses_autograd():
         run(dict(case, x=case["x"].requires_grad_()), "torch", out=case["base"].clone())
 
 
-def test_torch_compile_traces_the_registered_op_without_graph_breaks():
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_torch_compile_traces_the_registered_op_without_graph_breaks(backend):
     case = build("aligned", torch.float32)
 
     def layer(x, weights):
         return lora_mixture(x, case["A"], case["B"], case["scales"], case["idx"], weights, ranks=case["ranks"],
-                            base=case["base"], backend="torch", validate=False)
+                            base=case["base"], backend=backend, validate=False)
 
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     x = case["x"].clone().requires_grad_()
@@ -205,6 +208,54 @@ def test_bad_input_names_the_argument(change, error, words):
     change(case)
     with pytest.raises(error, match=words):
         run(case, "torch", base=case["base"] if case["x"].device.type != "meta" else None)
+
+
+# -- the cpu backend (kernels/cpu_mixture.cpp, built on first use) --------------------------------------
+
+def test_cpu_kernels_build_here_and_auto_picks_them():
+    from adaptermix.kernels import cpu_backend, resolve_backend
+
+    assert cpu_backend.available(), f"the cpu kernels did not build: {cpu_backend.build_error()}"
+    assert resolve_backend("auto", torch.device("cpu"), torch.float32) == "cpu"
+    assert resolve_backend("auto", torch.device("cpu"), torch.float64) == "cpu"
+    assert resolve_backend("auto", torch.device("cpu"), torch.bfloat16) == "torch"   # half types: torch backend
+    with pytest.raises(TypeError, match="cpu backend takes"):
+        run(build("aligned", torch.float16), "cpu")
+
+
+def test_cpu_backend_layouts_strided_out_and_other_out_dtype():
+    """B as the composer stores it (a transposed view of rows), as a contiguous tensor, and as a strided
+    copy; an output with strided rows and one of another dtype: all the same mixture."""
+    case = build("awkward_d", torch.float32)
+    expected = reference_of(case)
+    rows = case["B"].transpose(1, 2).contiguous()                              # (N, r_max, d_out)
+    padded = torch.zeros(*case["B"].shape[:2], 2 * case["B"].shape[2])[:, :, ::2]
+    padded.copy_(case["B"])                                                    # (N, d_out, r_max), no unit stride
+    for B in (case["B"], rows.transpose(1, 2), padded):
+        assert_close_to(run(dict(case, B=B), "cpu", base=case["base"]), expected, torch.float32)
+    wide = torch.zeros(case["base"].shape[1], case["base"].shape[0]).T        # rows with stride 1 along T
+    wide.copy_(case["base"])
+    run(case, "cpu", out=wide)
+    assert_close_to(wide, expected, torch.float32)
+    double_out = case["base"].double()
+    run(case, "cpu", out=double_out)
+    assert_close_to(double_out, expected, torch.float32)
+
+
+@pytest.mark.parametrize("bad", [6, -2])
+def test_cpu_kernel_refuses_bad_ids_even_unvalidated(bad):
+    """validate=False skips the host checks; the kernel still never reads outside the stacks."""
+    case = build("aligned", torch.float32)
+    case["idx"] = case["idx"].clone()
+    case["idx"][5, 1] = bad
+    for kwargs in (dict(base=case["base"]), dict(out=case["base"].clone())):
+        with pytest.raises(ValueError, match="idx holds an adapter id outside"):
+            run(case, "cpu", validate=False, **kwargs)
+    from adaptermix.kernels import cpu_backend
+
+    with pytest.raises(ValueError, match="idx holds an adapter id outside"):       # the backward's kernels too
+        cpu_backend.backward(torch.ones_like(case["base"]), case["x"], case["A"], case["B"], case["scales"],
+                             case["idx"], case["weights"], case["ranks"], True, True)
 
 
 def test_unknown_backend_and_unsupported_triton_dtype():

@@ -51,6 +51,34 @@ def test_retrieval_routes_held_out_prompts_to_their_own_adapter_and_answers(suit
     assert sum(TASKS[name].score(a, answer) for a, (name, _, answer) in zip(plain, pairs)) < exact
 
 
+def test_lexical_retrieval_tells_apart_what_the_embeddings_confuse(suite):
+    """day/month/year vs month/day/year and twice vs three times embed almost alike; word bigrams do not."""
+    near = ("date_dmy", "date_mdy", "repeat_2", "repeat_3")
+    prompts = [(name, prompt) for name in near for prompt, _ in TASKS[name].examples("test", 12)]
+    chosen = {}
+    for weight in (0.0, 1.0):
+        router = am.RetrievalRouter(top_k=1, lexical_weight=weight)
+        router.bind(suite, list(SUITE), {})
+        routing = router.routing_for_texts([p for _, p in prompts])
+        chosen[weight] = [SUITE[int(i)] for i in routing.indices[:, 0]]
+    right = {w: sum(c == name for c, (name, _) in zip(picks, prompts)) for w, picks in chosen.items()}
+    assert right[1.0] == len(prompts) > right[0.0], right
+    with pytest.raises(ValueError, match="lexical_weight >= 0"):
+        am.RetrievalRouter(lexical_weight=-1.0)
+    with pytest.raises(ValueError, match="only acts with candidates or retrieval_weight"):
+        am.SequenceArrowRouter(lexical_weight=1.0)
+
+
+def test_lexical_index_needs_words():
+    from adaptermix.routers.lexical import LexicalIndex
+
+    assert LexicalIndex(["add two numbers", "repeat a word twice"]).similarity(["repeat it twice"]).argmax() == 1
+    with pytest.raises(ValueError, match="one non-empty document per adapter"):
+        LexicalIndex(["add two numbers", "  "])
+    with pytest.raises(ValueError, match="hold no words"):
+        LexicalIndex(["!!", "?"])
+
+
 def test_the_library_refuses_another_base_model(suite, h):
     with pytest.raises(am.BaseModelMismatchError, match="does not fit"):
         am.compose(h.tiny_llama(), suite, am.RetrievalRouter(top_k=1))

@@ -53,7 +53,8 @@ def suite_library(path: str | Path | None = None, adapters: str | Path | None = 
     if missing:
         raise FileNotFoundError(f"the example adapters {missing} are missing from {adapters}; "
                                 f"train them with `python benchmarks/train_suite.py`")
-    path = Path(path or _cache() / "suite-library")
+    default = "suite-library" if adapters.resolve() == ADAPTERS.resolve() else f"suite-library-{adapters.name}"
+    path = Path(path or _cache() / default)
     if rebuild or not _complete(path, adapters):
         print(f"building the example library at {path} from {adapters}")
         shutil.rmtree(path, ignore_errors=True)

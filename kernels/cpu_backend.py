@@ -1,0 +1,153 @@
+"""CPU backend: the mixture as one fused native pass over the tokens (kernels/cpu_mixture.cpp).
+
+On a CPU the mixture's flops are a few percent of the base GEMM's; what costs is the number of operations
+(each PyTorch op has a fixed cost of microseconds) and the gathers. The torch backend needs a dozen ops plus
+one small matmul per used adapter; this backend is one call: each thread takes a range of tokens and, per
+(token, slot), does the adapter's rank dot products (shrink) and rank axpys (expand) into the output row.
+
+Built on first use with torch.utils.cpp_extension (the host's C++ compiler, -O3 -march=native, OpenMP),
+cached under ~/.cache/torch_extensions by source and CPU; the OpenMP runtime is the one torch already loaded,
+so threads follow torch.set_num_threads. Without a compiler `available()` is False and 'auto' takes the
+torch backend. float32 / float64 only. B is read by rows (N, r_max, d_out): pass it as the transposed view
+of such a tensor (as the composer stores it), or a contiguous (N, d_out, r_max) B is transposed per call.
+
+Backward (adapters frozen): dx is the same kernel with the factors swapped; d(weights) is one more kernel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import platform
+import threading
+from pathlib import Path
+
+import torch
+
+__all__ = ["DTYPES", "available", "ready", "build_error", "forward_", "backward"]
+
+SOURCE = Path(__file__).with_name("cpu_mixture.cpp")
+DTYPES = {torch.float32: "f32", torch.float64: "f64"}
+_ERRORS = {1: "idx holds an adapter id outside [-1, N)", 2: "ranks hold a value outside [0, r_max]",
+           3: "k * r_max above 1024 is not supported by the CPU kernel"}
+
+_lock = threading.Lock()
+_state: dict = {"lib": None, "error": None}
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: a build made on another CPU is never loaded here."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        lines = [line for line in info.splitlines() if line.startswith(("model name", "flags", "Features"))]
+        return "\n".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def _build() -> ctypes.CDLL:
+    from torch.utils import cpp_extension
+
+    tag = hashlib.sha256((SOURCE.read_text() + _cpu_signature()).encode()).hexdigest()[:16]
+    path = cpp_extension.load(f"adaptermix_cpu_{tag}", [str(SOURCE)], is_python_module=False,
+                              extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+    lib = ctypes.CDLL(path)
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    for suffix in DTYPES.values():
+        mixture = getattr(lib, f"am_mixture_{suffix}")
+        mixture.argtypes = [ptr, i64, ptr, i64, ptr, i64, i64, ptr, i64, i64, ptr, ptr, ptr, ptr,
+                            i64, i64, i64, ctypes.c_int, i64, i64]
+        gate = getattr(lib, f"am_gate_grad_{suffix}")
+        gate.argtypes = [ptr, ptr, i64, ptr, i64, ptr, i64, i64, ptr, i64, i64, ptr, ptr, ptr,
+                         i64, i64, i64, ctypes.c_int, i64, i64]
+        mixture.restype = gate.restype = ctypes.c_int
+    return lib
+
+
+def available() -> bool:
+    """Whether the native kernels are built and loaded (builds them on the first call, ~1 s)."""
+    if _state["lib"] is None and _state["error"] is None:
+        with _lock:
+            if _state["lib"] is None and _state["error"] is None:
+                try:
+                    _state["lib"] = _build()
+                except Exception as exc:  # no compiler, no OpenMP: 'auto' falls back to the torch backend
+                    _state["error"] = f"{type(exc).__name__}: {exc}"
+    return _state["lib"] is not None
+
+
+def ready() -> bool:
+    """Built already (never builds: safe while torch.compile traces)."""
+    return _state["lib"] is not None
+
+
+def build_error() -> str | None:
+    return _state["error"]
+
+
+def _library() -> ctypes.CDLL:
+    if not available():
+        raise RuntimeError(f"the cpu backend's native kernels could not be built: {_state['error']}")
+    return _state["lib"]
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t with a unit stride along its last dimension."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _check(status: int) -> None:
+    if status:
+        raise ValueError(" and ".join(message for bit, message in _ERRORS.items() if status & bit))
+
+
+def _mixture_call(y, x, P, Q, scales, idx, coef, ranks) -> None:
+    """y += sum_j coef[t, j] scales[e] (P[e] @ x[t]) @ Q[e]; y, x, P, Q of one dtype with unit-stride rows."""
+    T, k = idx.shape
+    N, r_max, d_p = P.shape
+    fn = getattr(_library(), f"am_mixture_{DTYPES[x.dtype]}")
+    _check(fn(y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), P.data_ptr(), P.stride(0), P.stride(1),
+              Q.data_ptr(), Q.stride(0), Q.stride(1), scales.data_ptr(), idx.data_ptr(), coef.data_ptr(),
+              ranks.data_ptr(), T, k, N, r_max, d_p, Q.shape[2]))
+
+
+def _small(scales, idx, weights, ranks, dtype):
+    """The per-entry arrays in the kernel's types, contiguous."""
+    return (scales.to(dtype).contiguous(), idx.long().contiguous(), weights.to(dtype).contiguous(),
+            ranks.to(torch.int32).contiguous())
+
+
+def forward_(out, x, A, B, scales, idx, weights, ranks) -> None:
+    """out += mixture, in place. x, A, B float32 or float64 on the CPU."""
+    if idx.numel() == 0:
+        return
+    x, A, B_rows = _rows(x), _rows(A), _rows(B.transpose(1, 2))                         # B_rows (N, r_max, d_out)
+    scales, idx, coef, ranks = _small(scales, idx, weights, ranks, x.dtype)
+    direct = out.dtype == x.dtype and out.stride(-1) == 1
+    y = out if direct else torch.zeros(out.shape, dtype=x.dtype)
+    _mixture_call(y, x, A, B_rows, scales, idx, coef, ranks)
+    if not direct:
+        out.add_(y)
+
+
+def backward(grad, x, A, B, scales, idx, weights, ranks, need_x: bool, need_weights: bool):
+    """(dx or None, dweights or None) for frozen adapters."""
+    grad, x, A, B_rows = _rows(grad.to(x.dtype)), _rows(x), _rows(A), _rows(B.transpose(1, 2))
+    scales, idx, coef, ranks = _small(scales, idx, weights, ranks, x.dtype)
+    dx = dweights = None
+    if need_x:
+        dx = torch.zeros_like(x)
+        if idx.numel():
+            _mixture_call(dx, grad, B_rows, A, scales, idx, coef, ranks)                # dx += c (B[e]ᵀ g) A[e]
+    if need_weights:
+        dweights = torch.zeros(idx.shape, dtype=x.dtype)
+        if idx.numel():
+            T, k = idx.shape
+            N, r_max, d_in = A.shape
+            fn = getattr(_library(), f"am_gate_grad_{DTYPES[x.dtype]}")
+            _check(fn(dweights.data_ptr(), x.data_ptr(), x.stride(0), grad.data_ptr(), grad.stride(0),
+                      A.data_ptr(), A.stride(0), A.stride(1), B_rows.data_ptr(), B_rows.stride(0),
+                      B_rows.stride(1), scales.data_ptr(), idx.data_ptr(), ranks.data_ptr(), T, k, N, r_max,
+                      d_in, B_rows.shape[2]))
+        dweights = dweights.to(weights.dtype)
+    return dx, dweights
