@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import os
 import platform
+import shutil
 import threading
 from pathlib import Path
 
@@ -45,9 +47,20 @@ def _cpu_signature() -> str:
         return platform.processor() + platform.machine()
 
 
+def _ninja_on_path() -> None:
+    """cpp_extension runs `ninja` from PATH; a virtual environment's own (the `ninja` package) may not be."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:
+            return
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
 def _build() -> ctypes.CDLL:
     from torch.utils import cpp_extension
 
+    _ninja_on_path()
     tag = hashlib.sha256((SOURCE.read_text() + _cpu_signature()).encode()).hexdigest()[:16]
     path = cpp_extension.load(f"adaptermix_cpu_{tag}", [str(SOURCE)], is_python_module=False,
                               extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])

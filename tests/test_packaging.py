@@ -46,7 +46,8 @@ def test_wheel_holds_only_adaptermix_and_installs(tmp_path, h):
     names = zipfile.ZipFile(wheel).namelist()
     assert {n.split("/")[0] for n in names} == {"adaptermix", wheel.name.split("-py")[0] + ".dist-info"}
     for expected in ("adaptermix/library/store.py", "adaptermix/kernels/__init__.py",
-                     "adaptermix/conf/config.yaml", "adaptermix/conf/library/default.yaml", "adaptermix/cli.py"):
+                     "adaptermix/conf/config.yaml", "adaptermix/conf/library/default.yaml", "adaptermix/cli.py",
+                     "adaptermix/kernels/cpu_mixture.cpp"):
         assert expected in names
     target = tmp_path / "site"
     install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(target), str(wheel),
@@ -78,9 +79,11 @@ def test_every_router_config_instantiates():
 
     import adaptermix as am
 
-    for name in ("arrow", "retrieval", "moe_gate", "token_level", "per_sequence"):
+    configs = {"arrow": "arrow", "retrieval": "retrieval", "retrieval_lexical": "retrieval", "moe_gate": "moe_gate",
+               "token_level": "token_level", "per_sequence": "per_sequence", "sequence_arrow": "sequence_arrow"}
+    for config, name in configs.items():
         with initialize_config_module(config_module="adaptermix.conf", version_base="1.3"):
-            cfg = compose(config_name="config", overrides=[f"router={name}"])
+            cfg = compose(config_name="config", overrides=[f"router={config}"])
         router = instantiate(cfg.router)
         assert isinstance(router, am.Router) and router.name == name
 
