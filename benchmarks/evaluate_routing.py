@@ -148,17 +148,26 @@ def summarise(scores, similar, counts, names, in_library: bool):
 
 
 def charts(summary, out: Path, routing_file: str = "routing.png"):
-    fig, ax = plt.subplots(figsize=(11, 4))
+    """accuracy.png: in-library exact match (and the unseen tasks' exact match, nearly all 0) above, the
+    unseen tasks' string similarity below; routing_file: the task x adapter heatmaps of this run's routers."""
     methods = list(summary["in_library"])
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 7), sharex=True)
     width = 0.4
     for offset, (split, color) in enumerate((("in_library", "tab:blue"), ("unseen", "tab:orange"))):
         values = [summary[split].get(m, {}).get("accuracy", float("nan")) for m in methods]
-        ax.bar([i + (offset - 0.5) * width for i in range(len(methods))], values, width, label=split, color=color)
-    ax.set_xticks(range(len(methods)), methods, rotation=40, ha="right")
-    ax.set_ylabel("exact match")
-    ax.set_ylim(0, 1)
-    ax.set_title(f"Zero-shot routing on SmolLM2-135M ({len(SUITE)} adapters) - {summary['date']}")
-    ax.legend()
+        top.bar([i + (offset - 0.5) * width for i in range(len(methods))], values, width, label=split, color=color)
+    top.axhline(summary["in_library"].get("oracle", {}).get("accuracy", float("nan")), color="gray", ls="--", lw=1,
+                label="oracle (in-library)")
+    top.set_ylabel("exact match")
+    top.set_ylim(0, 1)
+    top.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    similarity = [summary["unseen"].get(m, {}).get("similarity", float("nan")) for m in methods]
+    bottom.bar(range(len(methods)), similarity, 0.6, color="tab:orange")
+    bottom.set_ylabel("unseen tasks: similarity")
+    bottom.set_ylim(0, 1)
+    bottom.set_xticks(range(len(methods)), methods, rotation=40, ha="right")
+    added = "".join(f", + {a['date']}" for a in summary.get("merged", []))
+    top.set_title(f"Zero-shot routing on SmolLM2-135M ({len(SUITE)} adapters) - {summary['date']}{added}")
     fig.savefig(out / "accuracy.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
 
