@@ -189,6 +189,18 @@ def floor_ms(x, A, idx, bandwidth):
     return moved / (bandwidth * 1e9) * 1e3
 
 
+def markdown(rows) -> str:
+    """The README's table: one line per (case, T, N), one column per method, ratios to the base GEMM."""
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "base"]
+    cases = list(dict.fromkeys((r["case"], r["T"], r["N"]) for r in rows))
+    ratio = {(r["case"], r["T"], r["N"], r["method"]): r["ratio"] for r in rows}
+    lines = ["| case | T | N | " + " | ".join(methods) + " |", "|---|---|---|" + "---|" * len(methods)]
+    for case in cases:
+        cells = [f"{ratio[(*case, m)]:.2f}×" if (*case, m) in ratio else "" for m in methods]
+        lines.append(f"| {case[0]} | {case[1]} | {case[2]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(device: str = "cpu", out: str | None = None):
     cfg = SHAPES["cuda" if device.startswith("cuda") else "cpu"]
     torch.set_grad_enabled(False)
@@ -217,6 +229,7 @@ def main(device: str = "cpu", out: str | None = None):
                   copy_bandwidth_gb_s=round(bandwidth, 1), rows=rows, targets=checks)
     path = Path(out) if out else Path(__file__).resolve().parent / "results" / f"kernel_mixture_{device.split(':')[0]}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
+    print(markdown(rows))
     print(f"wrote {path}")
     return result
 

@@ -2,8 +2,9 @@
 
 On a CPU the mixture's flops are a few percent of the base GEMM's; what costs is the number of operations
 (each PyTorch op has a fixed cost of microseconds) and the gathers. The torch backend needs a dozen ops plus
-one small matmul per used adapter; this backend is one call: each thread takes a range of tokens and, per
-(token, slot), does the adapter's rank dot products (shrink) and rank axpys (expand) into the output row.
+one small matmul per used adapter; this backend is one call: each thread takes a range of tokens, sorts its
+(token, slot) pairs by adapter, and runs each adapter's pairs in tiles of four tokens: the rank dot products
+with x[t] (shrink) and rank axpys into the output row (expand), the factors staying in cache.
 
 Built on first use with torch.utils.cpp_extension (the host's C++ compiler, -O3 -march=native, OpenMP),
 cached under ~/.cache/torch_extensions by source and CPU; the OpenMP runtime is the one torch already loaded,
@@ -31,7 +32,7 @@ __all__ = ["DTYPES", "available", "ready", "build_error", "forward_", "backward"
 SOURCE = Path(__file__).with_name("cpu_mixture.cpp")
 DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 _ERRORS = {1: "idx holds an adapter id outside [-1, N)", 2: "ranks hold a value outside [0, r_max]",
-           3: "k * r_max above 1024 is not supported by the CPU kernel"}
+           3: "r_max above 1024 (k * r_max for the gate gradient) is not supported by the CPU kernel"}
 
 _lock = threading.Lock()
 _state: dict = {"lib": None, "error": None}

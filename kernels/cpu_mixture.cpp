@@ -15,12 +15,13 @@
 // Each thread takes a range of tokens and sorts its (token, slot) pairs by adapter (counting sort): an
 // adapter's factors are read from memory once per thread and stay in cache while its pairs stream by
 // (without the sort, every pair re-reads 2 * r * d factor values from L2, which bounds the kernel on a CPU).
-// Rows are dotted with x[t] and added to y[t] eight at a time.
+// An adapter's pairs run in tiles of four tokens, so each factor value loaded feeds four FMAs; a token that
+// routes twice to one adapter (duplicate slots) is one tile entry with the summed coefficient.
 //
 // Design limits: float and double only (half types take the torch backend); rows of x, y, P, Q and R are
 // contiguous (the launcher makes them so); r_max <= 1024 (k * r_max for the gate gradient); scratch per
 // thread: its pairs' order (T * k / threads integers) and N + 1 counters, never (T, k, r, d) nor (T, k, d).
-// Bad ids or ranks set an error code instead of reading out of bounds.
+// Bad ids or ranks return an error code before anything is written (never an out-of-bounds read).
 
 #include <omp.h>
 
@@ -29,7 +30,7 @@
 
 namespace {
 
-constexpr int kMaxRows = 1024;   // rank x slots of one token
+constexpr int kMaxRows = 1024;   // rank rows of one adapter (k x rank for the gate gradient)
 
 // out[i] = <rows[i], x> for i < n; eight rows per pass, so x is read once per eight dot products.
 template <typename S>
@@ -143,35 +144,36 @@ inline void axpy_rows_x4(const S h[4][kMaxRows], const S* const* rows, int n, in
     if (i < n) axpy_rows(h[m] + i, rows + i, n - i, d, ys[m]);
 }
 
-// 0 when (e, rank) are usable, else an error code for the launcher.
-inline int check_entry(int64_t e, int64_t N, int rank, int r_max) {
-  if (e >= N || e < -1) return 1;
-  if (e >= 0 && (rank < 0 || rank > r_max)) return 2;
-  return 0;
+// 0 when every (token, slot) entry has a usable adapter id and rank, else an error code for the launcher.
+// Run before anything is written, so a refused call leaves y as it was.
+inline int check_entries(const int64_t* idx, const int32_t* ranks, int64_t entries, int64_t N, int r_max) {
+  int status = 0;
+  for (int64_t p = 0; p < entries; ++p) {
+    const int64_t e = idx[p];
+    if (e >= N || e < -1) {
+      status |= 1;
+    } else if (e >= 0 && (ranks[e] < 0 || ranks[e] > r_max)) {
+      status |= 2;
+    }
+  }
+  return status;
 }
 
 // Enough work to be worth waking the thread pool (about 20 us of one core).
 inline bool parallel_worth(int64_t T, int64_t k, int64_t r, int64_t d) { return T * k * r * d > (1 << 18); }
 
-// The (slot, rank) rows of token t: P rows and Q rows of its adapters and each row's coefficient.
-// Returns the row count, or -1 with *status set when an id or rank is bad.
+// The (slot, rank) rows of token t: P rows and Q rows of its adapters and each row's coefficient
+// (entries already checked).
 template <typename S>
 inline int token_rows(int64_t t, const int64_t* idx, const S* coef, const S* scales, const int32_t* ranks,
-                      int64_t k, int64_t N, int r_max, const S* P, int64_t p_adapter, int64_t p_row,
-                      const S* Q, int64_t q_adapter, int64_t q_row, const S** p_rows, const S** q_rows,
-                      S* row_coef, int* status) {
+                      int64_t k, const S* P, int64_t p_adapter, int64_t p_row, const S* Q, int64_t q_adapter,
+                      int64_t q_row, const S** p_rows, const S** q_rows, S* row_coef) {
   int n = 0;
   for (int64_t j = 0; j < k; ++j) {
     const int64_t e = idx[t * k + j];
-    const int rank = (e >= 0 && e < N) ? ranks[e] : 0;
-    const int bad = check_entry(e, N, rank, r_max);
-    if (bad) {
-      *status |= bad;
-      return -1;
-    }
     if (e < 0) continue;
     const S c = coef == nullptr ? S(1) : coef[t * k + j] * scales[e];
-    for (int r = 0; r < rank; ++r, ++n) {
+    for (int r = 0; r < ranks[e]; ++r, ++n) {
       p_rows[n] = P + e * p_adapter + r * p_row;
       q_rows[n] = Q + e * q_adapter + r * q_row;
       row_coef[n] = c;
@@ -184,17 +186,13 @@ inline int token_rows(int64_t t, const int64_t* idx, const S* coef, const S* sca
 // each adapter's pairs run back to back, so the adapter's factors stay in L1 / L2 while its pairs stream by.
 // A token's pairs all belong to one thread: no two threads write the same row of y.
 template <typename S>
-int mixture_tokens(int64_t t0, int64_t t1, S* y, int64_t y_row, const S* x, int64_t x_row, const S* P,
-                   int64_t p_adapter, int64_t p_row, const S* Q, int64_t q_adapter, int64_t q_row,
-                   const S* scales, const int64_t* idx, const S* coef, const int32_t* ranks, int64_t k,
-                   int64_t N, int r_max, int64_t d_p, int64_t d_q) {
+void mixture_tokens(int64_t t0, int64_t t1, S* y, int64_t y_row, const S* x, int64_t x_row, const S* P,
+                    int64_t p_adapter, int64_t p_row, const S* Q, int64_t q_adapter, int64_t q_row,
+                    const S* scales, const int64_t* idx, const S* coef, const int32_t* ranks, int64_t k,
+                    int64_t N, int64_t d_p, int64_t d_q) {
   std::vector<int64_t> start(N + 1, 0);
-  for (int64_t p = t0 * k; p < t1 * k; ++p) {
-    const int64_t e = idx[p];
-    const int bad = check_entry(e, N, (e >= 0 && e < N) ? ranks[e] : 0, r_max);
-    if (bad) return bad;
-    if (e >= 0) ++start[e + 1];
-  }
+  for (int64_t p = t0 * k; p < t1 * k; ++p)
+    if (idx[p] >= 0) ++start[idx[p] + 1];
   for (int64_t e = 0; e < N; ++e) start[e + 1] += start[e];
   std::vector<int64_t> order(start[N]);
   std::vector<int64_t> fill(start.begin(), start.end() - 1);
@@ -240,7 +238,6 @@ int mixture_tokens(int64_t t0, int64_t t1, S* y, int64_t y_row, const S* x, int6
       }
     }
   }
-  return 0;
 }
 
 template <typename S>
@@ -248,14 +245,15 @@ int mixture(S* y, int64_t y_row, const S* x, int64_t x_row, const S* P, int64_t 
             const S* Q, int64_t q_adapter, int64_t q_row, const S* scales, const int64_t* idx, const S* coef,
             const int32_t* ranks, int64_t T, int64_t k, int64_t N, int r_max, int64_t d_p, int64_t d_q) {
   if (r_max > kMaxRows) return 3;
-  int status = 0;
-#pragma omp parallel if (parallel_worth(T, k, r_max, d_p + d_q)) reduction(| : status)
+  const int status = check_entries(idx, ranks, T * k, N, r_max);
+  if (status) return status;
+#pragma omp parallel if (parallel_worth(T, k, r_max, d_p + d_q))
   {
     const int64_t threads = omp_get_num_threads(), me = omp_get_thread_num();
-    status |= mixture_tokens(T * me / threads, T * (me + 1) / threads, y, y_row, x, x_row, P, p_adapter, p_row,
-                             Q, q_adapter, q_row, scales, idx, coef, ranks, k, N, r_max, d_p, d_q);
+    mixture_tokens(T * me / threads, T * (me + 1) / threads, y, y_row, x, x_row, P, p_adapter, p_row, Q,
+                   q_adapter, q_row, scales, idx, coef, ranks, k, N, d_p, d_q);
   }
-  return status;
+  return 0;
 }
 
 template <typename S>
@@ -263,16 +261,17 @@ int gate_grad(S* dw, const S* x, int64_t x_row, const S* g, int64_t g_row, const
               int64_t p_row, const S* R, int64_t r_adapter, int64_t r_row, const S* scales, const int64_t* idx,
               const int32_t* ranks, int64_t T, int64_t k, int64_t N, int r_max, int64_t d_p, int64_t d_r) {
   if (k * r_max > kMaxRows) return 3;
-  int status = 0;
-#pragma omp parallel for schedule(static) if (parallel_worth(T, k, r_max, d_p + d_r)) reduction(| : status)
+  const int status = check_entries(idx, ranks, T * k, N, r_max);
+  if (status) return status;
+#pragma omp parallel for schedule(static) if (parallel_worth(T, k, r_max, d_p + d_r))
   for (int64_t t = 0; t < T; ++t) {
     const S* p_rows[kMaxRows];
     const S* r_rows[kMaxRows];
     S unit[kMaxRows], hx[kMaxRows], hg[kMaxRows];
     for (int64_t j = 0; j < k; ++j) dw[t * k + j] = 0;
-    const int n = token_rows<S>(t, idx, nullptr, scales, ranks, k, N, r_max, P, p_adapter, p_row, R,
-                                r_adapter, r_row, p_rows, r_rows, unit, &status);
-    if (n <= 0) continue;
+    const int n = token_rows<S>(t, idx, nullptr, scales, ranks, k, P, p_adapter, p_row, R, r_adapter, r_row,
+                                p_rows, r_rows, unit);
+    if (n == 0) continue;
     dot_rows(x + t * x_row, p_rows, n, d_p, hx);
     dot_rows(g + t * g_row, r_rows, n, d_r, hg);
     int i = 0;
@@ -284,7 +283,7 @@ int gate_grad(S* dw, const S* x, int64_t x_row, const S* g, int64_t g_row, const
       dw[t * k + j] = value * scales[e];
     }
   }
-  return status;
+  return 0;
 }
 
 }  // namespace

@@ -79,6 +79,9 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = tor
         if not cpu_usable():
             from . import cpu_backend
 
+            if cpu_backend.build_error() is None:   # tracing: the build never runs inside torch.compile
+                raise RuntimeError("the cpu backend's kernels are not built yet: call "
+                                   "adaptermix.kernels.cpu_backend.available() once before torch.compile")
             raise RuntimeError(f"the cpu backend's native kernels could not be built: {cpu_backend.build_error()}")
     if backend == "triton" and not triton_usable(device):
         raise ValueError(f"the triton backend needs a CUDA device (or TRITON_INTERPRET=1 on CPU); got {device}")

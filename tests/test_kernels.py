@@ -248,9 +248,11 @@ def test_cpu_kernel_refuses_bad_ids_even_unvalidated(bad):
     case = build("aligned", torch.float32)
     case["idx"] = case["idx"].clone()
     case["idx"][5, 1] = bad
-    for kwargs in (dict(base=case["base"]), dict(out=case["base"].clone())):
+    out = case["base"].clone()
+    for kwargs in (dict(base=case["base"]), dict(out=out)):
         with pytest.raises(ValueError, match="idx holds an adapter id outside"):
             run(case, "cpu", validate=False, **kwargs)
+    assert torch.equal(out, case["base"])                                        # refused before any write
     from adaptermix.kernels import cpu_backend
 
     with pytest.raises(ValueError, match="idx holds an adapter id outside"):       # the backward's kernels too
