@@ -81,6 +81,24 @@ def line_chart(path, series: dict, title: str, ylabel: str | None, *, chance: bo
     plt.close(fig)
 
 
+def prototype_overlap(library, modules=None, protos=None):
+    """({module kind: mean |cos| between the top prototypes of different adapters}, (N, N) mean |cos| matrix)."""
+    modules = modules or [m for m in library.base_model.modules if m.rsplit(".", 1)[-1] in KINDS]
+    protos = protos or {name: library.prototypes(name, modules=modules) for name in SUITE}
+    overlap = {}
+    pair = torch.zeros(len(SUITE), len(SUITE))
+    for kind in KINDS:
+        values = []
+        for module in [m for m in modules if m.endswith(kind)]:
+            P = torch.stack([protos[n][module][0][0] for n in SUITE]).float()
+            cos = (P @ P.T).abs()
+            pair += cos / len(modules)
+            values.append(cos[~torch.eye(len(SUITE), dtype=torch.bool)].mean())
+        if values:
+            overlap[kind] = round(float(torch.stack(values).mean()), 4)
+    return overlap, pair
+
+
 def main(per_task: int = 5):
     torch.set_grad_enabled(False)
     library = suite_library()
@@ -94,16 +112,7 @@ def main(per_task: int = 5):
     result = {"machine": machine(), "per_task": per_task, "split": "train"}
 
     # 1. prototype overlap
-    overlap = {}
-    pair = torch.zeros(len(SUITE), len(SUITE))
-    for kind in KINDS:
-        values = []
-        for module in [m for m in modules if m.endswith(kind)]:
-            P = torch.stack([protos[n][module][0][0] for n in SUITE]).float()
-            cos = (P @ P.T).abs()
-            pair += cos / len(modules)
-            values.append(cos[~torch.eye(len(SUITE), dtype=torch.bool)].mean())
-        overlap[kind] = round(float(torch.stack(values).mean()), 4)
+    overlap, pair = prototype_overlap(library, modules, protos)
     result["prototype_abs_cos"] = overlap
     fig, ax = plt.subplots(figsize=(6, 5))
     image = ax.imshow(pair.numpy(), vmin=0, vmax=1, cmap="viridis")

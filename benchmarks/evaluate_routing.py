@@ -42,6 +42,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from diagnose_routing import prototype_overlap  # noqa: E402
 from machine import machine  # noqa: E402
 
 import adaptermix as am  # noqa: E402
@@ -225,6 +226,7 @@ def merged(earlier: dict, summary: dict) -> dict:
         for method, entry in summary[split].items():
             earlier[split][method] = dict(entry, date=summary["date"])
     earlier["seconds"].update({k: v for k, v in summary["seconds"].items() if k != "total"})
+    earlier.setdefault("prototype_abs_cos", summary["prototype_abs_cos"])
     earlier["config"] = dict(earlier["config"], **{k: v for k, v in summary["config"].items()
                                                    if k not in ("methods", "unseen_methods", "merge")})
     earlier["merged"] = earlier.get("merged", []) + [
@@ -249,6 +251,7 @@ def main(overrides: list[str]):
     summary = {"in_library": {}, "unseen": {}, "machine": "", "date": datetime.date.today().isoformat(),
                "per_task": cfg.per_task, "tasks": list(SUITE), "unseen_tasks": list(UNSEEN),
                "config": OmegaConf.to_container(cfg), "seconds": {}}
+    summary["prototype_abs_cos"] = prototype_overlap(library)[0]   # how alike the adapters' prototypes are
     earlier = previous_summary(out, cfg) if cfg.merge else None
     info = machine()
     summary["machine"] = f"{info['cpu']}, {info['cores']} cores" + (f", {info['gpu']}" if info["gpu"] else "")
