@@ -17,7 +17,8 @@ def check_inputs(x, A, B, scales, idx, weights, ranks, base, validate: bool) -> 
     """Validate and return ranks as an int32 (N,) tensor on x's device."""
     tensors = dict(x=x, A=A, B=B, scales=scales, idx=idx, weights=weights)
     for name, value in tensors.items():
-        _expect(isinstance(value, torch.Tensor), TypeError, lambda: f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        _expect(isinstance(value, torch.Tensor), TypeError,
+                lambda: f"{name} must be a torch.Tensor, got {type(value).__name__}")
     _expect(x.dim() == 2, ValueError, lambda: f"x must be (T, d_in), got shape {tuple(x.shape)}")
     _expect(A.dim() == 3, ValueError, lambda: f"A must be (N, r_max, d_in), got shape {tuple(A.shape)}")
     _expect(B.dim() == 3, ValueError, lambda: f"B must be (N, d_out, r_max), got shape {tuple(B.shape)}")
@@ -27,13 +28,16 @@ def check_inputs(x, A, B, scales, idx, weights, ranks, base, validate: bool) -> 
     _expect(A.shape[2] == d_in, ValueError, lambda: f"A's last dim {A.shape[2]} != x's d_in {d_in}")
     _expect(B.shape[0] == N and B.shape[2] == r_max, ValueError,
             lambda: f"B must be (N={N}, d_out, r_max={r_max}), got {tuple(B.shape)}")
-    _expect(N >= 1 and r_max >= 1, ValueError, lambda: f"A must hold at least one adapter of rank >= 1, got {tuple(A.shape)}")
+    _expect(N >= 1 and r_max >= 1, ValueError,
+            lambda: f"A must hold at least one adapter of rank >= 1, got {tuple(A.shape)}")
     _expect(scales.shape == (N,), ValueError, lambda: f"scales must be (N={N},), got {tuple(scales.shape)}")
     _expect(idx.dim() == 2 and idx.shape[0] == T, ValueError, lambda: f"idx must be (T={T}, k), got {tuple(idx.shape)}")
-    _expect(weights.shape == idx.shape, ValueError, lambda: f"weights must match idx {tuple(idx.shape)}, got {tuple(weights.shape)}")
+    _expect(weights.shape == idx.shape, ValueError,
+            lambda: f"weights must match idx {tuple(idx.shape)}, got {tuple(weights.shape)}")
     _expect(x.dtype.is_floating_point, TypeError, lambda: f"x must be floating point, got {x.dtype}")
     for name in ("A", "B"):
-        _expect(tensors[name].dtype == x.dtype, TypeError, lambda: f"{name} has dtype {tensors[name].dtype}, x has {x.dtype}")
+        _expect(tensors[name].dtype == x.dtype, TypeError,
+                lambda: f"{name} has dtype {tensors[name].dtype}, x has {x.dtype}")
     _expect(scales.dtype.is_floating_point, TypeError, lambda: f"scales must be floating point, got {scales.dtype}")
     _expect(weights.dtype.is_floating_point, TypeError, lambda: f"weights must be floating point, got {weights.dtype}")
     _expect(not idx.dtype.is_floating_point and idx.dtype != torch.bool, TypeError,
@@ -54,11 +58,13 @@ def check_inputs(x, A, B, scales, idx, weights, ranks, base, validate: bool) -> 
         ranks = ranks.to(torch.int32)
     if validate and idx.numel():
         low, high = int(idx.min()), int(idx.max())
-        _expect(low >= -1 and high < N, ValueError, lambda: f"idx must lie in [-1, N={N}), found values in [{low}, {high}]")
+        _expect(low >= -1 and high < N, ValueError,
+                lambda: f"idx must lie in [-1, N={N}), found values in [{low}, {high}]")
     if validate:
         _expect(bool(torch.isfinite(weights).all()), ValueError, "weights contain NaN or Inf")
         _expect(bool(torch.isfinite(scales).all()), ValueError, "scales contain NaN or Inf")
         if N:
             low, high = int(ranks.min()), int(ranks.max())
-            _expect(low >= 1 and high <= r_max, ValueError, lambda: f"ranks must lie in [1, r_max={r_max}], found [{low}, {high}]")
+            _expect(low >= 1 and high <= r_max, ValueError,
+                    lambda: f"ranks must lie in [1, r_max={r_max}], found [{low}, {high}]")
     return ranks
