@@ -7,6 +7,8 @@ cosine: dense + sparse retrieval, which tells apart instructions the sentence en
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .base import Router, register
@@ -33,6 +35,10 @@ class TextRouter(Router):
         self.encoder = library.encoder
         _, vectors = library.text_embeddings(adapter_names)
         self.embeddings = torch.from_numpy(vectors)                                  # (N, dim)
+        bare = [n for n in adapter_names if not (library.record(n).description.strip() or library.record(n).examples)]
+        if bare:
+            warnings.warn(f"{type(self).__name__}: adapters {bare} have no description and no example prompts; "
+                          f"they are routed by their names alone", stacklevel=2)
         self.lexical = None
         if self.lexical_weight:
             self.lexical = LexicalIndex(adapter_documents(library, adapter_names), ngrams=self.lexical_ngrams)

@@ -305,3 +305,5 @@ def test_text_needing_sequence_router_names_adapters_without_descriptions(librar
         am.compose(h.tiny_llama(), library, am.SequenceArrowRouter(calibrate=True))
     model = am.compose(h.tiny_llama(), library, am.SequenceArrowRouter(calibrate=False, aggregate="global"))
     assert logits(model).shape[0] == 2                                   # weights alone need no text
+    with pytest.warns(UserWarning, match=r"adapters \['sql'\] have no description.*names alone"):
+        am.compose(h.tiny_llama(), library, am.RetrievalRouter(lexical_weight=1.0))
