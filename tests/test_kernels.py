@@ -242,6 +242,30 @@ def test_cpu_backend_layouts_strided_out_and_other_out_dtype():
     assert_close_to(double_out, expected, torch.float32)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_cpu_backend_splits_tokens_across_threads(threads):
+    """Big enough to wake the thread pool: each thread sorts its own tokens' pairs; duplicates, -1 slots, mixed
+    ranks and tiles of four tokens per adapter all cross the split."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        case = make_case(301, 200, 150, 9, 8, 3, dtype=torch.float64, seed=4)
+        case["idx"][::7, 1] = case["idx"][::7, 0]                              # duplicates within a token
+        assert_close_to(run(case, "cpu", base=case["base"]), reference_of(case), torch.float64)
+        x = case["x"].clone().requires_grad_()
+        weights = case["weights"].clone().requires_grad_()
+        y = lora_mixture(x, case["A"], case["B"], case["scales"], case["idx"], weights, ranks=case["ranks"],
+                         base=case["base"], backend="cpu")
+        y.backward(torch.ones_like(y))
+        x64, w64 = case["x"].clone().requires_grad_(), case["weights"].clone().requires_grad_()
+        lora_mixture_reference(x64, case["A"], case["B"], case["scales"], case["idx"], w64, ranks=case["ranks"],
+                               base=case["base"]).backward(torch.ones_like(y))
+        assert_close_to(x.grad, x64.grad, torch.float64)
+        assert_close_to(weights.grad, w64.grad, torch.float64)
+    finally:
+        torch.set_num_threads(saved)
+
+
 @pytest.mark.parametrize("bad", [6, -2])
 def test_cpu_kernel_refuses_bad_ids_even_unvalidated(bad):
     """validate=False skips the host checks; the kernel still never reads outside the stacks."""
