@@ -220,8 +220,8 @@ def previous_summary(out: Path, cfg) -> dict:
 
 
 def merged(earlier: dict, summary: dict) -> dict:
-    """The earlier summary with this run's methods added or replaced (each keeps the date it was run on);
-    the methods' charts read their routing shares from the earlier entries where this run has none."""
+    """The earlier summary with this run's methods added or replaced (each marked with the date it was run
+    on); only this run's entries carry routing shares, so their heatmaps go to routing_added.png."""
     for split in ("in_library", "unseen"):
         for method, entry in summary[split].items():
             earlier[split][method] = dict(entry, date=summary["date"])
