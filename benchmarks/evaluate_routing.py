@@ -152,7 +152,9 @@ def charts(summary, out: Path, routing_file: str = "routing.png"):
     """accuracy.png: in-library exact match (and the unseen tasks' exact match, nearly all 0) above, the
     unseen tasks' string similarity below; routing_file: the task x adapter heatmaps of this run's routers."""
     methods = list(summary["in_library"])
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 7), sharex=True)
+    unseen = bool(summary["unseen"])
+    fig, axes = plt.subplots(1 + unseen, 1, figsize=(11, 3.5 + 3.5 * unseen), sharex=True, squeeze=False)
+    top, bottom = axes[0][0], axes[-1][0]
     width = 0.4
     for offset, (split, color) in enumerate((("in_library", "tab:blue"), ("unseen", "tab:orange"))):
         values = [summary[split].get(m, {}).get("accuracy", float("nan")) for m in methods]
@@ -162,10 +164,11 @@ def charts(summary, out: Path, routing_file: str = "routing.png"):
     top.set_ylabel("exact match")
     top.set_ylim(0, 1)
     top.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    similarity = [summary["unseen"].get(m, {}).get("similarity", float("nan")) for m in methods]
-    bottom.bar(range(len(methods)), similarity, 0.6, color="tab:orange")
-    bottom.set_ylabel("unseen tasks: similarity")
-    bottom.set_ylim(0, 1)
+    if unseen:
+        similarity = [summary["unseen"].get(m, {}).get("similarity", float("nan")) for m in methods]
+        bottom.bar(range(len(methods)), similarity, 0.6, color="tab:orange")
+        bottom.set_ylabel("unseen tasks: similarity")
+        bottom.set_ylim(0, 1)
     bottom.set_xticks(range(len(methods)), methods, rotation=40, ha="right")
     added = "".join(f", + {a['date']}" for a in summary.get("merged", []))
     top.set_title(f"Zero-shot routing on SmolLM2-135M ({len(SUITE)} adapters) - {summary['date']}{added}")
