@@ -162,21 +162,19 @@ inline int check_entries(const int64_t* idx, const int32_t* ranks, int64_t entri
 // Enough work to be worth waking the thread pool (about 20 us of one core).
 inline bool parallel_worth(int64_t T, int64_t k, int64_t r, int64_t d) { return T * k * r * d > (1 << 18); }
 
-// The (slot, rank) rows of token t: P rows and Q rows of its adapters and each row's coefficient
-// (entries already checked).
+// The (slot, rank) rows of token t, slot by slot: P rows and Q rows of its adapters (entries already
+// checked). Returns their count.
 template <typename S>
-inline int token_rows(int64_t t, const int64_t* idx, const S* coef, const S* scales, const int32_t* ranks,
-                      int64_t k, const S* P, int64_t p_adapter, int64_t p_row, const S* Q, int64_t q_adapter,
-                      int64_t q_row, const S** p_rows, const S** q_rows, S* row_coef) {
+inline int token_rows(int64_t t, const int64_t* idx, const int32_t* ranks, int64_t k, const S* P,
+                      int64_t p_adapter, int64_t p_row, const S* Q, int64_t q_adapter, int64_t q_row,
+                      const S** p_rows, const S** q_rows) {
   int n = 0;
   for (int64_t j = 0; j < k; ++j) {
     const int64_t e = idx[t * k + j];
     if (e < 0) continue;
-    const S c = coef == nullptr ? S(1) : coef[t * k + j] * scales[e];
     for (int r = 0; r < ranks[e]; ++r, ++n) {
       p_rows[n] = P + e * p_adapter + r * p_row;
       q_rows[n] = Q + e * q_adapter + r * q_row;
-      row_coef[n] = c;
     }
   }
   return n;
@@ -267,10 +265,9 @@ int gate_grad(S* dw, const S* x, int64_t x_row, const S* g, int64_t g_row, const
   for (int64_t t = 0; t < T; ++t) {
     const S* p_rows[kMaxRows];
     const S* r_rows[kMaxRows];
-    S unit[kMaxRows], hx[kMaxRows], hg[kMaxRows];
+    S hx[kMaxRows], hg[kMaxRows];
     for (int64_t j = 0; j < k; ++j) dw[t * k + j] = 0;
-    const int n = token_rows<S>(t, idx, nullptr, scales, ranks, k, P, p_adapter, p_row, R, r_adapter, r_row,
-                                p_rows, r_rows, unit);
+    const int n = token_rows<S>(t, idx, ranks, k, P, p_adapter, p_row, R, r_adapter, r_row, p_rows, r_rows);
     if (n == 0) continue;
     dot_rows(x + t * x_row, p_rows, n, d_p, hx);
     dot_rows(g + t * g_row, r_rows, n, d_r, hg);

@@ -5,7 +5,7 @@ month/day/year", "twice" and "three times" embed almost alike (docs/ROUTING.md).
 and the rare words. Text routers add `lexical_weight` times this cosine to the embedding cosine, the usual
 dense + sparse hybrid of retrieval systems.
 
-    index = LexicalIndex(adapter_documents(library, names))
+    index = LexicalIndex(adapter_documents([library.record(n) for n in names]))
     similarity = index.similarity(["Rewrite the date 2020-01-02 as month/day/year."])     # (1, N) in [0, 1]
 """
 
@@ -16,16 +16,17 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 
 from ..library.derived import adapter_texts
 
-__all__ = ["LexicalIndex", "adapter_documents"]
+__all__ = ["LexicalIndex", "adapter_documents", "without_text"]
 
 
-def adapter_documents(library, names: list[str]) -> list[str]:
-    """One document per adapter: its description (or its name in words) and its example prompts."""
-    documents = []
-    for name in names:
-        record = library.record(name)
-        documents.append("\n".join(adapter_texts(name, record.description, record.examples)))
-    return documents
+def adapter_documents(records) -> list[str]:
+    """One document per adapter record: its description (or its name in words) and its example prompts."""
+    return ["\n".join(adapter_texts(r.name, r.description, r.examples)) for r in records]
+
+
+def without_text(records) -> list[str]:
+    """Names of the adapters with neither a description nor an example prompt."""
+    return [r.name for r in records if not (r.description.strip() or any(e.strip() for e in r.examples))]
 
 
 class LexicalIndex:

@@ -12,7 +12,7 @@ import warnings
 import torch
 
 from .base import Router, register
-from .lexical import LexicalIndex, adapter_documents
+from .lexical import LexicalIndex, adapter_documents, without_text
 from .routing import Routing, RoutingContext
 
 __all__ = ["RetrievalRouter", "TextRouter"]
@@ -35,13 +35,14 @@ class TextRouter(Router):
         self.encoder = library.encoder
         _, vectors = library.text_embeddings(adapter_names)
         self.embeddings = torch.from_numpy(vectors)                                  # (N, dim)
-        bare = [n for n in adapter_names if not (library.record(n).description.strip() or library.record(n).examples)]
+        records = [library.record(n) for n in adapter_names]
+        bare = without_text(records)
         if bare:
             warnings.warn(f"{type(self).__name__}: adapters {bare} have no description and no example prompts; "
                           f"they are routed by their names alone", stacklevel=2)
         self.lexical = None
         if self.lexical_weight:
-            self.lexical = LexicalIndex(adapter_documents(library, adapter_names), ngrams=self.lexical_ngrams)
+            self.lexical = LexicalIndex(adapter_documents(records), ngrams=self.lexical_ngrams)
 
     def similarities(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(embedding cosine, routing score), each (len(texts), N); the score adds the lexical term."""

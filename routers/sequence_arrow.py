@@ -27,7 +27,7 @@ import torch
 
 from ..library.errors import BaseModelMismatchError
 from .base import Router, register
-from .lexical import LexicalIndex, adapter_documents
+from .lexical import LexicalIndex, adapter_documents, without_text
 from .prompt_tokens import user_token_mask
 from .routing import Routing, RoutingContext
 
@@ -86,9 +86,9 @@ class SequenceArrowRouter(Router):
                     stack[e, :vectors.shape[0]] = vectors * (values / values.norm().clamp_min(1e-12))[:, None]
             self.directions[module] = stack
         self.masks = {m: (None if bool(mask.all()) else mask) for m, mask in available.items()}
+        records = [library.record(name) for name in adapter_names]
         if self.candidates is not None or self.calibrate or self.retrieval_weight:
-            texts = [(name, library.record(name)) for name in adapter_names]
-            empty = [name for name, record in texts if not (record.description or record.examples)]
+            empty = without_text(records)
             if empty:
                 raise ValueError(f"{type(self).__name__} (candidates / calibrate) needs each adapter's description "
                                  f"or example prompts; {empty} have neither")
@@ -96,7 +96,9 @@ class SequenceArrowRouter(Router):
             _, vectors = library.text_embeddings(adapter_names)
             self.text_embeddings = torch.from_numpy(vectors)
             self.encoder = library.encoder
-        self.lexical = LexicalIndex(adapter_documents(library, adapter_names)) if self.lexical_weight else None
+        self.lexical = None
+        if self.lexical_weight:
+            self.lexical = LexicalIndex(adapter_documents(records))
 
     def reference_texts(self) -> list[str]:
         """Calibration text: every composed adapter's example prompts (or description when it has none)."""
