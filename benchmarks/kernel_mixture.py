@@ -14,7 +14,9 @@ rounds: drift of a shared machine then cancels out of the ratios. Methods:
   memory_floor      base time + (bytes a separate mixture pass must move) / measured copy bandwidth
   *[graph]          (GPU) the same captured in a CUDA graph, as a server replays decode steps; its ratio is
                     taken against base[graph]
-  ours[triton:plan|bgmv]  (GPU, T <= 1024) the grouped GEMM / the per-entry kernels, forced
+  ours[triton:S]    (GPU) the Triton path forced to strategy S (configs.triton_strategy): plan (grouped GEMM),
+                    fused (one token-major launch; N·r <= configs.FUSED_MAX_COLUMNS, eager too) and
+                    bgmv (per-entry kernels; T <= 1024), wherever more than one of them can run
 
     python benchmarks/kernel_mixture.py                 # CPU shapes, fp32
     python benchmarks/kernel_mixture.py device=cuda     # GPU shapes, bf16 (needs a CUDA GPU)
@@ -37,7 +39,7 @@ from machine import machine  # noqa: E402
 SHAPES = {
     "cpu": dict(dtype=torch.float32, d=576, r=8, k=2, adapters=(4, 16, 64), tokens=(1024, 64), sequences=16,
                 backends=("cpu", "torch"), min_run_time=0.3),
-    "cuda": dict(dtype=torch.bfloat16, d=4096, r=16, k=2, adapters=(4, 32, 128, 1024), tokens=(8192, 256),
+    "cuda": dict(dtype=torch.bfloat16, d=4096, r=16, k=2, adapters=(4, 8, 32, 128, 1024), tokens=(8192, 256),
                  sequences=32, backends=("torch", "triton"), min_run_time=0.3),
 }
 TARGETS = {"cpu": {1024: 1.3, 64: 1.8}, "cuda": {8192: 1.25, 256: 1.6}}
@@ -92,16 +94,11 @@ def methods(x, W, A, B, scales, idx, weights, cfg, device, per_sequence):
     A_cat, B_cat = A.reshape(N * r, -1), B.permute(0, 2, 1).reshape(N * r, -1)
 
     def ours(backend, pin=None):
-        """pin = 'plan' / 'bgmv' forces the Triton strategy (by the token threshold); None lets it choose."""
+        """pin = 'fused' / 'bgmv' / 'plan' forces the Triton strategy; None lets it choose."""
         def run():
-            saved, saved_graph = dict(configs.BGMV_MAX_TOKENS), configs.GRAPH_BGMV_MIN_ADAPTERS
-            if pin:
-                configs.BGMV_MAX_TOKENS.update(dict.fromkeys(saved, 10 ** 9 if pin == "bgmv" else 0))
-                configs.GRAPH_BGMV_MIN_ADAPTERS = 0 if pin == "bgmv" else saved_graph
             y = F.linear(x, W)
-            lora_mixture(x, A, B, scales, idx, weights, out=y, backend=backend, validate=False)
-            configs.BGMV_MAX_TOKENS.update(saved)
-            configs.GRAPH_BGMV_MIN_ADAPTERS = saved_graph
+            with configs.pin_triton_strategy(pin):
+                lora_mixture(x, A, B, scales, idx, weights, out=y, backend=backend, validate=False)
             return y
         return run
 
@@ -132,9 +129,13 @@ def methods(x, W, A, B, scales, idx, weights, cfg, device, per_sequence):
     if device != "cpu":
         out["base[graph]"] = graphed(out["base"])
         out["ours[triton][graph]"] = graphed(ours("triton"))
-        if T <= 1024:   # the threshold's evidence: both strategies at decode sizes
-            out["ours[triton:plan][graph]"] = graphed(ours("triton", "plan"))
-            out["ours[triton:bgmv][graph]"] = graphed(ours("triton", "bgmv"))
+        # the strategy thresholds' evidence: each strategy that can run here, forced, side by side
+        fused = configs.fused_columns(N * r) <= configs.FUSED_MAX_COLUMNS
+        pins = ["plan"] + ["fused"] * fused + ["bgmv"] * (T <= 1024)
+        for pin in pins if len(pins) > 1 else ():
+            if fused:
+                out[f"ours[triton:{pin}]"] = ours("triton", pin)
+            out[f"ours[triton:{pin}][graph]"] = graphed(ours("triton", pin))
     return out
 
 

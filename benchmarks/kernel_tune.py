@@ -1,11 +1,12 @@
 """Sweep the Triton launch tables (kernels/configs.py) on a GPU; print and save the time of each setting.
 
     python benchmarks/kernel_tune.py out=benchmarks/results/kernel_tune_cuda.json
+    python benchmarks/kernel_tune.py strategy=fused out=benchmarks/results/kernel_tune_fused_cuda.json
 
-Each row times the whole mixture (plan + shrink + expands, eager) for bf16, d = 4096, r = 16, top-2.
-The tables in kernels/configs.py are data: copy the best setting there. block_m is the table's entry; the
-plan halves it where adapters get fewer rows than a block (configs.block_m). Sizes at or below
-configs.BGMV_MAX_TOKENS run the per-entry kernels, which these tables do not touch.
+Each row times the whole mixture (eager) for bf16, d = 4096, r = 16, top-2, with the strategy pinned.
+strategy=plan (default) sweeps the grouped GEMM's tables (block_m, GPU_SHRINK, GPU_EXPAND; the plan halves
+block_m where adapters get fewer rows than a block, configs.block_m); strategy=fused sweeps GPU_FUSED and the
+d_out split (cases N·r <= configs.FUSED_MAX_COLUMNS). The tables are data: copy the best setting there.
 """
 
 from __future__ import annotations
@@ -25,28 +26,49 @@ from adaptermix.kernels import configs, lora_mixture  # noqa: E402
 
 GRID = dict(block_m=(32, 64, 128), shrink=((64, 4, 3), (128, 4, 4), (256, 8, 3)), expand=((64, 4, 2), (128, 4, 2),
                                                                                             (256, 8, 2)))
+# (token block, d_in step, d_out step, warps, stages) x d_out split of the fused kernels.
+FUSED_GRID = dict(blocks=tuple(itertools.product((32, 64), (64, 128), (128, 256), (4, 8), (3,))),
+                  split=(1, 2, 4, 8))
+CASES = {"plan": "8192:32,8192:1024,2048:32", "fused": "8192:4,256:4,8192:8,256:8"}
 
 
-def main(out: str | None = None, cases: str = "8192:32,8192:1024,2048:32"):
+def plan_settings(N, r):
+    for bm, sh, ex in itertools.product(GRID["block_m"], GRID["shrink"], GRID["expand"]):
+        configs.GPU_BLOCK_M[16], configs.GPU_SHRINK[16], configs.GPU_EXPAND[16] = bm, sh, ex
+        yield dict(block_m=bm, shrink=sh, expand=ex)
+
+
+def fused_settings(N, r):
+    C = configs.fused_columns(N * r)
+    saved = configs.GPU_FUSED[C], configs.FUSED_PROGRAMS_PER_SM, configs.FUSED_MAX_SPLIT
+    configs.FUSED_PROGRAMS_PER_SM = 10 ** 6                     # the split is then FUSED_MAX_SPLIT
+    for blocks, split in itertools.product(FUSED_GRID["blocks"], FUSED_GRID["split"]):
+        configs.GPU_FUSED[C], configs.FUSED_MAX_SPLIT = blocks, split
+        yield dict(fused=blocks, split=split)
+    configs.GPU_FUSED[C], configs.FUSED_PROGRAMS_PER_SM, configs.FUSED_MAX_SPLIT = saved
+
+
+def main(out: str | None = None, strategy: str = "plan", cases: str | None = None):
     cfg = SHAPES["cuda"]
+    settings = {"plan": plan_settings, "fused": fused_settings}[strategy]
     torch.set_grad_enabled(False)
     rows = []
-    for case in cases.split(","):
+    for case in (cases or CASES[strategy]).split(","):
         T, N = map(int, case.split(":"))
         x, W, A, B, scales, idx, weights = problem(T, N, cfg, "cuda", per_sequence=False)
         y = x @ W.T
         base = median_ms(lambda: x @ W.T, 0.2)
-        for bm, sh, ex in itertools.product(GRID["block_m"], GRID["shrink"], GRID["expand"]):
-            configs.GPU_BLOCK_M[16], configs.GPU_SHRINK[16], configs.GPU_EXPAND[16] = bm, sh, ex
-            ms = median_ms(lambda: lora_mixture(x, A, B, scales, idx, weights, out=y, backend="triton",
-                                                validate=False), 0.1)
-            rows.append(dict(T=T, N=N, block_m=bm, shrink=sh, expand=ex, mixture_ms=round(ms, 4),
-                             base_ms=round(base, 4), ratio=round((base + ms) / base, 3)))
+        with configs.pin_triton_strategy(strategy):
+            for setting in settings(N, cfg["r"]):
+                ms = median_ms(lambda: lora_mixture(x, A, B, scales, idx, weights, out=y, backend="triton",
+                                                    validate=False), 0.1)
+                rows.append(dict(T=T, N=N, **setting, mixture_ms=round(ms, 4), base_ms=round(base, 4),
+                                 ratio=round((base + ms) / base, 3)))
         best = sorted((r for r in rows if r["T"] == T and r["N"] == N), key=lambda r: r["mixture_ms"])[:3]
         for r in best:
             print(json.dumps(r), flush=True)
     if out:
-        Path(out).write_text(json.dumps(dict(machine=machine(), rows=rows), indent=2) + "\n")
+        Path(out).write_text(json.dumps(dict(machine=machine(), strategy=strategy, rows=rows), indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -7,14 +7,17 @@ the interpreter runs one program at a time in numpy.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 from dataclasses import dataclass
 
 import torch
 import triton
 
-__all__ = ["TORCH_COST", "ShrinkConfig", "ExpandConfig", "BgmvConfig", "block_m", "use_bgmv", "bgmv_config",
-           "shrink_config", "expand_config", "rank_block", "dot_precision"]
+__all__ = ["TORCH_COST", "ShrinkConfig", "ExpandConfig", "BgmvConfig", "FusedConfig", "TRITON_STRATEGIES",
+           "block_m", "triton_strategy", "pin_triton_strategy", "bgmv_config", "fused_config", "shrink_config",
+           "expand_config", "rank_block", "dot_precision"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,27 @@ GRAPH_BGMV_MIN_ADAPTERS = 64
 # (d_in step, d_out tile, warps) of the BGMV kernels on a GPU.
 GPU_BGMV = (256, 128, 4)
 
+# The fused token-major kernels (kernels/triton_fused.py) hold a (BM, C) float32 block of rank activations,
+# C = N·r_max padded to a power of two; `auto` runs them up to FUSED_MAX_COLUMNS, where their extra flops
+# (C·(1/d_in + 1/d_out) of the base GEMM) stay small while the grouped GEMM pays k reads of x and k
+# read-modify-writes of out (T = 8192, top-2, d = 4096: 384 MB against 192 MB). Chosen from that traffic
+# count; not yet timed on a GPU (benchmarks/kernel_mixture.py times both side by side). At C = 256 no block
+# compiles for sm_90a without spills and with two programs per SM (benchmarks/kernel_compile.py), so the
+# kernels stop at 128.
+FUSED_MAX_COLUMNS = 128
+# (token block, d_in step, d_out step, warps, pipeline stages) of the fused kernels on a GPU, by C: per C, of
+# the blocks that compile for sm_90a without spills and leave two programs per SM, the most warps, then the
+# largest blocks (benchmarks/results/kernel_compile_sweep_sm90.json). Compile facts, not timings.
+GPU_FUSED = {16: (64, 128, 128, 8, 3), 32: (64, 128, 128, 8, 3), 64: (32, 128, 128, 8, 3),
+             128: (32, 128, 128, 8, 2)}
+# Programs aimed for per SM: a token block is split over d_out chunks until the grid reaches this many per
+# SM (decode batches), at most FUSED_MAX_SPLIT chunks (each chunk recomputes the block's shrink from L2).
+FUSED_PROGRAMS_PER_SM = 2
+FUSED_MAX_SPLIT = 8
+
+TRITON_STRATEGIES = ("fused", "bgmv", "plan")
+_pinned_strategy: str | None = None
+
 
 @dataclass(frozen=True)
 class BgmvConfig:
@@ -55,6 +79,17 @@ class BgmvConfig:
     BK: int
     BN: int
     num_warps: int
+
+
+@dataclass(frozen=True)
+class FusedConfig:
+    C: int          # adapter columns N·r_max, padded to a power of two >= 16
+    BM: int
+    BK: int
+    BN: int
+    split: int      # d_out chunks per token block
+    num_warps: int
+    num_stages: int
 
 
 # Torch backend cost model (kernels/torch_backend.prefer_dense), in flop-equivalents. The dense path costs
@@ -92,11 +127,60 @@ def block_m(r_max: int, rows_per_adapter: float) -> int:
     return bm // 2 if rows_per_adapter < bm else bm
 
 
-def use_bgmv(T: int, num_adapters: int, capturing: bool = False) -> bool:
-    """Per-entry kernels for small batches; while a CUDA graph is captured, only for many adapters."""
-    if T > BGMV_MAX_TOKENS["interpreter" if interpreting() else "gpu"]:
-        return False
-    return not capturing or num_adapters > GRAPH_BGMV_MIN_ADAPTERS
+def fused_columns(columns: int) -> int:
+    return max(16, triton.next_power_of_2(columns))
+
+
+def triton_strategy(T: int, num_adapters: int, r_max: int, capturing: bool = False) -> str:
+    """Which Triton forward runs: 'fused' (one token-major launch) for small stacks, 'bgmv' (per-entry
+    kernels) for small batches (while a CUDA graph is captured only with many adapters), else 'plan'
+    (the grouped GEMM). A strategy pinned with `pin_triton_strategy` wins."""
+    fused = fused_columns(num_adapters * r_max) <= FUSED_MAX_COLUMNS
+    if _pinned_strategy is not None:
+        if _pinned_strategy == "fused" and not fused:
+            raise ValueError(f"the fused kernels take N·r_max <= {FUSED_MAX_COLUMNS}, "
+                             f"got {num_adapters}·{r_max}")
+        return _pinned_strategy
+    if fused:
+        return "fused"
+    if T <= BGMV_MAX_TOKENS["interpreter" if interpreting() else "gpu"] and (
+            not capturing or num_adapters > GRAPH_BGMV_MIN_ADAPTERS):
+        return "bgmv"
+    return "plan"
+
+
+@contextlib.contextmanager
+def pin_triton_strategy(strategy: str | None):
+    """Run the Triton forward (and backward) with one strategy inside the block (tests, benchmarks);
+    None leaves the choice to `triton_strategy`."""
+    global _pinned_strategy
+    if strategy is not None and strategy not in TRITON_STRATEGIES:
+        raise ValueError(f"strategy must be one of {TRITON_STRATEGIES} or None, got {strategy!r}")
+    saved, _pinned_strategy = _pinned_strategy, strategy
+    try:
+        yield
+    finally:
+        _pinned_strategy = saved
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def fused_config(columns: int, T: int, d_out: int, device: torch.device) -> FusedConfig:
+    """Blocks of the fused kernels for N·r_max = columns; d_out is split so that small batches still fill
+    the GPU."""
+    C = fused_columns(columns)
+    if C > FUSED_MAX_COLUMNS:
+        raise ValueError(f"the fused kernels take N·r_max <= {FUSED_MAX_COLUMNS}, got {columns}")
+    if interpreting():
+        return FusedConfig(C, INTERPRETER["BM"], INTERPRETER["BK"], INTERPRETER["BN"], 1, 1, 1)
+    BM, BK, BN, warps, stages = GPU_FUSED[C]
+    blocks = triton.cdiv(T, BM)
+    wanted = triton.cdiv(FUSED_PROGRAMS_PER_SM * _multiprocessors(device), blocks)
+    split = max(1, min(wanted, FUSED_MAX_SPLIT, triton.cdiv(d_out, BN)))
+    return FusedConfig(C, BM, BK, BN, split, warps, stages)
 
 
 def bgmv_config(r_max: int, d_in: int, d_out: int) -> BgmvConfig:

@@ -9,9 +9,10 @@
                 y[t] += weights[t, j] * scales[e] * (x[t] @ A[e, :ranks[e]].T) @ B[e, :, :ranks[e]].T
 
 Backends: `reference` (the definition, autograd through plain torch), `torch` (segmented matmuls,
-kernels/torch_backend.py), `triton` (grouped-GEMM kernels, kernels/triton_backend.py) and `cpu` (one fused
-native pass over the tokens, kernels/cpu_backend.py; 'auto' on a CPU when it builds). The torch and triton
-backends group the routed (token, slot) entries by adapter and run two primitives over the groups:
+kernels/torch_backend.py), `triton` (kernels/triton_backend.py: fused token-major kernels for small stacks,
+else per-entry or grouped-GEMM kernels) and `cpu` (one fused native pass over the tokens,
+kernels/cpu_backend.py; 'auto' on a CPU when it builds). The torch backend and the triton backend's grouped
+GEMM group the routed (token, slot) entries by adapter and run two primitives over the groups:
 `shrink` (h = coef * x @ A[e].T, float32 accumulate, ranks masked) and `expand` (out[token] += h @ B[e].T).
 The backward pass (adapters frozen) reuses them: dx is the same mixture with A and B swapped (transposed
 views), d(weights) comes from two shrinks.

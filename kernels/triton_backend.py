@@ -1,9 +1,11 @@
-"""The Triton backend: plan (triton_plan.py), one shrink launch for all slots, one expand launch per slot.
+"""The Triton backend: three forward strategies, chosen per shape by configs.triton_strategy.
 
-Forward: 3 plan kernels + 1 shrink + k expands, no host sync, no Python work per adapter; for small
-batches (decode) the two per-entry kernels of triton_bgmv.py instead (under CUDA-graph capture only with many
-adapters: configs.use_bgmv).
-Backward (adapters frozen), on the same plan:
+- fused (small stacks, N·r_max <= configs.FUSED_MAX_COLUMNS): one token-major launch that gates every
+  adapter's rank activations by the routing (triton_fused.py); no plan, x read once, out written once.
+- bgmv (small batches): the two per-entry kernels of triton_bgmv.py.
+- plan (the grouped GEMM): 3 plan kernels (triton_plan.py) + 1 shrink for all slots + 1 expand per slot.
+None syncs with the host or does Python work per adapter, so CUDA graphs capture any of them.
+Backward (adapters frozen): the fused kernels for small stacks (triton_fused.fused_backward), else on the plan:
     g = grad @ B[e]             shrink with B's transposed view
     dweights[t, j] = s_e · <x[t] @ A[e].T, g>      (a second shrink, only when weights need a gradient)
     dx[t] += w[t, j] · s_e · g @ A[e]              expand with A's transposed view, into a float32 dx
@@ -13,9 +15,10 @@ from __future__ import annotations
 
 import torch
 
-from .configs import block_m, use_bgmv
+from .configs import block_m, triton_strategy
 from .triton_bgmv import bgmv_forward_
 from .triton_expand import expand
+from .triton_fused import fused_backward, fused_forward_
 from .triton_plan import GroupPlan, group_by_adapter
 from .triton_shrink import shrink
 
@@ -29,11 +32,15 @@ def plan_for(idx, A) -> GroupPlan:
 
 
 def forward_(out, x, A, B, scales, idx, weights, ranks) -> None:
-    """out += mixture, in place: per-entry kernels for small batches, else the grouped GEMM."""
+    """out += mixture, in place, by the strategy configs.triton_strategy picks for this shape."""
     if idx.numel() == 0:
         return
     capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-    if use_bgmv(idx.shape[0], A.shape[0], capturing):
+    strategy = triton_strategy(idx.shape[0], A.shape[0], A.shape[1], capturing)
+    if strategy == "fused":
+        fused_forward_(out, x, A, B, scales, idx, weights, ranks)
+        return
+    if strategy == "bgmv":
         bgmv_forward_(out, x, A, B, scales, idx, weights, ranks)
         return
     plan = plan_for(idx, A)
@@ -54,6 +61,8 @@ def backward(grad, x, A, B, scales, idx, weights, ranks, need_x: bool, need_weig
     dx = dweights = None
     if idx.numel() == 0:
         return (torch.zeros_like(x) if need_x else None), (torch.zeros_like(weights) if need_weights else None)
+    if triton_strategy(idx.shape[0], A.shape[0], A.shape[1]) == "fused":
+        return fused_backward(grad, x, A, B, scales, idx, weights, ranks, need_x, need_weights)
     plan = plan_for(idx, A)
     valid, entry, w, s = _rows(plan, idx, weights, scales)
     g = shrink(grad, B.transpose(1, 2), ranks, plan)                          # (rows, BR): grad @ B[e]

@@ -46,27 +46,24 @@ def reference_of(case):
 
 @contextlib.contextmanager
 def strategy(name):
-    """Pin a backend's forward strategy: torch dense / sorted (by making the other look expensive), or
-    triton bgmv (per-entry kernels) / plan (grouped GEMM) (by moving the token threshold)."""
+    """Pin a backend's strategy: torch dense / sorted (by making the other look expensive), or the triton
+    backend's fused / bgmv / plan (configs.pin_triton_strategy, forward and backward)."""
     cost = configs.TORCH_COST["cpu"]
-    saved, saved_bgmv, saved_graph = dict(cost), dict(configs.BGMV_MAX_TOKENS), configs.GRAPH_BGMV_MIN_ADAPTERS
+    saved = dict(cost)
     if name == "dense":
         cost.update(sorted_fixed=1e30)
     elif name == "sorted":
         cost.update(sorted_fixed=0.0, sorted_per_pair_feature=0.0)
-    elif name in ("bgmv", "plan"):
-        configs.BGMV_MAX_TOKENS.update(dict.fromkeys(saved_bgmv, 10 ** 9 if name == "bgmv" else 0))
-        configs.GRAPH_BGMV_MIN_ADAPTERS = 0 if name == "bgmv" else saved_graph
     try:
-        yield
+        with configs.pin_triton_strategy(name if name in configs.TRITON_STRATEGIES else None):
+            yield
     finally:
         cost.update(saved)
-        configs.BGMV_MAX_TOKENS.update(saved_bgmv)
-        configs.GRAPH_BGMV_MIN_ADAPTERS = saved_graph
 
 
 def run(case, backend, **kwargs):
-    """backend may be 'torch-dense' / 'torch-sorted' / 'triton-plan' / 'triton-bgmv' to pin a strategy."""
+    """backend may be 'torch-dense' / 'torch-sorted' / 'triton-fused' / 'triton-plan' / 'triton-bgmv' to pin
+    a strategy."""
     name, _, pinned = backend.partition("-")
     with strategy(pinned):
         return lora_mixture(case["x"], case["A"], case["B"], case["scales"], case["idx"], case["weights"],
@@ -98,20 +95,25 @@ def build(name, dtype, seed=0):
 
 
 CASES = [("reference", torch.float64), ("triton-plan", torch.float32), ("triton-plan", torch.float16),
-         ("triton-bgmv", torch.float32), ("triton-bgmv", torch.float16), ("cpu", torch.float64),
+         ("triton-bgmv", torch.float32), ("triton-bgmv", torch.float16), ("triton-fused", torch.float32),
+         ("triton-fused", torch.float16), ("cpu", torch.float64),
          ("cpu", torch.float32)] + [
     (f"torch-{strategy}", dtype) for strategy in ("dense", "sorted")
     for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16)]
 
 
-def dense_applies(shape) -> bool:
-    """The dense path is only taken while n·r <= min(d_in, d_out)."""
+def applies(shape, backend) -> bool:
+    """The torch dense path is only taken while n·r <= min(d_in, d_out); the fused kernels take
+    N·r_max <= configs.FUSED_MAX_COLUMNS."""
     T, d_in, d_out, N, r_max, k, _ = SHAPES[shape]
-    return N * r_max <= min(d_in, d_out)
+    if backend == "torch-dense":
+        return N * r_max <= min(d_in, d_out)
+    if backend == "triton-fused":
+        return configs.fused_columns(N * r_max) <= configs.FUSED_MAX_COLUMNS
+    return True
 
 
-FORWARD = [(shape, backend, dtype) for shape in SHAPES for backend, dtype in CASES
-           if backend != "torch-dense" or dense_applies(shape)]
+FORWARD = [(shape, backend, dtype) for shape in SHAPES for backend, dtype in CASES if applies(shape, backend)]
 
 
 @pytest.mark.parametrize("shape, backend, dtype", FORWARD)
@@ -128,17 +130,20 @@ def test_forward_matches_float64_reference(shape, backend, dtype):
 
 @pytest.mark.parametrize("shape", ["aligned", "awkward_d", "k8_duplicates", "one_token", "all_on_one_adapter"])
 @pytest.mark.parametrize("backend, dtype", [("torch", torch.float64), ("torch", torch.float32),
-                                            ("triton", torch.float32), ("torch", torch.bfloat16),
+                                            ("triton-plan", torch.float32), ("triton-fused", torch.float32),
+                                            ("triton-fused", torch.float16), ("torch", torch.bfloat16),
                                             ("cpu", torch.float64), ("cpu", torch.float32)])
 def test_backward_matches_autograd_through_the_reference(shape, backend, dtype):
     case = build(shape, dtype, seed=1)
     x = case["x"].clone().requires_grad_()
     weights = case["weights"].clone().requires_grad_()
     base = case["base"].clone().requires_grad_()
-    y = lora_mixture(x, case["A"], case["B"], case["scales"], case["idx"], weights, ranks=case["ranks"],
-                     base=base, backend=backend)
-    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
-    y.backward(grad)
+    name, _, pinned = backend.partition("-")
+    with strategy(pinned):                           # the backward runs the pinned strategy too
+        y = lora_mixture(x, case["A"], case["B"], case["scales"], case["idx"], weights, ranks=case["ranks"],
+                         base=base, backend=name)
+        grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+        y.backward(grad)
 
     x64, w64 = case["x"].double().requires_grad_(), case["weights"].double().requires_grad_()
     y64 = lora_mixture_reference(x64, case["A"].double(), case["B"].double(), case["scales"].double(),
@@ -163,7 +168,7 @@ def test_one_adapter_per_sequence_equals_plain_lora():
 def test_zero_weights_and_empty_slots_give_the_base_exactly():
     case = build("aligned", torch.float32)
     case["weights"] = torch.zeros_like(case["weights"])
-    for backend in ("torch-dense", "torch-sorted", "triton-plan", "triton-bgmv", "cpu"):
+    for backend in ("torch-dense", "torch-sorted", "triton-fused", "triton-plan", "triton-bgmv", "cpu"):
         assert torch.equal(run(case, backend, base=case["base"]), case["base"])
 
 
@@ -208,6 +213,105 @@ def test_bad_input_names_the_argument(change, error, words):
     change(case)
     with pytest.raises(error, match=words):
         run(case, "torch", base=case["base"] if case["x"].device.type != "meta" else None)
+
+
+def test_triton_strategy_by_shape_and_pins():
+    """Small stacks take the fused kernels, small batches of wide stacks the per-entry ones, the rest the
+    grouped GEMM; a pin wins, and a stack too wide for the fused kernels' registers is refused by name."""
+    wide = configs.FUSED_MAX_COLUMNS + 1
+    assert configs.triton_strategy(4096, 4, 16) == "fused"
+    assert configs.triton_strategy(4096, wide, 1) == "plan"
+    assert configs.triton_strategy(1, wide, 1) == "bgmv"
+    with configs.pin_triton_strategy("plan"):
+        assert configs.triton_strategy(1, 4, 16) == "plan"
+        with configs.pin_triton_strategy("bgmv"):
+            assert configs.triton_strategy(1, 4, 16) == "bgmv"
+        assert configs.triton_strategy(1, 4, 16) == "plan"
+    assert configs.triton_strategy(1, 4, 16) == "fused"
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        with configs.pin_triton_strategy("magic"):
+            pass
+    case = make_case(8, 32, 32, 3, configs.FUSED_MAX_COLUMNS, 1, dtype=torch.float32)
+    with pytest.raises(ValueError, match="fused kernels take"):
+        run(case, "triton-fused", base=case["base"])
+    assert_close_to(run(case, "triton", base=case["base"]), reference_of(case), torch.float32)   # auto: not fused
+
+
+@pytest.mark.parametrize("layout", ["packed", "unpacked"])
+def test_triton_fused_takes_strided_factors_and_another_out_dtype(layout):
+    """B as the composer stores it (a transposed view of rows), x and out with strided rows, a float32 out
+    under float16 inputs, and (unpacked) factor stacks whose adapters are not back to back (slices of
+    wider-rank stacks): the same mixture, forward and backward."""
+    case = build("awkward_d", torch.float16)
+    expected = reference_of(case)
+    N, d_out, r_max = case["B"].shape
+    A, B = case["A"], case["B"].transpose(1, 2).contiguous().transpose(1, 2)
+    if layout == "unpacked":
+        A = torch.zeros(N, r_max + 3, A.shape[2], dtype=A.dtype)[:, :r_max].copy_(A)
+        B = torch.zeros(N, r_max + 2, d_out, dtype=B.dtype)[:, :r_max].copy_(B.transpose(1, 2)).transpose(1, 2)
+    from adaptermix.kernels.triton_fused import packed
+
+    assert packed(A, 1) == packed(B, 2) == (layout == "packed")
+    x_wide = torch.zeros(case["x"].shape[0], 2 * case["x"].shape[1], dtype=torch.float16)[:, ::2]
+    x_wide.copy_(case["x"])
+    out = case["base"].float().T.contiguous().T                                 # column-major rows
+    run(dict(case, A=A, B=B, x=x_wide), "triton-fused", out=out)
+    assert_close_to(out, expected, torch.float16)
+    x = case["x"].clone().requires_grad_()
+    weights = case["weights"].clone().requires_grad_()
+    with strategy("fused"):
+        y = lora_mixture(x, A, B, case["scales"], case["idx"], weights, ranks=case["ranks"], base=case["base"],
+                         backend="triton")
+        y.float().sum().backward()
+    x64, w64 = case["x"].double().requires_grad_(), case["weights"].double().requires_grad_()
+    lora_mixture_reference(x64, case["A"].double(), case["B"].double(), case["scales"].double(), case["idx"],
+                           w64, ranks=case["ranks"], base=case["base"].double()).sum().backward()
+    assert_close_to(x.grad, x64.grad, torch.float16)
+    assert_close_to(weights.grad, w64.grad, torch.float16)
+
+
+def test_triton_fused_grid_of_token_blocks_and_d_out_chunks(monkeypatch):
+    """The GPU grid run in the interpreter: several token blocks (the last one ragged), several d_in steps,
+    and d_out split into chunks of whole BN steps with a ragged last chunk, forward and backward."""
+    from adaptermix.kernels import triton_fused
+
+    def small_blocks(columns, T, d_out, device):
+        return configs.FusedConfig(configs.fused_columns(columns), BM=16, BK=32, BN=16, split=3, num_warps=1,
+                                   num_stages=1)
+
+    monkeypatch.setattr(triton_fused, "fused_config", small_blocks)
+    case = make_case(37, 100, 70, 5, 6, 3, dtype=torch.float32, seed=5)           # chunks [0, 32) [32, 64) [64, 70)
+    case["idx"][::5, 2] = case["idx"][::5, 0]                                       # duplicates within a token
+    x = case["x"].clone().requires_grad_()
+    weights = case["weights"].clone().requires_grad_()
+    with strategy("fused"):
+        y = lora_mixture(x, case["A"], case["B"], case["scales"], case["idx"], weights, ranks=case["ranks"],
+                         base=case["base"], backend="triton")
+        y.backward(torch.ones_like(y))
+    x64, w64 = case["x"].double().requires_grad_(), case["weights"].double().requires_grad_()
+    y64 = lora_mixture_reference(x64, case["A"].double(), case["B"].double(), case["scales"].double(),
+                                 case["idx"], w64, ranks=case["ranks"], base=case["base"].double())
+    y64.backward(torch.ones_like(y64))
+    assert_close_to(y.detach(), y64.detach(), torch.float32)
+    assert_close_to(x.grad, x64.grad, torch.float32)
+    assert_close_to(weights.grad, w64.grad, torch.float32)
+
+
+def test_fused_config_splits_d_out_to_fill_the_gpu(monkeypatch):
+    """On a GPU a decode batch's few token blocks are split over d_out chunks (at most FUSED_MAX_SPLIT, never
+    finer than one BN step); a prefill batch that fills the SMs is not."""
+    monkeypatch.setattr(configs, "interpreting", lambda: False)
+    monkeypatch.setattr(configs, "_multiprocessors", lambda device: 132)
+    device = torch.device("cuda")
+    BM, _, BN, _, _ = configs.GPU_FUSED[64]
+    filled = configs.FUSED_PROGRAMS_PER_SM * 132 * BM
+    assert configs.fused_config(64, filled, 4096, device).split == 1
+    assert configs.fused_config(64, filled // 2, 4096, device).split == 2
+    assert configs.fused_config(64, 256, 4096, device).split == configs.FUSED_MAX_SPLIT
+    assert configs.fused_config(64, 256, BN, device).split == 1
+    assert configs.fused_config(33, 1, 4096, device).C == 64
+    with pytest.raises(ValueError, match="fused kernels take"):
+        configs.fused_config(configs.FUSED_MAX_COLUMNS + 1, 256, 4096, device)
 
 
 # -- the cpu backend (kernels/cpu_mixture.cpp, built on first use) --------------------------------------
@@ -296,7 +400,8 @@ def test_unknown_backend_and_unsupported_triton_dtype():
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 GPU_CASES = [("triton-plan", torch.float32), ("triton-plan", torch.float16), ("triton-plan", torch.bfloat16),
-             ("triton-bgmv", torch.float32), ("triton-bgmv", torch.bfloat16), ("torch", torch.float32),
+             ("triton-bgmv", torch.float32), ("triton-bgmv", torch.bfloat16), ("triton-fused", torch.float32),
+             ("triton-fused", torch.float16), ("triton-fused", torch.bfloat16), ("torch", torch.float32),
              ("torch", torch.bfloat16)]
 
 
@@ -308,7 +413,9 @@ def on_cuda(case):
 @pytest.mark.parametrize("shape", list(SHAPES) + ["wide_mixed_ranks"])
 @pytest.mark.parametrize("backend, dtype", GPU_CASES)
 def test_cuda_forward_matches_float64_reference(shape, backend, dtype):
-    if shape == "wide_mixed_ranks":   # d past several blocks, ranks 1..128 in one stack
+    if shape == "wide_mixed_ranks" and backend == "triton-fused":   # d past several blocks and chunks
+        case = make_case(300, 1000, 1500, 8, 16, 2, dtype=dtype, seed=3, ranks=torch.arange(8) * 2 + 1)
+    elif shape == "wide_mixed_ranks":   # d past several blocks, ranks 1..128 in one stack
         case = make_case(300, 1000, 1500, 12, 128, 2, dtype=dtype, seed=3)
     else:
         case = build(shape, dtype)
@@ -327,10 +434,12 @@ def test_cuda_backward_matches_the_reference(shape, backend, dtype):
     case = on_cuda(build(shape, dtype, seed=1))
     x = case["x"].clone().requires_grad_()
     weights = case["weights"].clone().requires_grad_()
-    y = lora_mixture(x, case["A"], case["B"], case["scales"], case["idx"], weights, ranks=case["ranks"],
-                     base=case["base"], backend=backend.partition("-")[0])
-    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(dtype).cuda()
-    y.backward(grad)
+    name, _, pinned = backend.partition("-")
+    with strategy(pinned):
+        y = lora_mixture(x, case["A"], case["B"], case["scales"], case["idx"], weights, ranks=case["ranks"],
+                         base=case["base"], backend=name)
+        grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(dtype).cuda()
+        y.backward(grad)
     x64, w64 = case["x"].double().requires_grad_(), case["weights"].double().requires_grad_()
     lora_mixture_reference(x64, case["A"].double(), case["B"].double(), case["scales"].double(), case["idx"],
                            w64, ranks=case["ranks"], base=case["base"].double()).backward(grad.double())
@@ -358,7 +467,7 @@ def test_cuda_inductor_compiles_the_triton_op_forward_and_backward():
 
 
 @cuda
-@pytest.mark.parametrize("backend", ["triton-plan", "triton-bgmv"])
+@pytest.mark.parametrize("backend", ["triton-plan", "triton-bgmv", "triton-fused"])
 def test_cuda_graph_replays_with_new_routing(backend):
     """The Triton path never syncs with the host: one captured graph serves any routing written into idx."""
     case = on_cuda(build("aligned", torch.bfloat16))

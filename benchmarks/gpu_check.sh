@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Every GPU check of the kernels in one command, for a lent GPU machine (no package registry there: it uses
+# the machine's own python3 with torch and Triton, and installs this checkout without dependencies).
+#
+#   OUT=/some/folder bash benchmarks/gpu_check.sh [quick]
+#
+# 1. the CUDA tests of tests/test_kernels.py (compiled Triton: fused / bgmv / plan, fp32 / fp16 / bf16,
+#    backward, inductor, CUDA-graph replay with new routing);
+# 2. benchmarks/kernel_mixture.py device=cuda (the issue's shapes, every method side by side);
+# 3. benchmarks/kernel_tune.py strategy=fused (the fused kernels' launch table), unless `quick`.
+# Logs and JSON land in $OUT; copy the JSON into benchmarks/results/ and the best settings into kernels/configs.py.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+export TRITON_INTERPRET=0 HF_HUB_OFFLINE=1
+PY=${PYTHON:-python3}
+
+if ! $PY -m pip install --no-deps --no-build-isolation -q -e . >"$OUT/install.log" 2>&1; then
+    # No setuptools build here: stage the package by links (the folders install as adaptermix.*).
+    stage=$(mktemp -d)
+    cp -r src/adaptermix "$stage/adaptermix"
+    for part in library routers composer kernels conf; do ln -s "$PWD/$part" "$stage/adaptermix/$part"; done
+    export PYTHONPATH="$stage${PYTHONPATH:+:$PYTHONPATH}"
+    echo "pip install failed; staged the package at $stage" | tee -a "$OUT/install.log"
+fi
+$PY -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" \
+    | tee "$OUT/versions.txt"
+
+status=0
+$PY -P -m pytest -q -p no:cacheprovider -k cuda tests/test_kernels.py 2>&1 | tail -25 | tee "$OUT/tests.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+$PY benchmarks/kernel_mixture.py device=cuda out="$OUT/kernel_mixture_cuda.json" 2>&1 | tee "$OUT/kernel_mixture.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+if [ "${1:-}" != "quick" ]; then
+    $PY benchmarks/kernel_tune.py strategy=fused out="$OUT/kernel_tune_fused_cuda.json" 2>&1 | tee "$OUT/kernel_tune.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+exit $status
