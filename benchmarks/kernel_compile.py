@@ -13,7 +13,6 @@ timings: benchmarks/kernel_tune.py times the candidates on a GPU.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import subprocess
@@ -28,6 +27,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernel_tune import FUSED_GRID  # noqa: E402
 from machine import machine  # noqa: E402
 
 from adaptermix.kernels import configs, triton_expand, triton_fused, triton_shrink  # noqa: E402
@@ -147,7 +147,7 @@ def tables() -> dict:
 def sweep_fused(columns: str | None = None) -> list[dict]:
     rows = []
     for C in map(int, columns.split(",")) if columns else configs.GPU_FUSED:
-        for block in itertools.product((32, 64), (64, 128), (64, 128), (4, 8), (2, 3)):
+        for block in FUSED_GRID["blocks"]:
             row = dict(C=C, BM=block[0], BK=block[1], BN=block[2], **fused_forward(C, block))
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -130,7 +130,7 @@ def methods(x, W, A, B, scales, idx, weights, cfg, device, per_sequence):
         out["base[graph]"] = graphed(out["base"])
         out["ours[triton][graph]"] = graphed(ours("triton"))
         # the strategy thresholds' evidence: each strategy that can run here, forced, side by side
-        fused = configs.fused_columns(N * r) <= configs.FUSED_MAX_COLUMNS
+        fused = configs.fused_fits(N * r)
         pins = ["plan"] + ["fused"] * fused + ["bgmv"] * (T <= 1024)
         for pin in pins if len(pins) > 1 else ():
             if fused:

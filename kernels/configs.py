@@ -16,8 +16,8 @@ import torch
 import triton
 
 __all__ = ["TORCH_COST", "ShrinkConfig", "ExpandConfig", "BgmvConfig", "FusedConfig", "TRITON_STRATEGIES",
-           "block_m", "triton_strategy", "pin_triton_strategy", "bgmv_config", "fused_config", "shrink_config",
-           "expand_config", "rank_block", "dot_precision"]
+           "block_m", "triton_strategy", "pin_triton_strategy", "bgmv_config", "fused_columns", "fused_fits",
+           "fused_config", "shrink_config", "expand_config", "rank_block", "dot_precision"]
 
 
 @dataclass(frozen=True)
@@ -128,20 +128,23 @@ def block_m(r_max: int, rows_per_adapter: float) -> int:
 
 
 def fused_columns(columns: int) -> int:
+    """C of the fused kernels for N·r_max = columns: a power of two, at least tl.dot's 16."""
     return max(16, triton.next_power_of_2(columns))
+
+
+def fused_fits(columns: int) -> bool:
+    """The fused kernels can run a stack of N·r_max = columns."""
+    return fused_columns(columns) <= FUSED_MAX_COLUMNS
 
 
 def triton_strategy(T: int, num_adapters: int, r_max: int, capturing: bool = False) -> str:
     """Which Triton forward runs: 'fused' (one token-major launch) for small stacks, 'bgmv' (per-entry
     kernels) for small batches (while a CUDA graph is captured only with many adapters), else 'plan'
-    (the grouped GEMM). A strategy pinned with `pin_triton_strategy` wins."""
-    fused = fused_columns(num_adapters * r_max) <= FUSED_MAX_COLUMNS
+    (the grouped GEMM). A strategy pinned with `pin_triton_strategy` wins (fused_config refuses a stack the
+    fused kernels cannot run, before any launch)."""
     if _pinned_strategy is not None:
-        if _pinned_strategy == "fused" and not fused:
-            raise ValueError(f"the fused kernels take N·r_max <= {FUSED_MAX_COLUMNS}, "
-                             f"got {num_adapters}·{r_max}")
         return _pinned_strategy
-    if fused:
+    if fused_fits(num_adapters * r_max):
         return "fused"
     if T <= BGMV_MAX_TOKENS["interpreter" if interpreting() else "gpu"] and (
             not capturing or num_adapters > GRAPH_BGMV_MIN_ADAPTERS):
@@ -171,9 +174,9 @@ def _multiprocessors(device: torch.device) -> int:
 def fused_config(columns: int, T: int, d_out: int, device: torch.device) -> FusedConfig:
     """Blocks of the fused kernels for N·r_max = columns; d_out is split so that small batches still fill
     the GPU."""
-    C = fused_columns(columns)
-    if C > FUSED_MAX_COLUMNS:
+    if not fused_fits(columns):
         raise ValueError(f"the fused kernels take N·r_max <= {FUSED_MAX_COLUMNS}, got {columns}")
+    C = fused_columns(columns)
     if interpreting():
         return FusedConfig(C, INTERPRETER["BM"], INTERPRETER["BK"], INTERPRETER["BN"], 1, 1, 1)
     BM, BK, BN, warps, stages = GPU_FUSED[C]
