@@ -4,11 +4,14 @@
 #
 #   OUT=/some/folder bash benchmarks/gpu_check.sh [quick]
 #
-# 1. the CUDA tests of tests/test_kernels.py (compiled Triton: fused / bgmv / plan, fp32 / fp16 / bf16,
+# 1. benchmarks/kernel_mixture.py device=cuda (the issue's shapes, every method side by side; each method's
+#    output is checked against the float64 definition first, and its JSON is rewritten after every case);
+# 2. the CUDA tests of tests/test_kernels.py (compiled Triton: fused / bgmv / plan, fp32 / fp16 / bf16,
 #    backward, inductor, CUDA-graph replay with new routing);
-# 2. benchmarks/kernel_mixture.py device=cuda (the issue's shapes, every method side by side);
 # 3. benchmarks/kernel_tune.py strategy=fused (the fused kernels' launch table), unless `quick`.
-# Logs and JSON land in $OUT; copy the JSON into benchmarks/results/ and the best settings into kernels/configs.py.
+# Each step has its own time limit (seconds: BENCH_S, TESTS_S, TUNE_S), so one slow step cannot starve the
+# others inside a device lease. Logs and JSON land in $OUT; copy the JSON into benchmarks/results/ and the
+# best settings into kernels/configs.py.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}
@@ -27,12 +30,15 @@ $PY -c "import torch, triton; print(torch.__version__, triton.__version__, torch
     | tee "$OUT/versions.txt"
 
 status=0
-$PY -P -m pytest -q -p no:cacheprovider -k cuda tests/test_kernels.py 2>&1 | tail -25 | tee "$OUT/tests.log"
+timeout "${BENCH_S:-300}" $PY benchmarks/kernel_mixture.py device=cuda out="$OUT/kernel_mixture_cuda.json" 2>&1 \
+    | tee "$OUT/kernel_mixture.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-$PY benchmarks/kernel_mixture.py device=cuda out="$OUT/kernel_mixture_cuda.json" 2>&1 | tee "$OUT/kernel_mixture.log"
+timeout "${TESTS_S:-200}" $PY -P -m pytest -q -p no:cacheprovider -k cuda tests/test_kernels.py 2>&1 | tail -25 \
+    | tee "$OUT/tests.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 if [ "${1:-}" != "quick" ]; then
-    $PY benchmarks/kernel_tune.py strategy=fused out="$OUT/kernel_tune_fused_cuda.json" 2>&1 | tee "$OUT/kernel_tune.log"
+    timeout "${TUNE_S:-150}" $PY benchmarks/kernel_tune.py strategy=fused out="$OUT/kernel_tune_fused_cuda.json" 2>&1 \
+        | tee "$OUT/kernel_tune.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 exit $status

@@ -4,7 +4,8 @@ On a CPU the mixture's flops are a few percent of the base GEMM's; what costs is
 (each PyTorch op has a fixed cost of microseconds) and the gathers. The torch backend needs a dozen ops plus
 one small matmul per used adapter; this backend is one call: each thread takes a range of tokens, sorts its
 (token, slot) pairs by adapter, and runs each adapter's pairs in tiles of four tokens: the rank dot products
-with x[t] (shrink) and rank axpys into the output row (expand), the factors staying in cache.
+with x[t] (shrink) and rank axpys into the output row (expand), the factors staying in cache, in
+register-blocked micro-kernels (two tokens by four rank rows).
 
 Built on first use with torch.utils.cpp_extension (the host's C++ compiler, -O3 -march=native, OpenMP),
 cached under ~/.cache/torch_extensions by source and CPU; the OpenMP runtime is the one torch already loaded,

@@ -105,6 +105,7 @@ SHAPES = {
     "unused_adapters": (12, 24, 40, 50, 4, 2, {}),
     "all_empty": (9, 16, 16, 4, 4, 2, {"idx": "empty"}),
     "rank_one": (17, 24, 24, 4, 1, 2, {}),
+    "narrower_than_a_vector": (11, 5, 3, 3, 9, 2, {}),   # d below one SIMD vector; r_max = 8 + 1
 }
 
 
