@@ -72,7 +72,8 @@ def shrink(x: torch.Tensor, A: torch.Tensor, ranks, plan: SlotPlan, coef: torch.
     h = torch.zeros(plan.rows, r_max, dtype=acc, device=x.device)
     if P == 0:
         return h
-    part = grouped_matmul(x[plan.tokens[:P]], A.transpose(1, 2), plan.offsets).to(acc)    # (P, r_max)
+    rows = torch.index_select(x, 0, plan.tokens[:P])           # index_select: ~5x faster than x[...] on CPU
+    part = grouped_matmul(rows, A.transpose(1, 2), plan.offsets).to(acc)                  # (P, r_max)
     if ranks is not None and bool((ranks < r_max).any()):
         part = torch.where(_rank_mask(plan, ranks, P, r_max, x.device), part, 0.0)
     if coef is not None:
@@ -164,7 +165,7 @@ def forward_sorted_(out, x, A, B, scales, idx, weights, ranks) -> None:
         stop = min(start + chunk, P)
         first, last = int(adapters[start]), int(adapters[stop - 1])
         offsets = (ends[first:last + 1].clamp(max=stop) - start).int()                     # (G,)
-        rows = x[tokens[start:stop]]
+        rows = torch.index_select(x, 0, tokens[start:stop])
         hidden = grouped_matmul(rows, A[first:last + 1].transpose(1, 2), offsets).to(acc)  # (C, r_max)
         if masked:
             keep = torch.arange(r_max, device=x.device)[None, :] < ranks[adapters[start:stop]][:, None]

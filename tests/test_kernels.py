@@ -5,7 +5,7 @@ import contextlib
 import pytest
 import torch
 
-from adaptermix.kernels import configs, lora_mixture, lora_mixture_reference
+from adaptermix.kernels import configs, cpu_backend, lora_mixture, lora_mixture_reference
 
 # Relative tolerance (max |err| / max |ref|) by dtype: one helper for every comparison.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -191,6 +191,8 @@ def test_out_refuses_autograd():
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_torch_compile_traces_the_registered_op_without_graph_breaks(backend):
     case = build("aligned", torch.float32)
+    if backend == "cpu":   # the native kernels are built eagerly, never while torch.compile traces
+        assert cpu_backend.available(), cpu_backend.build_error()
 
     def layer(x, weights):
         return lora_mixture(x, case["A"], case["B"], case["scales"], case["idx"], weights, ranks=case["ranks"],
@@ -306,7 +308,7 @@ def test_fused_config_splits_d_out_to_fill_the_gpu(monkeypatch):
 # -- the cpu backend (kernels/cpu_mixture.cpp, built on first use) --------------------------------------
 
 def test_cpu_kernels_build_here_and_auto_picks_them():
-    from adaptermix.kernels import cpu_backend, resolve_backend
+    from adaptermix.kernels import resolve_backend
 
     assert cpu_backend.available(), f"the cpu kernels did not build: {cpu_backend.build_error()}"
     assert resolve_backend("auto", torch.device("cpu"), torch.float32) == "cpu"
@@ -361,7 +363,6 @@ def test_cpu_kernel_refuses_bad_ids_even_unvalidated(bad):
         with pytest.raises(ValueError, match="idx holds an adapter id outside"):
             run(case, "cpu", validate=False, **kwargs)
     assert torch.equal(out, case["base"])                                        # refused before any write
-    from adaptermix.kernels import cpu_backend
 
     with pytest.raises(ValueError, match="idx holds an adapter id outside"):       # the backward's kernels too
         cpu_backend.backward(torch.ones_like(case["base"]), case["x"], case["A"], case["B"], case["scales"],
