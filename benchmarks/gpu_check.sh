@@ -8,8 +8,9 @@
 #    output is checked against the float64 definition first, and its JSON is rewritten after every case);
 # 2. the CUDA tests of tests/test_kernels.py (compiled Triton: fused / bgmv / plan, fp32 / fp16 / bf16,
 #    backward, inductor, CUDA-graph replay with new routing);
-# 3. benchmarks/kernel_tune.py strategy=fused (the fused kernels' launch table), unless `quick`.
-# Each step has its own time limit (seconds: BENCH_S, TESTS_S, TUNE_S), so one slow step cannot starve the
+# 3. benchmarks/kernel_tune.py strategy=fused and strategy=cluster (the one-launch kernels' tables), unless
+#    `quick`.
+# Each step has its own time limit (seconds: BENCH_S, TESTS_S, TUNE_S each), so one slow step cannot starve the
 # others inside a device lease. Logs and JSON land in $OUT; copy the JSON into benchmarks/results/ and the
 # best settings into kernels/configs.py.
 set -uo pipefail
@@ -37,8 +38,10 @@ timeout "${TESTS_S:-200}" $PY -P -m pytest -q -p no:cacheprovider -k cuda tests/
     | tee "$OUT/tests.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 if [ "${1:-}" != "quick" ]; then
-    timeout "${TUNE_S:-150}" $PY benchmarks/kernel_tune.py strategy=fused out="$OUT/kernel_tune_fused_cuda.json" 2>&1 \
-        | tee "$OUT/kernel_tune.log"
-    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    for strategy in fused cluster; do
+        timeout "${TUNE_S:-150}" $PY benchmarks/kernel_tune.py strategy=$strategy \
+            out="$OUT/kernel_tune_${strategy}_cuda.json" 2>&1 | tee "$OUT/kernel_tune_$strategy.log"
+        [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    done
 fi
 exit $status

@@ -3,6 +3,7 @@
     python benchmarks/kernel_compile.py                 # the GPU launch tables of kernels/configs.py
     python benchmarks/kernel_compile.py sweep=fused     # every candidate block of the fused forward, per C
     python benchmarks/kernel_compile.py sweep=fused columns=128,256 out=...
+    python benchmarks/kernel_compile.py sweep=cluster   # the clustered kernel's candidates, N = 32 and 128
 
 Each kernel is specialised as a real call is (bf16, d = 4096, r = 16; unit strides constant, multiples of 16
 marked; B stored by rows, so both factor stacks are packed), compiled by Triton for sm_90a and assembled by the ptxas that ships with Triton
@@ -27,10 +28,10 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernel_tune import FUSED_GRID  # noqa: E402
+from kernel_tune import CLUSTER_GRID, FUSED_GRID  # noqa: E402
 from machine import machine  # noqa: E402
 
-from adaptermix.kernels import configs, triton_expand, triton_fused, triton_shrink  # noqa: E402
+from adaptermix.kernels import configs, triton_cluster, triton_expand, triton_fused, triton_shrink  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 REGISTERS_PER_SM, SHARED_PER_SM, WARPS_PER_SM = 65536, 227 * 1024, 64
@@ -112,6 +113,21 @@ def fused_dweights(C: int, block: tuple) -> dict:
                           dict(BM=BM, BK=BK, C=C, A_PACKED=True, B_PACKED=True, PRECISION="tf32"), warps, stages)
 
 
+def cluster_forward(N: int, block: tuple, later: bool = False) -> dict:
+    """The clustered kernel for N adapters of rank R: block = (C, BM, BK, BN, warps, stages); later = the
+    launch of the passes after the first (rarely does work)."""
+    C, BM, BK, BN, warps, stages = block
+    args = {**pointers("bf16", "x_ptr", "a_ptr", "b_ptr", "out_ptr", "w_ptr", idx_ptr="i64", scales_ptr="fp32",
+                       ranks_ptr="i32", order_ptr="i32"),
+            **ints(T=T, N=N, k=K, r_max=R, d_in=D, d_out=D, split=2, chunk=D // 2, stride_xt=D, stride_xd=1,
+                   stride_an=R * D, stride_ar=D, stride_ad=1, stride_bn=R * D, stride_bo=1, stride_br=D, stride_ot=D,
+                   stride_od=1, stride_it=K, stride_ik=1, stride_wt=K, stride_wk=1)}
+    N_PAD = max(16, triton.next_power_of_2(N))
+    return compile_kernel(triton_cluster._cluster_kernel, args,
+                          dict(BM=BM, BK=BK, BN=BN, G=C // R, RP=R, N_PAD=N_PAD, PRECISION="tf32", LATER_PASSES=later), warps,
+                          stages)
+
+
 def plan_kernels() -> dict:
     """The grouped GEMM's shrink and expand (timed on an H100): the calibration of these numbers."""
     BM = configs.GPU_BLOCK_M[R]
@@ -141,6 +157,11 @@ def tables() -> dict:
         rows[f"fused C={C}"] = dict(BM=BM, BK=BK, BN=BN, forward=fused_forward(C, block),
                                     dweights=fused_dweights(C, block))
         print(f"C={C:3d} {block}: forward {rows[f'fused C={C}']['forward']}", flush=True)
+    block = configs.GPU_CLUSTER[R]
+    for N in (32, configs.CLUSTER_MAX_ADAPTERS):
+        rows[f"cluster N={N}"] = dict(C=block[0], BM=block[1], BK=block[2], BN=block[3], forward=cluster_forward(N, block),
+                                      later_passes=cluster_forward(N, block, later=True))
+        print(f"cluster N={N} {block}: {rows[f'cluster N={N}']['forward']}", flush=True)
     return rows
 
 
@@ -154,14 +175,27 @@ def sweep_fused(columns: str | None = None) -> list[dict]:
     return rows
 
 
+def sweep_cluster() -> list[dict]:
+    rows = []
+    for N in (32, 128):
+        for block in CLUSTER_GRID["blocks"]:
+            row = dict(N=N, C=block[0], BM=block[1], BK=block[2], BN=block[3], **cluster_forward(N, block))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
 def main(sweep: str | None = None, columns: str | None = None, out: str | None = None):
     result = dict(benchmark="kernel_compile", target="sm_90a", triton=triton.__version__, machine=machine(),
                   shapes=dict(dtype="bfloat16", d=D, r=R, T=T, k=K))
     if sweep == "fused":
         result["sweep"] = sweep_fused(columns)
+    elif sweep == "cluster":
+        result["sweep"] = sweep_cluster()
     else:
         result["tables"] = tables()
-    name = "kernel_compile_sweep_sm90.json" if sweep else "kernel_compile_sm90.json"
+    name = f"kernel_compile_sweep_{sweep}_sm90.json" if sweep and sweep != "fused" else (
+        "kernel_compile_sweep_sm90.json" if sweep else "kernel_compile_sm90.json")
     path = Path(out) if out else Path(__file__).resolve().parent / "results" / name
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")

@@ -15,8 +15,9 @@ rounds: drift of a shared machine then cancels out of the ratios. Methods:
   *[graph]          (GPU) the same captured in a CUDA graph, as a server replays decode steps; its ratio is
                     taken against base[graph]
   ours[triton:S]    (GPU) the Triton path forced to strategy S (configs.triton_strategy): plan (grouped GEMM),
-                    fused (one token-major launch; N·r <= configs.FUSED_MAX_COLUMNS, eager too) and
-                    bgmv (per-entry kernels; T <= 1024), wherever more than one of them can run
+                    fused (one token-major launch; N·r <= configs.FUSED_MAX_COLUMNS), cluster (tokens ordered
+                    by adapter, one launch; N <= configs.CLUSTER_MAX_ADAPTERS) and bgmv (per-entry kernels;
+                    T <= 1024), wherever more than one of them can run
 
     python benchmarks/kernel_mixture.py                 # CPU shapes, fp32
     python benchmarks/kernel_mixture.py device=cuda     # GPU shapes, bf16 (needs a CUDA GPU)
@@ -154,9 +155,10 @@ def methods(x, W, A, B, scales, idx, weights, cfg, device, per_sequence):
         out["ours[triton][graph]"] = graphed(ours("triton"))
         # the strategy thresholds' evidence: each strategy that can run here, forced, side by side
         fused = configs.fused_fits(N * r)
-        pins = ["plan"] + ["fused"] * fused + ["bgmv"] * (T <= 1024)
+        cluster = configs.cluster_fits(N, r)
+        pins = ["plan"] + ["fused"] * fused + ["cluster"] * cluster + ["bgmv"] * (T <= 1024)
         for pin in pins if len(pins) > 1 else ():
-            if fused:
+            if fused or cluster:                 # the one-launch kernels: eager too (Python costs little)
                 out[f"ours[triton:{pin}]"] = ours("triton", pin)
             out[f"ours[triton:{pin}][graph]"] = graphed(ours("triton", pin))
     return out

@@ -2,11 +2,13 @@
 
     python benchmarks/kernel_tune.py out=benchmarks/results/kernel_tune_cuda.json
     python benchmarks/kernel_tune.py strategy=fused out=benchmarks/results/kernel_tune_fused_cuda.json
+    python benchmarks/kernel_tune.py strategy=cluster out=benchmarks/results/kernel_tune_cluster_cuda.json
 
 Each row times the whole mixture (eager) for bf16, d = 4096, r = 16, top-2, with the strategy pinned.
 strategy=plan (default) sweeps the grouped GEMM's tables (block_m, GPU_SHRINK, GPU_EXPAND; the plan halves
 block_m where adapters get fewer rows than a block, configs.block_m); strategy=fused sweeps GPU_FUSED and the
-d_out split (cases N·r <= configs.FUSED_MAX_COLUMNS). The tables are data: copy the best setting there.
+d_out split (cases N·r <= configs.FUSED_MAX_COLUMNS); strategy=cluster sweeps GPU_CLUSTER[16] and the split.
+The tables are data: copy the best setting there.
 """
 
 from __future__ import annotations
@@ -30,7 +32,14 @@ GRID = dict(block_m=(32, 64, 128), shrink=((64, 4, 3), (128, 4, 4), (256, 8, 3))
 # what benchmarks/kernel_compile.py compiles (sweep=fused), so both sweeps speak of the same candidates.
 FUSED_GRID = dict(blocks=tuple(itertools.product((32, 64), (64, 128), (64, 128), (4, 8), (2, 3))),
                   split=(1, 2, 4, 8))
-CASES = {"plan": "8192:32,8192:1024,2048:32", "fused": "8192:4,256:4,8192:8,256:8"}
+# The clustered kernel's candidates: (C, BM, BK, BN, warps, stages) at r = 16 (benchmarks/kernel_compile.py
+# sweep=cluster compiles them all), and the d_out split; the timing sweep keeps those that compiled for
+# sm_90a without spills, two programs per SM, 8 warps (benchmarks/results/kernel_compile_sweep_cluster_sm90.json).
+CLUSTER_GRID = dict(blocks=tuple(itertools.product((32, 64, 128), (32, 64), (64, 128), (64, 128), (4, 8), (2, 3))),
+                    split=(1, 2, 4))
+CLUSTER_FACTS = Path(__file__).resolve().parent / "results" / "kernel_compile_sweep_cluster_sm90.json"
+CASES = {"plan": "8192:32,8192:1024,2048:32", "fused": "8192:4,256:4,8192:8,256:8",
+         "cluster": "8192:32,8192:128,256:32"}
 
 
 def plan_settings(N, r):
@@ -49,9 +58,23 @@ def fused_settings(N, r):
     configs.GPU_FUSED[C], configs.FUSED_PROGRAMS_PER_SM, configs.FUSED_MAX_SPLIT = saved
 
 
+def cluster_settings(N, r):
+    RP = configs.rank_block(r)
+    saved = configs.GPU_CLUSTER[RP], configs.FUSED_PROGRAMS_PER_SM, configs.FUSED_MAX_SPLIT
+    configs.FUSED_PROGRAMS_PER_SM = 10 ** 6                     # the split is then FUSED_MAX_SPLIT
+    facts = json.loads(CLUSTER_FACTS.read_text())["sweep"]
+    good = {(f["C"], f["BM"], f["BK"], f["BN"], f["num_warps"], f["num_stages"]) for f in facts
+            if f["N"] == 32 and f["spill_bytes"] == 0 and f["blocks_per_sm"] >= 2 and f["num_warps"] == 8}
+    blocks = [b for b in CLUSTER_GRID["blocks"] if b in good]
+    for blocks, split in itertools.product(blocks, CLUSTER_GRID["split"]):
+        configs.GPU_CLUSTER[RP], configs.FUSED_MAX_SPLIT = blocks, split
+        yield dict(cluster=blocks, split=split)
+    configs.GPU_CLUSTER[RP], configs.FUSED_PROGRAMS_PER_SM, configs.FUSED_MAX_SPLIT = saved
+
+
 def main(out: str | None = None, strategy: str = "plan", cases: str | None = None):
     cfg = SHAPES["cuda"]
-    settings = {"plan": plan_settings, "fused": fused_settings}[strategy]
+    settings = {"plan": plan_settings, "fused": fused_settings, "cluster": cluster_settings}[strategy]
     torch.set_grad_enabled(False)
     rows = []
     for case in (cases or CASES[strategy]).split(","):

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 import torch
 import triton
 
-__all__ = ["TORCH_COST", "ShrinkConfig", "ExpandConfig", "BgmvConfig", "FusedConfig", "TRITON_STRATEGIES",
-           "block_m", "triton_strategy", "pin_triton_strategy", "bgmv_config", "fused_columns", "fused_fits",
-           "fused_config", "shrink_config", "expand_config", "rank_block", "dot_precision"]
+__all__ = ["TORCH_COST", "ShrinkConfig", "ExpandConfig", "BgmvConfig", "FusedConfig", "ClusterConfig",
+           "TRITON_STRATEGIES", "block_m", "triton_strategy", "pin_triton_strategy", "bgmv_config", "fused_columns",
+           "fused_fits", "fused_config", "cluster_fits", "cluster_config", "shrink_config", "expand_config",
+           "rank_block", "dot_precision"]
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,23 @@ GPU_FUSED = {16: (64, 128, 128, 8, 3), 32: (64, 128, 128, 8, 3), 64: (32, 128, 1
 FUSED_PROGRAMS_PER_SM = 2
 FUSED_MAX_SPLIT = 8
 
-TRITON_STRATEGIES = ("fused", "bgmv", "plan")
+# The clustered kernel (kernels/triton_cluster.py): tokens ordered by their adapters, then the fused kernel's
+# single pass over each token block's own adapters, G = C / RP at a time. Up to CLUSTER_MAX_ADAPTERS (the
+# block's used-adapter vector lives in registers). Not yet timed on a GPU, so `auto` picks it for no stack
+# (CLUSTER_AUTO_MAX_ADAPTERS = 0): benchmarks/kernel_mixture.py times it against the grouped GEMM
+# ("ours[triton:cluster]"); where it wins at T = 8192, raise the threshold to the largest N it wins at. Decode
+# batches never take it: 256 tokens of random top-2 over 32 adapters leave 18 adapters per 32-token block.
+CLUSTER_MAX_ADAPTERS = 128   # at N = 256 the sm_90a build spilled 4 bytes (benchmarks/kernel_compile.py, 2026-12-02)
+CLUSTER_AUTO_MAX_ADAPTERS = 0
+# (columns C, token block, d_in step, d_out step, warps, pipeline stages) on a GPU, by rank block RP. RP = 16:
+# C = 64 (G = 4 adapters a pass: random top-2 over 32 adapters, token-ordered, leaves 4.0 adapters per
+# 32-token block on average, 1.18 passes), then by the GPU_FUSED rule over the blocks that compile for
+# sm_90a without spills with two programs per SM (benchmarks/results/kernel_compile_sweep_cluster_sm90.json:
+# 114 registers). Other RP by analogy, not compiled.
+GPU_CLUSTER = {16: (64, 32, 128, 128, 8, 3), 32: (64, 32, 128, 128, 8, 3), 64: (64, 32, 128, 128, 8, 3),
+               128: (128, 32, 64, 64, 8, 2)}
+
+TRITON_STRATEGIES = ("fused", "bgmv", "plan", "cluster")
 _pinned_strategy: str | None = None
 
 
@@ -79,6 +96,19 @@ class BgmvConfig:
     BK: int
     BN: int
     num_warps: int
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    G: int          # adapters per pass (C = G·RP columns)
+    RP: int         # rank rows per adapter, r_max padded to a power of two
+    N_PAD: int      # adapters, padded to a power of two
+    BM: int
+    BK: int
+    BN: int
+    split: int      # d_out chunks per token block
+    num_warps: int
+    num_stages: int
 
 
 @dataclass(frozen=True)
@@ -138,16 +168,18 @@ def fused_fits(columns: int) -> bool:
 
 
 def triton_strategy(T: int, num_adapters: int, r_max: int, capturing: bool = False) -> str:
-    """Which Triton forward runs: 'fused' (one token-major launch) for small stacks, 'bgmv' (per-entry
-    kernels) for small batches (while a CUDA graph is captured only with many adapters), else 'plan'
-    (the grouped GEMM). A strategy pinned with `pin_triton_strategy` wins (fused_config refuses a stack the
+    """Which Triton forward runs: 'fused' (one token-major launch) for small stacks, 'cluster' (tokens
+    ordered by adapter, one launch) up to CLUSTER_AUTO_MAX_ADAPTERS, 'bgmv' (per-entry kernels) for small
+    batches (while a CUDA graph is captured only with many adapters), else 'plan' (the grouped GEMM). A strategy pinned with `pin_triton_strategy` wins (fused_config refuses a stack the
     fused kernels cannot run, before any launch)."""
     if _pinned_strategy is not None:
         return _pinned_strategy
     if fused_fits(num_adapters * r_max):
         return "fused"
-    if T <= BGMV_MAX_TOKENS["interpreter" if interpreting() else "gpu"] and (
-            not capturing or num_adapters > GRAPH_BGMV_MIN_ADAPTERS):
+    small_batch = T <= BGMV_MAX_TOKENS["interpreter" if interpreting() else "gpu"]
+    if not small_batch and num_adapters <= CLUSTER_AUTO_MAX_ADAPTERS and cluster_fits(num_adapters, r_max):
+        return "cluster"     # prefill only: a decode batch's blocks hold too few tokens to share adapters
+    if small_batch and (not capturing or num_adapters > GRAPH_BGMV_MIN_ADAPTERS):
         return "bgmv"
     return "plan"
 
@@ -184,6 +216,28 @@ def fused_config(columns: int, T: int, d_out: int, device: torch.device) -> Fuse
     wanted = triton.cdiv(FUSED_PROGRAMS_PER_SM * _multiprocessors(device), blocks)
     split = max(1, min(wanted, FUSED_MAX_SPLIT, triton.cdiv(d_out, BN)))
     return FusedConfig(C, BM, BK, BN, split, warps, stages)
+
+
+def cluster_fits(num_adapters: int, r_max: int) -> bool:
+    """The clustered kernel can run N adapters of rank r_max."""
+    return num_adapters <= CLUSTER_MAX_ADAPTERS and r_max <= 128
+
+
+def cluster_config(num_adapters: int, r_max: int, T: int, d_out: int, device: torch.device) -> ClusterConfig:
+    """Blocks of the clustered kernel; d_out is split as for the fused kernels."""
+    if not cluster_fits(num_adapters, r_max):
+        raise ValueError(f"the clustered kernel takes N <= {CLUSTER_MAX_ADAPTERS} adapters of rank <= 128, "
+                         f"got N={num_adapters}, r_max={r_max}")
+    RP = rank_block(r_max)
+    N_PAD = max(16, triton.next_power_of_2(num_adapters))
+    if interpreting():
+        C = max(64, RP)
+        return ClusterConfig(C // RP, RP, N_PAD, INTERPRETER["BM"], INTERPRETER["BK"], INTERPRETER["BN"], 1, 1, 1)
+    C, BM, BK, BN, warps, stages = GPU_CLUSTER[RP]
+    blocks = triton.cdiv(T, BM)
+    wanted = triton.cdiv(FUSED_PROGRAMS_PER_SM * _multiprocessors(device), blocks)
+    split = max(1, min(wanted, FUSED_MAX_SPLIT, triton.cdiv(d_out, BN)))
+    return ClusterConfig(C // RP, RP, N_PAD, BM, BK, BN, split, warps, stages)
 
 
 def bgmv_config(r_max: int, d_in: int, d_out: int) -> BgmvConfig:

@@ -1,11 +1,14 @@
-"""The Triton backend: three forward strategies, chosen per shape by configs.triton_strategy.
+"""The Triton backend: four forward strategies, chosen per shape by configs.triton_strategy.
 
 - fused (small stacks, N·r_max <= configs.FUSED_MAX_COLUMNS): one token-major launch that gates every
   adapter's rank activations by the routing (triton_fused.py); no plan, x read once, out written once.
+- cluster (mid-size stacks, pinned only until timed on a GPU): tokens ordered by their adapters, then one
+  launch that runs the fused kernel's pass over each token block's own adapters (triton_cluster.py).
 - bgmv (small batches): the two per-entry kernels of triton_bgmv.py.
 - plan (the grouped GEMM): 3 plan kernels (triton_plan.py) + 1 shrink for all slots + 1 expand per slot.
 None syncs with the host or does Python work per adapter, so CUDA graphs capture any of them.
-Backward (adapters frozen): the fused kernels for small stacks (triton_fused.fused_backward), else on the plan:
+Backward (adapters frozen): the fused kernels for small stacks (triton_fused.fused_backward), else (cluster
+included) on the plan:
     g = grad @ B[e]             shrink with B's transposed view
     dweights[t, j] = s_e · <x[t] @ A[e].T, g>      (a second shrink, only when weights need a gradient)
     dx[t] += w[t, j] · s_e · g @ A[e]              expand with A's transposed view, into a float32 dx
@@ -17,6 +20,7 @@ import torch
 
 from .configs import block_m, triton_strategy
 from .triton_bgmv import bgmv_forward_
+from .triton_cluster import cluster_forward_
 from .triton_expand import expand
 from .triton_fused import fused_backward, fused_forward_
 from .triton_plan import GroupPlan, group_by_adapter
@@ -42,6 +46,9 @@ def forward_(out, x, A, B, scales, idx, weights, ranks) -> None:
         return
     if strategy == "bgmv":
         bgmv_forward_(out, x, A, B, scales, idx, weights, ranks)
+        return
+    if strategy == "cluster":
+        cluster_forward_(out, x, A, B, scales, idx, weights, ranks)
         return
     plan = plan_for(idx, A)
     h = shrink(x, A, ranks, plan, weights, scales)

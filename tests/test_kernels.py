@@ -121,7 +121,8 @@ def build(name, dtype, seed=0):
 
 CASES = [("reference", torch.float64), ("triton-plan", torch.float32), ("triton-plan", torch.float16),
          ("triton-bgmv", torch.float32), ("triton-bgmv", torch.float16), ("triton-fused", torch.float32),
-         ("triton-fused", torch.float16), ("cpu", torch.float64),
+         ("triton-fused", torch.float16), ("triton-cluster", torch.float32), ("triton-cluster", torch.float16),
+         ("cpu", torch.float64),
          ("cpu", torch.float32)] + [
     (f"torch-{strategy}", dtype) for strategy in ("dense", "sorted")
     for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16)]
@@ -129,12 +130,14 @@ CASES = [("reference", torch.float64), ("triton-plan", torch.float32), ("triton-
 
 def applies(shape, backend) -> bool:
     """The torch dense path is only taken while n·r <= min(d_in, d_out); the fused kernels take
-    N·r_max <= configs.FUSED_MAX_COLUMNS."""
+    N·r_max <= configs.FUSED_MAX_COLUMNS, the clustered one N <= configs.CLUSTER_MAX_ADAPTERS."""
     T, d_in, d_out, N, r_max, k, _ = SHAPES[shape]
     if backend == "torch-dense":
         return N * r_max <= min(d_in, d_out)
     if backend == "triton-fused":
         return configs.fused_fits(N * r_max)
+    if backend == "triton-cluster":
+        return configs.cluster_fits(N, r_max)
     return True
 
 
@@ -227,7 +230,7 @@ def test_bad_input_names_the_argument(change, error, words):
         run(case, "torch", base=case["base"] if case["x"].device.type != "meta" else None)
 
 
-def test_triton_strategy_by_shape_and_pins():
+def test_triton_strategy_by_shape_and_pins(monkeypatch):
     """Small stacks take the fused kernels, small batches of wide stacks the per-entry ones, the rest the
     grouped GEMM; a pin wins, and a stack too wide for the fused kernels' registers is refused by name."""
     wide = configs.FUSED_MAX_COLUMNS + 1
@@ -240,6 +243,15 @@ def test_triton_strategy_by_shape_and_pins():
             assert configs.triton_strategy(1, 4, 16) == "bgmv"
         assert configs.triton_strategy(1, 4, 16) == "plan"
     assert configs.triton_strategy(1, 4, 16) == "fused"
+    monkeypatch.setattr(configs, "CLUSTER_AUTO_MAX_ADAPTERS", 64)          # once timed: prefill, N <= 64
+    assert configs.triton_strategy(4096, 32, 16) == "cluster"
+    assert configs.triton_strategy(4096, 65, 16) == "plan"
+    assert configs.triton_strategy(1, 32, 16) == "bgmv"                  # never the clustered kernel at decode
+    assert configs.triton_strategy(4096, 4, 16) == "fused"
+    monkeypatch.undo()
+    assert configs.triton_strategy(4096, 32, 16) == "plan"                # until then, pinned only
+    with configs.pin_triton_strategy("cluster"):
+        assert configs.triton_strategy(4096, 32, 16) == "cluster"
     with pytest.raises(ValueError, match="strategy must be one of"):
         with configs.pin_triton_strategy("magic"):
             pass
@@ -303,6 +315,54 @@ def test_fused_config_splits_d_out_to_fill_the_gpu(monkeypatch):
     assert configs.fused_config(33, 1, 4096, device).C == 64
     with pytest.raises(ValueError, match="fused kernels take"):
         configs.fused_config(configs.FUSED_MAX_COLUMNS + 1, 256, 4096, device)
+
+
+def test_token_order_puts_tokens_of_the_same_adapters_side_by_side():
+    """A permutation of the tokens in which each set of adapters (whatever the slot order, empty slots
+    included) is one run; with more slots than a 62-bit key holds, tokens still group by their largest ids."""
+    from adaptermix.kernels.triton_cluster import token_order
+
+    gen = torch.Generator().manual_seed(0)
+    sets = torch.tensor([[3, 7], [7, 3], [-1, 5], [5, -1], [0, 0], [2, 9]])
+    idx = sets[torch.randint(0, len(sets), (200,), generator=gen)]
+    order = token_order(idx, 10).long()
+    assert torch.equal(order.sort().values, torch.arange(200))
+    keys = [tuple(sorted(row)) for row in idx[order].tolist()]
+    runs = [key for i, key in enumerate(keys) if i == 0 or key != keys[i - 1]]
+    assert len(runs) == len(set(keys)) == 4                      # {3, 7} = {7, 3} and {-1, 5} = {5, -1}
+    wide = torch.randint(-1, 1000, (64, 8), generator=gen)                  # 1001^8 > 2^62: the 6 largest ids
+    order = token_order(wide, 1000).long()
+    assert torch.equal(order.sort().values, torch.arange(64))
+    largest = [tuple(sorted(row)[2:]) for row in wide[order].tolist()]
+    assert largest == sorted(largest)
+
+
+def test_triton_cluster_runs_several_passes_per_token_block(monkeypatch):
+    """Token blocks that use more adapters than one pass holds (G = 2 here) run several passes, each adding
+    to out once; ragged blocks, ranks below r_max, empty and duplicate slots, d_out in ragged chunks."""
+    from adaptermix.kernels import triton_cluster
+
+    def small_blocks(num_adapters, r_max, T, d_out, device):
+        RP = configs.rank_block(r_max)
+        return configs.ClusterConfig(2, RP, max(16, 1 << (num_adapters - 1).bit_length()), BM=16, BK=32, BN=16,
+                                     split=3, num_warps=1, num_stages=1)
+
+    monkeypatch.setattr(triton_cluster, "cluster_config", small_blocks)
+    case = make_case(45, 100, 70, 23, 6, 3, dtype=torch.float32, seed=4)
+    case["idx"][::5, 2] = case["idx"][::5, 0]                                       # duplicates within a token
+    expected = reference_of(case)
+    out = case["base"].clone()
+    run(case, "triton-cluster", out=out)
+    assert_close_to(out, expected, torch.float32)
+    assert_close_to(run(case, "triton-cluster", base=case["base"]), expected, torch.float32)
+
+
+def test_cluster_config_refuses_too_many_adapters():
+    with pytest.raises(ValueError, match="clustered kernel takes"):
+        configs.cluster_config(configs.CLUSTER_MAX_ADAPTERS + 1, 16, 256, 4096, torch.device("cpu"))
+    case = make_case(8, 32, 32, configs.CLUSTER_MAX_ADAPTERS + 1, 2, 1, dtype=torch.float32)
+    with pytest.raises(ValueError, match="clustered kernel takes"):
+        run(case, "triton-cluster", base=case["base"])
 
 
 # -- the cpu backend (kernels/cpu_mixture.cpp, built on first use) --------------------------------------
@@ -382,7 +442,8 @@ def test_unknown_backend_and_unsupported_triton_dtype():
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 GPU_CASES = [("triton-plan", torch.float32), ("triton-plan", torch.float16), ("triton-plan", torch.bfloat16),
              ("triton-bgmv", torch.float32), ("triton-bgmv", torch.bfloat16), ("triton-fused", torch.float32),
-             ("triton-fused", torch.float16), ("triton-fused", torch.bfloat16), ("torch", torch.float32),
+             ("triton-fused", torch.float16), ("triton-fused", torch.bfloat16), ("triton-cluster", torch.float32),
+             ("triton-cluster", torch.bfloat16), ("torch", torch.float32),
              ("torch", torch.bfloat16)]
 
 
@@ -438,7 +499,7 @@ def test_cuda_inductor_compiles_the_triton_op_forward_and_backward():
 
 
 @cuda
-@pytest.mark.parametrize("backend", ["triton-plan", "triton-bgmv", "triton-fused"])
+@pytest.mark.parametrize("backend", ["triton-plan", "triton-bgmv", "triton-fused", "triton-cluster"])
 def test_cuda_graph_replays_with_new_routing(backend):
     """The Triton path never syncs with the host: one captured graph serves any routing written into idx."""
     case = on_cuda(build("aligned", torch.bfloat16))
