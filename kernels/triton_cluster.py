@@ -10,6 +10,11 @@ program takes BM consecutive tokens of that order and works only on the adapters
     h      = x[block] @ A_cols.T over d_in (float32), gated by the routing as in the fused kernel
     out[block] += h @ B_cols                                   one read-modify-write of out per pass
 
+Two launches: the first runs every block's first pass in straight-line code (the registers of one pass:
+with the pass loop in the same kernel the sm_90a build needed 172 instead of 114), the second the later
+passes of the blocks that use more than G adapters (the others return at once); the second starts after
+the first, so no two programs write one row of out at once.
+
 With U adapters in a block it runs ceil(U / G) passes (G = C / RP adapters each). When tokens that share
 adapters cluster (per-sequence batches; top-k routing over a few dozen adapters, sorted), U is small and
 one pass does it: the fused kernel's traffic (x read once, out read and written once) at C·(1/d_in + 1/d_out)
@@ -30,7 +35,7 @@ import triton
 import triton.language as tl
 
 from .configs import cluster_config, dot_precision
-from .triton_fused import _project
+from .triton_fused import _gate_expand, _project
 
 __all__ = ["cluster_forward_", "token_order"]
 
@@ -63,23 +68,9 @@ def _cluster_pass(x_ptr, a_ptr, b_ptr, out_ptr, idx_ptr, w_ptr, scales_ptr, rank
     adapter, rank_row, live = _pass_columns(used, rank, p, ranks_ptr, r_max, N_PAD, G, RP)
     h = _project(x_ptr, a_ptr, rows, row_ok, adapter, rank_row, live, d_in, stride_xt, stride_xd,
                  stride_an, stride_ar, stride_ad, BM, BK, G * RP, False, PRECISION)          # (BM, C)
-    gate = tl.zeros((BM, G * RP), dtype=tl.float32)
-    for j in range(0, k):
-        e = tl.load(idx_ptr + rows * stride_it + j * stride_ik, mask=row_ok, other=-1)
-        w = tl.load(w_ptr + rows * stride_wt + j * stride_wk, mask=row_ok, other=0.0).to(tl.float32)
-        gate += tl.where(e[:, None] == adapter[None, :], w[:, None], 0.0)
-    scale = tl.load(scales_ptr + adapter, mask=live, other=0.0).to(tl.float32)
-    g = (h * gate * scale[None, :]).to(b_ptr.dtype.element_ty)                                 # (BM, C)
-    b_rows = b_ptr + (adapter.to(tl.int64) * stride_bn + rank_row * stride_br)[:, None]
-    out_rows = out_ptr + rows.to(tl.int64)[:, None] * stride_ot
-    for n0 in range(n_start, n_end, BN):
-        n = n0 + tl.arange(0, BN)
-        n_ok = n < n_end
-        b = tl.load(b_rows + n[None, :] * stride_bo, mask=live[:, None] & n_ok[None, :], other=0.0)   # (C, BN)
-        update = tl.dot(g, b, input_precision=PRECISION)                                      # (BM, BN)
-        mask = row_ok[:, None] & n_ok[None, :]
-        current = tl.load(out_rows + n[None, :] * stride_od, mask=mask, other=0.0)
-        tl.store(out_rows + n[None, :] * stride_od, (current.to(tl.float32) + update).to(current.dtype), mask=mask)
+    _gate_expand(h, b_ptr, out_ptr, idx_ptr, w_ptr, scales_ptr, rows, row_ok, adapter, rank_row, live, k, n_start,
+                 n_end, stride_bn, stride_bo, stride_br, stride_ot, stride_od, stride_it, stride_ik, stride_wt,
+                 stride_wk, BM, BN, G * RP, False, PRECISION)
 
 
 @triton.jit

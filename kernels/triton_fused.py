@@ -68,6 +68,33 @@ def _project(src_ptr, fac_ptr, rows, row_ok, adapter, rank_row, live, d, stride_
 
 
 @triton.jit
+def _gate_expand(h, b_ptr, out_ptr, idx_ptr, w_ptr, scales_ptr, rows, row_ok, adapter, rank_row, live, k, n_start,
+                 n_end, stride_bn, stride_bo, stride_br, stride_ot, stride_od, stride_it, stride_ik, stride_wt,
+                 stride_wk, BM: tl.constexpr, BN: tl.constexpr, C: tl.constexpr, PACKED: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """out[rows, n_start:n_end] += (gate ⊙ h) @ B_cols: h (BM, C) float32 rank activations of the columns'
+    adapters, gated by the routing (zero outside each token's k adapters, summed over duplicate slots, -1
+    never matching), expanded with one read-modify-write of out."""
+    gate = tl.zeros((BM, C), dtype=tl.float32)
+    for j in range(0, k):
+        e = tl.load(idx_ptr + rows * stride_it + j * stride_ik, mask=row_ok, other=-1)
+        w = tl.load(w_ptr + rows * stride_wt + j * stride_wk, mask=row_ok, other=0.0).to(tl.float32)
+        gate += tl.where(e[:, None] == adapter[None, :], w[:, None], 0.0)
+    scale = tl.load(scales_ptr + adapter, mask=live, other=0.0).to(tl.float32)
+    g = (h * gate * scale[None, :]).to(b_ptr.dtype.element_ty)                                 # (BM, C)
+    b_rows = b_ptr + _column_offsets(adapter, rank_row, stride_bn, stride_br, C, PACKED)[:, None]
+    out_rows = out_ptr + rows.to(tl.int64)[:, None] * stride_ot
+    for n0 in range(n_start, n_end, BN):
+        n = n0 + tl.arange(0, BN)
+        n_ok = n < n_end
+        b = tl.load(b_rows + n[None, :] * stride_bo, mask=live[:, None] & n_ok[None, :], other=0.0)   # (C, BN)
+        update = tl.dot(g, b, input_precision=PRECISION)                                      # (BM, BN)
+        mask = row_ok[:, None] & n_ok[None, :]
+        current = tl.load(out_rows + n[None, :] * stride_od, mask=mask, other=0.0)
+        tl.store(out_rows + n[None, :] * stride_od, (current.to(tl.float32) + update).to(current.dtype), mask=mask)
+
+
+@triton.jit
 def _fused_kernel(
     x_ptr, a_ptr, b_ptr, out_ptr, idx_ptr, w_ptr, scales_ptr, ranks_ptr,
     T, N, k, r_max, d_in, d_out, split, chunk,
@@ -83,24 +110,9 @@ def _fused_kernel(
     adapter, rank_row, live = _columns(ranks_ptr, N, r_max, C)
     h = _project(x_ptr, a_ptr, rows, row_ok, adapter, rank_row, live, d_in, stride_xt, stride_xd,
                  stride_an, stride_ar, stride_ad, BM, BK, C, A_PACKED, PRECISION)              # (BM, C)
-    gate = tl.zeros((BM, C), dtype=tl.float32)
-    for j in range(0, k):
-        e = tl.load(idx_ptr + rows * stride_it + j * stride_ik, mask=row_ok, other=-1)
-        w = tl.load(w_ptr + rows * stride_wt + j * stride_wk, mask=row_ok, other=0.0).to(tl.float32)
-        gate += tl.where(e[:, None] == adapter[None, :], w[:, None], 0.0)
-    scale = tl.load(scales_ptr + adapter, mask=live, other=0.0).to(tl.float32)
-    g = (h * gate * scale[None, :]).to(b_ptr.dtype.element_ty)                                 # (BM, C)
-    b_rows = b_ptr + _column_offsets(adapter, rank_row, stride_bn, stride_br, C, B_PACKED)[:, None]
-    out_rows = out_ptr + rows.to(tl.int64)[:, None] * stride_ot
-    n_end = tl.minimum(part * chunk + chunk, d_out)
-    for n0 in range(part * chunk, n_end, BN):
-        n = n0 + tl.arange(0, BN)
-        n_ok = n < n_end
-        b = tl.load(b_rows + n[None, :] * stride_bo, mask=live[:, None] & n_ok[None, :], other=0.0)   # (C, BN)
-        update = tl.dot(g, b, input_precision=PRECISION)                                      # (BM, BN)
-        mask = row_ok[:, None] & n_ok[None, :]
-        current = tl.load(out_rows + n[None, :] * stride_od, mask=mask, other=0.0)
-        tl.store(out_rows + n[None, :] * stride_od, (current.to(tl.float32) + update).to(current.dtype), mask=mask)
+    _gate_expand(h, b_ptr, out_ptr, idx_ptr, w_ptr, scales_ptr, rows, row_ok, adapter, rank_row, live, k,
+                 part * chunk, tl.minimum(part * chunk + chunk, d_out), stride_bn, stride_bo, stride_br, stride_ot,
+                 stride_od, stride_it, stride_ik, stride_wt, stride_wk, BM, BN, C, B_PACKED, PRECISION)
 
 
 @triton.jit
