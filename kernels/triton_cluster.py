@@ -95,7 +95,8 @@ def _cluster_kernel(
     used = tl.zeros((N_PAD,), dtype=tl.int32)
     for j in range(0, k):
         e = tl.load(idx_ptr + rows * stride_it + j * stride_ik, mask=row_ok, other=-1)
-        used = tl.maximum(used, tl.max((e[:, None] == adapters[None, :]).to(tl.int32), axis=0))
+        hit = (e[:, None] == adapters[None, :]) & (adapters < N)[None, :]   # ids >= N (unvalidated) read nothing
+        used = tl.maximum(used, tl.max(hit.to(tl.int32), axis=0))
     rank = tl.cumsum(used, axis=0) - used
     passes = (tl.sum(used, axis=0) + G - 1) // G
     n_start = part * chunk

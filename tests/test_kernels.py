@@ -357,6 +357,25 @@ def test_triton_cluster_runs_several_passes_per_token_block(monkeypatch):
     assert_close_to(run(case, "triton-cluster", base=case["base"]), expected, torch.float32)
 
 
+@pytest.mark.parametrize("backend", ["triton-fused", "triton-cluster"])
+def test_triton_one_launch_kernels_read_nothing_for_unvalidated_ids_past_the_stack(backend):
+    """validate=False skips the idx range check (a device sync); ids >= N then match no column: the
+    entries count as empty, and no factor row past the stack is read."""
+    case = build("aligned", torch.float32)
+    N, r_max, d_in = case["A"].shape
+    bad = case["idx"].clone()
+    bad[::3, 0], bad[1::4, 1] = N, N + 3
+    expected = reference_of(dict(case, idx=torch.where(bad >= N, -1, bad)))
+    # the stacks are views of longer ones whose rows past N are NaN: a read past the stack shows in the output
+    A = torch.full((N + 4, r_max, d_in), float("nan"))
+    B = torch.full((N + 4, r_max, case["B"].shape[1]), float("nan"))
+    A[:N], B[:N] = case["A"], case["B"].transpose(1, 2)
+    ranks, scales = torch.full((N + 4,), r_max), torch.full((N + 4,), float("nan"))
+    ranks[:N], scales[:N] = case["ranks"], case["scales"]
+    views = dict(case, idx=bad, A=A[:N], B=B[:N].transpose(1, 2), ranks=ranks[:N], scales=scales[:N])
+    assert_close_to(run(views, backend, base=case["base"], validate=False), expected, torch.float32)
+
+
 def test_cluster_config_refuses_too_many_adapters():
     with pytest.raises(ValueError, match="clustered kernel takes"):
         configs.cluster_config(configs.CLUSTER_MAX_ADAPTERS + 1, 16, 256, 4096, torch.device("cpu"))
