@@ -1,8 +1,11 @@
 """The LoRA-mixture layer against the base GEMM and the formulations others use, side by side in one run.
 
 Every number is a ratio: (base GEMM + mixture) time / base GEMM time. Each case times its methods in turn,
-round after round (torch.utils.benchmark, which synchronises CUDA), and keeps each method's median over the
-rounds: drift of a shared machine then cancels out of the ratios. Methods:
+round after round (torch.utils.benchmark, which synchronises CUDA); a method's ratio is taken within each
+round against that round's base time and the median over rounds is kept, so drift of a shared machine
+cancels round by round. Before timing, every method's output is checked against the float64 definition
+(max_rel_error, correct; the script exits 1 if one is wrong), and the JSON is rewritten after each case.
+Methods:
   base              y = x @ W.T alone (the denominator)
   ours[cpu]         y = x @ W.T, then lora_mixture(..., out=y, backend="cpu")  (the fused native kernel)
   ours[torch]       the same with the torch backend (segmented matmuls)
@@ -16,7 +19,7 @@ rounds: drift of a shared machine then cancels out of the ratios. Methods:
                     taken against base[graph]
   ours[triton:S]    (GPU) the Triton path forced to strategy S (configs.triton_strategy): plan (grouped GEMM),
                     fused (one token-major launch; N·r <= configs.FUSED_MAX_COLUMNS), cluster (tokens ordered
-                    by adapter, one launch; N <= configs.CLUSTER_MAX_ADAPTERS) and bgmv (per-entry kernels;
+                    by adapter, two launches; N <= configs.CLUSTER_MAX_ADAPTERS) and bgmv (per-entry kernels;
                     T <= 1024), wherever more than one of them can run
 
     python benchmarks/kernel_mixture.py                 # CPU shapes, fp32

@@ -169,9 +169,10 @@ def fused_fits(columns: int) -> bool:
 
 def triton_strategy(T: int, num_adapters: int, r_max: int, capturing: bool = False) -> str:
     """Which Triton forward runs: 'fused' (one token-major launch) for small stacks, 'cluster' (tokens
-    ordered by adapter, one launch) up to CLUSTER_AUTO_MAX_ADAPTERS, 'bgmv' (per-entry kernels) for small
-    batches (while a CUDA graph is captured only with many adapters), else 'plan' (the grouped GEMM). A strategy pinned with `pin_triton_strategy` wins (fused_config refuses a stack the
-    fused kernels cannot run, before any launch)."""
+    ordered by adapter, then the fused pass per token block) for prefill batches up to
+    CLUSTER_AUTO_MAX_ADAPTERS, 'bgmv' (per-entry kernels) for small batches (while a CUDA graph is captured
+    only with many adapters), else 'plan' (the grouped GEMM). A strategy pinned with `pin_triton_strategy`
+    wins (fused_config / cluster_config refuse a stack their kernels cannot run, before any launch)."""
     if _pinned_strategy is not None:
         return _pinned_strategy
     if fused_fits(num_adapters * r_max):

@@ -72,7 +72,7 @@ def shrink(x: torch.Tensor, A: torch.Tensor, ranks, plan: SlotPlan, coef: torch.
     h = torch.zeros(plan.rows, r_max, dtype=acc, device=x.device)
     if P == 0:
         return h
-    rows = torch.index_select(x, 0, plan.tokens[:P])           # index_select: ~5x faster than x[...] on CPU
+    rows = torch.index_select(x, 0, plan.tokens[:P])           # index_select: ~4x faster than x[...] on CPU
     part = grouped_matmul(rows, A.transpose(1, 2), plan.offsets).to(acc)                  # (P, r_max)
     if ranks is not None and bool((ranks < r_max).any()):
         part = torch.where(_rank_mask(plan, ranks, P, r_max, x.device), part, 0.0)

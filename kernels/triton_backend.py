@@ -2,8 +2,8 @@
 
 - fused (small stacks, N·r_max <= configs.FUSED_MAX_COLUMNS): one token-major launch that gates every
   adapter's rank activations by the routing (triton_fused.py); no plan, x read once, out written once.
-- cluster (mid-size stacks, pinned only until timed on a GPU): tokens ordered by their adapters, then one
-  launch that runs the fused kernel's pass over each token block's own adapters (triton_cluster.py).
+- cluster (mid-size stacks, pinned only until timed on a GPU): tokens ordered by their adapters, then the
+  fused kernel's pass over each token block's own adapters, in two launches (triton_cluster.py).
 - bgmv (small batches): the two per-entry kernels of triton_bgmv.py.
 - plan (the grouped GEMM): 3 plan kernels (triton_plan.py) + 1 shrink for all slots + 1 expand per slot.
 None syncs with the host or does Python work per adapter, so CUDA graphs capture any of them.
