@@ -198,9 +198,9 @@ def lora_mixture(x, A, B, scales, idx, weights, *, ranks=None, base=None, out=No
         out: (T, d_out) accumulated into in place and returned (inference: not differentiable).
         backend: 'auto', 'reference', 'torch' or 'triton'.
         validate: check shapes, dtypes, devices, idx range and finiteness (the last two sync the device).
-            validate=False trusts idx: the cpu backend still refuses ids outside [-1, N) and the fused /
-            clustered Triton kernels ignore them, but the grouped-GEMM plan and the BGMV kernels would read
-            outside the stacks.
+            validate=False trusts idx: ids outside [-1, N) are then refused by the cpu backend and count
+            as empty slots on the torch and Triton backends (which cannot raise without a device sync);
+            no backend reads outside the stacks.
     Returns:
         (T, d_out). Without `out`, a new tensor, differentiable with respect to x, weights and base.
     """

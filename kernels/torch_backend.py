@@ -20,7 +20,7 @@ from .configs import TORCH_COST
 from .plan import SlotPlan, accumulator_dtype, plan_slot, sort_by_adapter
 
 __all__ = ["forward_", "backward", "shrink", "expand", "grouped_matmul", "prefer_dense", "forward_dense_",
-           "forward_sorted_"]
+           "forward_sorted_", "known_ids"]
 
 
 def _loop_grouped(rows: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -177,8 +177,15 @@ def forward_sorted_(out, x, A, B, scales, idx, weights, ranks) -> None:
 
 # -- the backend's entry points (kernels/mixture.py) ---------------------------------------------------
 
+def known_ids(idx: torch.Tensor, num_adapters: int) -> torch.Tensor:
+    """idx with ids outside [-1, N) (possible when the caller skipped validation) turned into empty slots:
+    no index past the stacks, on the CPU or the GPU."""
+    return torch.where((idx >= 0) & (idx < num_adapters), idx, -1)
+
+
 def forward_(out, x, A, B, scales, idx, weights, ranks) -> None:
     """out += mixture: dense over the used adapters or one sorted pass, whichever the cost model prefers."""
+    idx = known_ids(idx, A.shape[0])
     used = used_adapters(idx, A.shape[0], A.shape[1], min(x.shape[1], B.shape[1]))
     if prefer_dense(x.shape[0], x.shape[1], B.shape[1], used.numel() * A.shape[1], idx.shape[1], x.device.type):
         forward_dense_(out, x, A, B, scales, idx, weights, ranks, used)
@@ -198,6 +205,7 @@ def _coef(weights, scales, plan: SlotPlan, slot: int) -> torch.Tensor:
 def backward(grad, x, A, B, scales, idx, weights, ranks, need_x: bool, need_weights: bool):
     """(dx or None, dweights or None), one slot at a time."""
     N = A.shape[0]
+    idx = known_ids(idx, N)
     acc = accumulator_dtype(x.dtype)
     dx = torch.zeros(x.shape, dtype=acc, device=x.device) if need_x else None
     dweights = torch.zeros(weights.shape, dtype=acc, device=x.device) if need_weights else None

@@ -59,7 +59,7 @@ def _rows(plan: GroupPlan, idx, weights, scales):
     """Per plan row: (valid, entry id, weights[t, j], scales[e]); padding rows read entry 0 and are masked."""
     valid = plan.sorted >= 0
     entry = plan.sorted.long().clamp_min(0)
-    adapter = idx.reshape(-1)[entry].clamp_min(0)
+    adapter = idx.reshape(-1)[entry].clamp(0, scales.shape[0] - 1)      # padding rows may read any id
     return valid, entry, weights.reshape(-1)[entry].float(), scales[adapter].float()
 
 

@@ -23,7 +23,7 @@ __all__ = ["bgmv_forward_"]
 
 @triton.jit
 def _bgmv_shrink_kernel(
-    x_ptr, a_ptr, h_ptr, idx_ptr, w_ptr, scales_ptr, ranks_ptr, k, d_in,
+    x_ptr, a_ptr, h_ptr, idx_ptr, w_ptr, scales_ptr, ranks_ptr, k, N, d_in,
     stride_xt, stride_xd, stride_an, stride_ar, stride_ad, stride_wt, stride_wk,
     BR: tl.constexpr, BK: tl.constexpr,
 ):
@@ -31,9 +31,10 @@ def _bgmv_shrink_kernel(
     t = entry // k
     j = entry % k
     e = tl.load(idx_ptr + entry)
-    adapter = tl.maximum(e, 0)
+    routed = (e >= 0) & (e < N)                                       # ids past the stack (unvalidated): empty
+    adapter = tl.where(routed, e, 0)
     r = tl.arange(0, BR)
-    r_ok = r < tl.where(e >= 0, tl.load(ranks_ptr + adapter), 0)     # an empty slot: no columns, h = 0
+    r_ok = r < tl.where(routed, tl.load(ranks_ptr + adapter), 0)      # an empty slot: no columns, h = 0
     acc = tl.zeros((BR,), dtype=tl.float32)
     for k0 in range(0, d_in, BK):
         kk = k0 + tl.arange(0, BK)
@@ -48,7 +49,7 @@ def _bgmv_shrink_kernel(
 
 @triton.jit
 def _bgmv_expand_kernel(
-    h_ptr, b_ptr, out_ptr, idx_ptr, k, d_out, r_max, stride_bn, stride_bo, stride_br, stride_ot, stride_od,
+    h_ptr, b_ptr, out_ptr, idx_ptr, k, N, d_out, r_max, stride_bn, stride_bo, stride_br, stride_ot, stride_od,
     BN: tl.constexpr, BR: tl.constexpr,
 ):
     t = tl.program_id(0)
@@ -58,7 +59,8 @@ def _bgmv_expand_kernel(
     acc = tl.zeros((BN,), dtype=tl.float32)
     for j in range(0, k):
         entry = t * k + j
-        adapter = tl.maximum(tl.load(idx_ptr + entry), 0)        # an empty slot has h = 0
+        e = tl.load(idx_ptr + entry)
+        adapter = tl.where((e >= 0) & (e < N), e, 0)               # an empty slot has h = 0
         h = tl.load(h_ptr + entry * BR + r)                        # (BR,) float32
         b = tl.load(b_ptr + adapter.to(tl.int64) * stride_bn + n[:, None] * stride_bo + r[None, :] * stride_br,
                     mask=n_ok[:, None] & (r[None, :] < r_max), other=0.0).to(tl.float32)              # (BN, BR)
@@ -77,8 +79,8 @@ def bgmv_forward_(out, x, A, B, scales, idx, weights, ranks) -> None:
     flat = idx.contiguous().view(-1)
     h = torch.empty(T * k, cfg.BR, dtype=torch.float32, device=x.device)
     _bgmv_shrink_kernel[(T * k,)](
-        x, A, h, flat, weights, scales, ranks, k, d_in, x.stride(0), x.stride(1), A.stride(0), A.stride(1),
+        x, A, h, flat, weights, scales, ranks, k, N, d_in, x.stride(0), x.stride(1), A.stride(0), A.stride(1),
         A.stride(2), weights.stride(0), weights.stride(1), BR=cfg.BR, BK=cfg.BK, num_warps=cfg.num_warps)
     _bgmv_expand_kernel[(T, triton.cdiv(d_out, cfg.BN))](
-        h, B, out, flat, k, d_out, r_max, B.stride(0), B.stride(1), B.stride(2), out.stride(0), out.stride(1),
+        h, B, out, flat, k, N, d_out, r_max, B.stride(0), B.stride(1), B.stride(2), out.stride(0), out.stride(1),
         BN=cfg.BN, BR=cfg.BR, num_warps=cfg.num_warps)

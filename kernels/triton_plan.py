@@ -48,7 +48,7 @@ class GroupPlan:
 def _count_kernel(idx_ptr, counts_ptr, pos_ptr, E, k, N, BLOCK: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     e = tl.load(idx_ptr + i, mask=i < E, other=-1)
-    valid = e >= 0
+    valid = (e >= 0) & (e < N)                   # ids past the stack (unvalidated) count as empty slots
     pos = tl.atomic_add(counts_ptr + (i % k) * N + e, 1, mask=valid)
     tl.store(pos_ptr + i, pos, mask=valid)
 
@@ -69,7 +69,7 @@ def _align_kernel(counts_ptr, starts_ptr, N, cap, BM: tl.constexpr, CHUNK: tl.co
 def _scatter_kernel(idx_ptr, starts_ptr, pos_ptr, sorted_ptr, E, k, N, BLOCK: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     e = tl.load(idx_ptr + i, mask=i < E, other=-1)
-    valid = e >= 0
+    valid = (e >= 0) & (e < N)
     key = (i % k) * N + e
     row = tl.load(starts_ptr + key, mask=valid, other=0) + tl.load(pos_ptr + i, mask=valid, other=0)
     tl.store(sorted_ptr + row, i.to(tl.int32), mask=valid)

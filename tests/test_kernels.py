@@ -357,10 +357,12 @@ def test_triton_cluster_runs_several_passes_per_token_block(monkeypatch):
     assert_close_to(run(case, "triton-cluster", base=case["base"]), expected, torch.float32)
 
 
-@pytest.mark.parametrize("backend", ["triton-fused", "triton-cluster"])
-def test_triton_one_launch_kernels_read_nothing_for_unvalidated_ids_past_the_stack(backend):
-    """validate=False skips the idx range check (a device sync); ids >= N then match no column: the
-    entries count as empty, and no factor row past the stack is read."""
+@pytest.mark.parametrize("backend", ["triton-fused", "triton-cluster", "triton-plan", "triton-bgmv", "torch-dense",
+                                     "torch-sorted"])
+def test_unvalidated_ids_past_the_stack_count_as_empty_and_read_nothing(backend):
+    """validate=False skips the idx range check (a device sync); ids >= N then count as empty slots, and no
+    factor row, rank or scale past the stack is read (the cpu backend refuses them: test below), forward
+    and backward."""
     case = build("aligned", torch.float32)
     N, r_max, d_in = case["A"].shape
     bad = case["idx"].clone()
@@ -374,6 +376,14 @@ def test_triton_one_launch_kernels_read_nothing_for_unvalidated_ids_past_the_sta
     ranks[:N], scales[:N] = case["ranks"], case["scales"]
     views = dict(case, idx=bad, A=A[:N], B=B[:N].transpose(1, 2), ranks=ranks[:N], scales=scales[:N])
     assert_close_to(run(views, backend, base=case["base"], validate=False), expected, torch.float32)
+    x = case["x"].clone().requires_grad_()
+    weights = case["weights"].clone().requires_grad_()
+    name, _, pinned = backend.partition("-")
+    with strategy(pinned):
+        lora_mixture(x, views["A"], views["B"], views["scales"], bad, weights, ranks=views["ranks"],
+                     base=case["base"], backend=name, validate=False).sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert torch.equal(weights.grad[bad >= N], torch.zeros_like(weights.grad[bad >= N]))
 
 
 def test_cluster_config_refuses_too_many_adapters():
