@@ -93,13 +93,17 @@ def ints(**values: int) -> dict:
 
 def fused_forward(C: int, block: tuple) -> dict:
     BM, BK, BN, warps, stages = block
-    args = {**pointers("bf16", "x_ptr", "a_ptr", "b_ptr", "out_ptr", "w_ptr", idx_ptr="i64", scales_ptr="fp32",
-                       ranks_ptr="i32"),
-            **ints(T=T, N=max(1, C // R), k=K, r_max=R, d_in=D, d_out=D, split=2, chunk=D // 2, stride_xt=D,
-                   stride_xd=1, stride_an=R * D, stride_ar=D, stride_ad=1, stride_bn=R * D, stride_bo=1, stride_br=D,
-                   stride_ot=D, stride_od=1, stride_it=K, stride_ik=1, stride_wt=K, stride_wk=1)}
-    return compile_kernel(triton_fused._fused_kernel, args, dict(BM=BM, BK=BK, BN=BN, C=C, A_PACKED=True,
-                                                                 B_PACKED=True, PRECISION="tf32"), warps, stages)
+    return compile_kernel(triton_fused._fused_kernel, forward_args(max(1, C // R)),
+                          dict(BM=BM, BK=BK, BN=BN, C=C, A_PACKED=True, B_PACKED=True, PRECISION="tf32"), warps, stages)
+
+
+def forward_args(N: int, **more_pointers: str) -> dict:
+    """The arguments of the one-launch forward kernels (fused, clustered) for N adapters of rank R."""
+    return {**pointers("bf16", "x_ptr", "a_ptr", "b_ptr", "out_ptr", "w_ptr", idx_ptr="i64", scales_ptr="fp32",
+                       ranks_ptr="i32", **more_pointers),
+            **ints(T=T, N=N, k=K, r_max=R, d_in=D, d_out=D, split=2, chunk=D // 2, stride_xt=D, stride_xd=1,
+                   stride_an=R * D, stride_ar=D, stride_ad=1, stride_bn=R * D, stride_bo=1, stride_br=D, stride_ot=D,
+                   stride_od=1, stride_it=K, stride_ik=1, stride_wt=K, stride_wk=1)}
 
 
 def fused_dweights(C: int, block: tuple) -> dict:
@@ -117,15 +121,9 @@ def cluster_forward(N: int, block: tuple, later: bool = False) -> dict:
     """The clustered kernel for N adapters of rank R: block = (C, BM, BK, BN, warps, stages); later = the
     launch of the passes after the first (rarely does work)."""
     C, BM, BK, BN, warps, stages = block
-    args = {**pointers("bf16", "x_ptr", "a_ptr", "b_ptr", "out_ptr", "w_ptr", idx_ptr="i64", scales_ptr="fp32",
-                       ranks_ptr="i32", order_ptr="i32"),
-            **ints(T=T, N=N, k=K, r_max=R, d_in=D, d_out=D, split=2, chunk=D // 2, stride_xt=D, stride_xd=1,
-                   stride_an=R * D, stride_ar=D, stride_ad=1, stride_bn=R * D, stride_bo=1, stride_br=D, stride_ot=D,
-                   stride_od=1, stride_it=K, stride_ik=1, stride_wt=K, stride_wk=1)}
-    N_PAD = max(16, triton.next_power_of_2(N))
-    return compile_kernel(triton_cluster._cluster_kernel, args,
-                          dict(BM=BM, BK=BK, BN=BN, G=C // R, RP=R, N_PAD=N_PAD, PRECISION="tf32", LATER_PASSES=later), warps,
-                          stages)
+    constexprs = dict(BM=BM, BK=BK, BN=BN, G=C // R, RP=R, N_PAD=max(16, triton.next_power_of_2(N)),
+                      PRECISION="tf32", LATER_PASSES=later)
+    return compile_kernel(triton_cluster._cluster_kernel, forward_args(N, order_ptr="i32"), constexprs, warps, stages)
 
 
 def plan_kernels() -> dict:

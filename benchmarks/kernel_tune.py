@@ -48,28 +48,30 @@ def plan_settings(N, r):
         yield dict(block_m=bm, shrink=sh, expand=ex)
 
 
-def fused_settings(N, r):
-    C = configs.fused_columns(N * r)
-    saved = configs.GPU_FUSED[C], configs.FUSED_PROGRAMS_PER_SM, configs.FUSED_MAX_SPLIT
+def one_launch_settings(table: dict, key: int, name: str, blocks, splits):
+    """Each (block, d_out split) of a one-launch kernel's table entry table[key] in turn (the split forced
+    to exactly `split`), restoring the tables afterwards."""
+    saved = table[key], configs.FUSED_PROGRAMS_PER_SM, configs.FUSED_MAX_SPLIT
     configs.FUSED_PROGRAMS_PER_SM = 10 ** 6                     # the split is then FUSED_MAX_SPLIT
-    for blocks, split in itertools.product(FUSED_GRID["blocks"], FUSED_GRID["split"]):
-        configs.GPU_FUSED[C], configs.FUSED_MAX_SPLIT = blocks, split
-        yield dict(fused=blocks, split=split)
-    configs.GPU_FUSED[C], configs.FUSED_PROGRAMS_PER_SM, configs.FUSED_MAX_SPLIT = saved
+    try:
+        for block, split in itertools.product(blocks, splits):
+            table[key], configs.FUSED_MAX_SPLIT = block, split
+            yield {name: block, "split": split}
+    finally:
+        table[key], configs.FUSED_PROGRAMS_PER_SM, configs.FUSED_MAX_SPLIT = saved
+
+
+def fused_settings(N, r):
+    return one_launch_settings(configs.GPU_FUSED, configs.fused_columns(N * r), "fused", FUSED_GRID["blocks"],
+                               FUSED_GRID["split"])
 
 
 def cluster_settings(N, r):
-    RP = configs.rank_block(r)
-    saved = configs.GPU_CLUSTER[RP], configs.FUSED_PROGRAMS_PER_SM, configs.FUSED_MAX_SPLIT
-    configs.FUSED_PROGRAMS_PER_SM = 10 ** 6                     # the split is then FUSED_MAX_SPLIT
     facts = json.loads(CLUSTER_FACTS.read_text())["sweep"]
     good = {(f["C"], f["BM"], f["BK"], f["BN"], f["num_warps"], f["num_stages"]) for f in facts
             if f["N"] == 32 and f["spill_bytes"] == 0 and f["blocks_per_sm"] >= 2 and f["num_warps"] == 8}
-    blocks = [b for b in CLUSTER_GRID["blocks"] if b in good]
-    for blocks, split in itertools.product(blocks, CLUSTER_GRID["split"]):
-        configs.GPU_CLUSTER[RP], configs.FUSED_MAX_SPLIT = blocks, split
-        yield dict(cluster=blocks, split=split)
-    configs.GPU_CLUSTER[RP], configs.FUSED_PROGRAMS_PER_SM, configs.FUSED_MAX_SPLIT = saved
+    return one_launch_settings(configs.GPU_CLUSTER, configs.rank_block(r), "cluster",
+                               [b for b in CLUSTER_GRID["blocks"] if b in good], CLUSTER_GRID["split"])
 
 
 def main(out: str | None = None, strategy: str = "plan", cases: str | None = None):

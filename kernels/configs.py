@@ -99,10 +99,8 @@ class BgmvConfig:
 
 
 @dataclass(frozen=True)
-class ClusterConfig:
-    G: int          # adapters per pass (C = G·RP columns)
-    RP: int         # rank rows per adapter, r_max padded to a power of two
-    N_PAD: int      # adapters, padded to a power of two
+class FusedConfig:
+    C: int          # adapter columns of one pass, a power of two >= 16 (fused: N·r_max padded)
     BM: int
     BK: int
     BN: int
@@ -112,14 +110,14 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
-class FusedConfig:
-    C: int          # adapter columns N·r_max, padded to a power of two >= 16
-    BM: int
-    BK: int
-    BN: int
-    split: int      # d_out chunks per token block
-    num_warps: int
-    num_stages: int
+class ClusterConfig(FusedConfig):
+    RP: int         # rank rows per adapter, r_max padded to a power of two (C = G·RP)
+    N_PAD: int      # adapters, padded to a power of two
+
+    @property
+    def G(self) -> int:
+        """Adapters per pass."""
+        return self.C // self.RP
 
 
 # Torch backend cost model (kernels/torch_backend.prefer_dense), in flop-equivalents. The dense path costs
@@ -213,10 +211,14 @@ def fused_config(columns: int, T: int, d_out: int, device: torch.device) -> Fuse
     if interpreting():
         return FusedConfig(C, INTERPRETER["BM"], INTERPRETER["BK"], INTERPRETER["BN"], 1, 1, 1)
     BM, BK, BN, warps, stages = GPU_FUSED[C]
-    blocks = triton.cdiv(T, BM)
-    wanted = triton.cdiv(FUSED_PROGRAMS_PER_SM * _multiprocessors(device), blocks)
-    split = max(1, min(wanted, FUSED_MAX_SPLIT, triton.cdiv(d_out, BN)))
-    return FusedConfig(C, BM, BK, BN, split, warps, stages)
+    return FusedConfig(C, BM, BK, BN, _d_out_split(T, d_out, BM, BN, device), warps, stages)
+
+
+def _d_out_split(T: int, d_out: int, BM: int, BN: int, device: torch.device) -> int:
+    """d_out chunks per token block of the one-launch kernels: enough programs for FUSED_PROGRAMS_PER_SM per
+    SM, at most FUSED_MAX_SPLIT, never finer than one BN step."""
+    wanted = triton.cdiv(FUSED_PROGRAMS_PER_SM * _multiprocessors(device), triton.cdiv(T, BM))
+    return max(1, min(wanted, FUSED_MAX_SPLIT, triton.cdiv(d_out, BN)))
 
 
 def cluster_fits(num_adapters: int, r_max: int) -> bool:
@@ -232,13 +234,9 @@ def cluster_config(num_adapters: int, r_max: int, T: int, d_out: int, device: to
     RP = rank_block(r_max)
     N_PAD = max(16, triton.next_power_of_2(num_adapters))
     if interpreting():
-        C = max(64, RP)
-        return ClusterConfig(C // RP, RP, N_PAD, INTERPRETER["BM"], INTERPRETER["BK"], INTERPRETER["BN"], 1, 1, 1)
+        return ClusterConfig(max(64, RP), INTERPRETER["BM"], INTERPRETER["BK"], INTERPRETER["BN"], 1, 1, 1, RP, N_PAD)
     C, BM, BK, BN, warps, stages = GPU_CLUSTER[RP]
-    blocks = triton.cdiv(T, BM)
-    wanted = triton.cdiv(FUSED_PROGRAMS_PER_SM * _multiprocessors(device), blocks)
-    split = max(1, min(wanted, FUSED_MAX_SPLIT, triton.cdiv(d_out, BN)))
-    return ClusterConfig(C // RP, RP, N_PAD, BM, BK, BN, split, warps, stages)
+    return ClusterConfig(C, BM, BK, BN, _d_out_split(T, d_out, BM, BN, device), warps, stages, RP, N_PAD)
 
 
 def bgmv_config(r_max: int, d_in: int, d_out: int) -> BgmvConfig:

@@ -35,7 +35,8 @@ import triton
 import triton.language as tl
 
 from .configs import cluster_config, dot_precision
-from .triton_fused import _gate_expand, _project
+from .triton_common import project
+from .triton_fused import _gate_expand
 
 __all__ = ["cluster_forward_", "token_order"]
 
@@ -66,7 +67,7 @@ def _cluster_pass(x_ptr, a_ptr, b_ptr, out_ptr, idx_ptr, w_ptr, scales_ptr, rank
                   N_PAD: tl.constexpr, PRECISION: tl.constexpr):
     """out[rows, n_start:n_end] += the mixture through the block's used adapters of rank p·G .. p·G + G - 1."""
     adapter, rank_row, live = _pass_columns(used, rank, p, ranks_ptr, r_max, N_PAD, G, RP)
-    h = _project(x_ptr, a_ptr, rows, row_ok, adapter, rank_row, live, d_in, stride_xt, stride_xd,
+    h = project(x_ptr, a_ptr, rows, row_ok, adapter, rank_row, live, d_in, stride_xt, stride_xd,
                  stride_an, stride_ar, stride_ad, BM, BK, G * RP, False, PRECISION)          # (BM, C)
     _gate_expand(h, b_ptr, out_ptr, idx_ptr, w_ptr, scales_ptr, rows, row_ok, adapter, rank_row, live, k, n_start,
                  n_end, stride_bn, stride_bo, stride_br, stride_ot, stride_od, stride_it, stride_ik, stride_wt,

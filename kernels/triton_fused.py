@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from .configs import dot_precision, fused_config
+from .triton_common import column_offsets, project
 
 __all__ = ["fused_forward_", "fused_backward"]
 
@@ -38,33 +39,6 @@ def _columns(ranks_ptr, N, r_max, C: tl.constexpr):
     rank_row = c % r_max
     live = (adapter < N) & (rank_row < tl.load(ranks_ptr + adapter, mask=adapter < N, other=0))
     return adapter, rank_row, live
-
-
-@triton.jit
-def _column_offsets(adapter, rank_row, stride_n, stride_r, C: tl.constexpr, PACKED: tl.constexpr):
-    """Element offset of each column's rank row in a factor stack. PACKED (stride_n == r_max·stride_r, the
-    composer's layout and its transposed views) makes it affine in the column, so the compiler needs no
-    per-column pointers (fewer registers: benchmarks/kernel_compile.py)."""
-    if PACKED:
-        return tl.arange(0, C).to(tl.int64) * stride_r
-    return adapter.to(tl.int64) * stride_n + rank_row * stride_r
-
-
-@triton.jit
-def _project(src_ptr, fac_ptr, rows, row_ok, adapter, rank_row, live, d, stride_st, stride_sd,
-             stride_fn, stride_fr, stride_fd, BM: tl.constexpr, BK: tl.constexpr, C: tl.constexpr,
-             PACKED: tl.constexpr, PRECISION: tl.constexpr):
-    """(BM, C) float32: src[rows] @ F_cat.T over d in BK steps, F (N, r_max, d) with any strides."""
-    src_rows = src_ptr + rows.to(tl.int64)[:, None] * stride_st
-    fac_cols = fac_ptr + _column_offsets(adapter, rank_row, stride_fn, stride_fr, C, PACKED)[None, :]
-    acc = tl.zeros((BM, C), dtype=tl.float32)
-    for k0 in range(0, d, BK):
-        kk = k0 + tl.arange(0, BK)
-        k_ok = kk < d
-        s = tl.load(src_rows + kk[None, :] * stride_sd, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        f = tl.load(fac_cols + kk[:, None] * stride_fd, mask=live[None, :] & k_ok[:, None], other=0.0)
-        acc += tl.dot(s, f.to(s.dtype), input_precision=PRECISION)                             # (BM, C)
-    return acc
 
 
 @triton.jit
@@ -82,7 +56,7 @@ def _gate_expand(h, b_ptr, out_ptr, idx_ptr, w_ptr, scales_ptr, rows, row_ok, ad
         gate += tl.where(e[:, None] == adapter[None, :], w[:, None], 0.0)
     scale = tl.load(scales_ptr + adapter, mask=live, other=0.0).to(tl.float32)
     g = (h * gate * scale[None, :]).to(b_ptr.dtype.element_ty)                                 # (BM, C)
-    b_rows = b_ptr + _column_offsets(adapter, rank_row, stride_bn, stride_br, C, PACKED)[:, None]
+    b_rows = b_ptr + column_offsets(adapter, rank_row, stride_bn, stride_br, C, PACKED)[:, None]
     out_rows = out_ptr + rows.to(tl.int64)[:, None] * stride_ot
     for n0 in range(n_start, n_end, BN):
         n = n0 + tl.arange(0, BN)
@@ -108,7 +82,7 @@ def _fused_kernel(
     rows = block * BM + tl.arange(0, BM)
     row_ok = rows < T
     adapter, rank_row, live = _columns(ranks_ptr, N, r_max, C)
-    h = _project(x_ptr, a_ptr, rows, row_ok, adapter, rank_row, live, d_in, stride_xt, stride_xd,
+    h = project(x_ptr, a_ptr, rows, row_ok, adapter, rank_row, live, d_in, stride_xt, stride_xd,
                  stride_an, stride_ar, stride_ad, BM, BK, C, A_PACKED, PRECISION)              # (BM, C)
     _gate_expand(h, b_ptr, out_ptr, idx_ptr, w_ptr, scales_ptr, rows, row_ok, adapter, rank_row, live, k,
                  part * chunk, tl.minimum(part * chunk + chunk, d_out), stride_bn, stride_bo, stride_br, stride_ot,
@@ -127,9 +101,9 @@ def _fused_dweights_kernel(
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     row_ok = rows < T
     adapter, rank_row, live = _columns(ranks_ptr, N, r_max, C)
-    h = _project(x_ptr, a_ptr, rows, row_ok, adapter, rank_row, live, d_in, stride_xt, stride_xd,
+    h = project(x_ptr, a_ptr, rows, row_ok, adapter, rank_row, live, d_in, stride_xt, stride_xd,
                  stride_an, stride_ar, stride_ad, BM, BK, C, A_PACKED, PRECISION)              # x @ A_cat.T
-    g = _project(grad_ptr, b_ptr, rows, row_ok, adapter, rank_row, live, d_out, stride_gt, stride_gd,
+    g = project(grad_ptr, b_ptr, rows, row_ok, adapter, rank_row, live, d_out, stride_gt, stride_gd,
                  stride_bn, stride_br, stride_bo, BM, BK, C, B_PACKED, PRECISION)              # grad @ B_cat.T
     scale = tl.load(scales_ptr + adapter, mask=live, other=0.0).to(tl.float32)
     product = h * g * scale[None, :]                                                            # (BM, C)

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .configs import dot_precision, shrink_config
-from .triton_common import find_block
+from .triton_common import find_block, project
 from .triton_plan import GroupPlan
 
 __all__ = ["shrink"]
@@ -33,15 +33,8 @@ def _shrink_kernel(
         tokens = tl.load(sorted_ptr + rows, mask=row_ok, other=0) // k
         r = tl.arange(0, BR)
         r_ok = r < tl.load(ranks_ptr + adapter)
-        x_rows = x_ptr + tokens.to(tl.int64)[:, None] * stride_xt
-        a_cols = a_ptr + adapter.to(tl.int64) * stride_an + r[None, :] * stride_ar
-        acc = tl.zeros((BM, BR), dtype=tl.float32)
-        for k0 in range(0, d_in, BK):
-            kk = k0 + tl.arange(0, BK)
-            k_ok = kk < d_in
-            x = tl.load(x_rows + kk[None, :] * stride_xd, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            a = tl.load(a_cols + kk[:, None] * stride_ad, mask=r_ok[None, :] & k_ok[:, None], other=0.0)
-            acc += tl.dot(x, a.to(x.dtype), input_precision=PRECISION)                      # (BM, BR)
+        acc = project(x_ptr, a_ptr, tokens, row_ok, adapter, r, r_ok, d_in, stride_xt, stride_xd, stride_an,
+                      stride_ar, stride_ad, BM, BK, BR, False, PRECISION)                        # (BM, BR)
         if HAS_COEF:
             w = tl.load(w_ptr + tokens * stride_wt + slot * stride_wk, mask=row_ok, other=0.0).to(tl.float32)
             acc = acc * (w * tl.load(scales_ptr + adapter).to(tl.float32))[:, None]

@@ -344,8 +344,8 @@ def test_triton_cluster_runs_several_passes_per_token_block(monkeypatch):
 
     def small_blocks(num_adapters, r_max, T, d_out, device):
         RP = configs.rank_block(r_max)
-        return configs.ClusterConfig(2, RP, max(16, 1 << (num_adapters - 1).bit_length()), BM=16, BK=32, BN=16,
-                                     split=3, num_warps=1, num_stages=1)
+        return configs.ClusterConfig(C=2 * RP, BM=16, BK=32, BN=16, split=3, num_warps=1, num_stages=1, RP=RP,
+                                     N_PAD=max(16, 1 << (num_adapters - 1).bit_length()))          # G = 2
 
     monkeypatch.setattr(triton_cluster, "cluster_config", small_blocks)
     case = make_case(45, 100, 70, 23, 6, 3, dtype=torch.float32, seed=4)
