@@ -108,6 +108,11 @@ class FusedConfig:
     num_warps: int
     num_stages: int
 
+    def d_out_chunks(self, d_out: int) -> tuple[int, int]:
+        """(chunk, chunks): d_out in at most `split` chunks of whole BN steps (the last one ragged)."""
+        chunk = triton.cdiv(triton.cdiv(d_out, self.split), self.BN) * self.BN
+        return chunk, triton.cdiv(d_out, chunk)
+
 
 @dataclass(frozen=True)
 class ClusterConfig(FusedConfig):

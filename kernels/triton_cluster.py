@@ -140,8 +140,7 @@ def cluster_forward_(out, x, A, B, scales, idx, weights, ranks) -> None:
     cfg = cluster_config(N, r_max, T, d_out, x.device)
     order = token_order(idx, N)
     blocks = triton.cdiv(T, cfg.BM)
-    chunk = triton.cdiv(triton.cdiv(d_out, cfg.split), cfg.BN) * cfg.BN
-    split = triton.cdiv(d_out, chunk)
+    chunk, split = cfg.d_out_chunks(d_out)
     for later in (False, True):
         _cluster_kernel[(blocks * split,)](
             x, A, B, out, idx, weights, scales, ranks, order, T, N, idx.shape[1], r_max, d_in, d_out, split, chunk,

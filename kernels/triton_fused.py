@@ -126,8 +126,7 @@ def fused_forward_(out, x, A, B, scales, idx, weights, ranks) -> None:
     d_out = B.shape[1]
     cfg = fused_config(N * r_max, T, d_out, x.device)
     blocks = triton.cdiv(T, cfg.BM)
-    chunk = triton.cdiv(triton.cdiv(d_out, cfg.split), cfg.BN) * cfg.BN
-    split = triton.cdiv(d_out, chunk)
+    chunk, split = cfg.d_out_chunks(d_out)
     _fused_kernel[(blocks * split,)](
         x, A, B, out, idx, weights, scales, ranks, T, N, idx.shape[1], r_max, d_in, d_out, split, chunk,
         x.stride(0), x.stride(1), A.stride(0), A.stride(1), A.stride(2), B.stride(0), B.stride(1), B.stride(2),

@@ -47,7 +47,7 @@ def reference_of(case):
 @contextlib.contextmanager
 def strategy(name):
     """Pin a backend's strategy: torch dense / sorted (by making the other look expensive), or the triton
-    backend's fused / bgmv / plan (configs.pin_triton_strategy, forward and backward)."""
+    backend's fused / cluster / bgmv / plan (configs.pin_triton_strategy, forward and backward)."""
     cost = configs.TORCH_COST["cpu"]
     saved = dict(cost)
     if name == "dense":
@@ -62,8 +62,8 @@ def strategy(name):
 
 
 def run(case, backend, **kwargs):
-    """backend may be 'torch-dense' / 'torch-sorted' / 'triton-fused' / 'triton-plan' / 'triton-bgmv' to pin
-    a strategy."""
+    """backend may be 'torch-dense' / 'torch-sorted' / 'triton-fused' / 'triton-cluster' / 'triton-plan' /
+    'triton-bgmv' to pin a strategy."""
     name, _, pinned = backend.partition("-")
     with strategy(pinned):
         return lora_mixture(case["x"], case["A"], case["B"], case["scales"], case["idx"], case["weights"],
@@ -378,10 +378,7 @@ def test_unvalidated_ids_past_the_stack_count_as_empty_and_read_nothing(backend)
     assert_close_to(run(views, backend, base=case["base"], validate=False), expected, torch.float32)
     x = case["x"].clone().requires_grad_()
     weights = case["weights"].clone().requires_grad_()
-    name, _, pinned = backend.partition("-")
-    with strategy(pinned):
-        lora_mixture(x, views["A"], views["B"], views["scales"], bad, weights, ranks=views["ranks"],
-                     base=case["base"], backend=name, validate=False).sum().backward()
+    run(dict(views, x=x, weights=weights), backend, base=case["base"], validate=False).sum().backward()
     assert torch.isfinite(x.grad).all()
     assert torch.equal(weights.grad[bad >= N], torch.zeros_like(weights.grad[bad >= N]))
 
