@@ -5,6 +5,7 @@ a batch of 8 x 128 tokens, no grad. Times (medians) and ratios to the base forwa
   ours_arrow_top2       adaptermix.compose(..., ArrowRouter(top_k=2)) (backend 'auto': the cpu kernels on a CPU)
   ours_arrow_top2[torch]  the same with backend="torch" (segmented matmuls)
   ours_per_sequence     adaptermix.compose(..., PerSequenceRouter()), one adapter per sequence
+  ours_per_sequence[torch]  the same with backend="torch" (its runs pass: each sequence's rows as they lie)
   peft_arrow_top2       peft.create_arrow_model (dense einsum over all 16 adapters)
   peft_mixed_batch      PeftModel with the 16 adapters, adapter_names= one per sequence
 Target (issue 4): ours_arrow_top2 <= 1.5x on CPU. Writes benchmarks/results/compose_forward_<device>.json.
@@ -89,6 +90,11 @@ def main(device: str = "cpu", adapters: int = 16, repeats: int = 5, out: str | N
     per_sequence = am.compose(load_smollm2()[0].to(device), library, router, trace=False)
     router.assign(names[:8])
     methods["ours_per_sequence"] = lambda: per_sequence(inputs)
+    router_torch = am.PerSequenceRouter()
+    per_sequence_torch = am.compose(load_smollm2()[0].to(device), library, router_torch, trace=False,
+                                    backend="torch")
+    router_torch.assign(names[:8])
+    methods["ours_per_sequence[torch]"] = lambda: per_sequence_torch(inputs)
 
     peft_arrow = create_arrow_model(load_smollm2()[0], [str(c) for c in checkpoints],
                                     ArrowConfig(top_k=2, router_temperature=1.0)).to(device).eval()

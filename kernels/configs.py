@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 import triton
 
-__all__ = ["TORCH_COST", "ShrinkConfig", "ExpandConfig", "BgmvConfig", "FusedConfig", "ClusterConfig",
+__all__ = ["TORCH_COST", "TORCH_RUN_TOKENS_PER_RANK", "TORCH_STRATEGIES", "pin_torch_strategy",
+           "pinned_torch_strategy", "ShrinkConfig", "ExpandConfig", "BgmvConfig", "FusedConfig", "ClusterConfig",
            "TRITON_STRATEGIES", "block_m", "triton_strategy", "pin_triton_strategy", "bgmv_config", "fused_columns",
            "fused_fits", "fused_config", "cluster_fits", "cluster_config", "shrink_config", "expand_config",
            "rank_block", "dot_precision"]
@@ -133,6 +134,33 @@ class ClusterConfig(FusedConfig):
 # The paths cross at n·r ≈ 75·k.
 TORCH_COST = {"cpu": {"sorted_fixed": 1.0e7, "sorted_per_pair_feature": 150.0},
               "cuda": {"sorted_fixed": 5.0e7, "sorted_per_pair_feature": 200.0}}
+# Where the cost model does not pick dense and tokens come in G runs of identical routing rows (one adapter
+# set per sequence), the runs pass replaces the sorted one while G·r_max·TORCH_RUN_TOKENS_PER_RANK <= T: its
+# factor copies are then at most a quarter of the rows the sorted pass gathers and scatters. CPU, d = 576,
+# r = 8, N = 64, 2026-12-02: runs ahead of sorted up to G = 32 at T = 1024 and G = 16 at T = 256, for k = 1
+# and 2 (G = 8 at T = 256 is this rule's bound).
+TORCH_RUN_TOKENS_PER_RANK = 4
+TORCH_STRATEGIES = ("dense", "runs", "sorted")
+_pinned_torch_strategy: str | None = None
+
+
+def pinned_torch_strategy() -> str | None:
+    return _pinned_torch_strategy
+
+
+@contextlib.contextmanager
+def pin_torch_strategy(strategy: str | None):
+    """Run the torch backend's forward with one strategy inside the block (tests, benchmarks): 'dense' (also
+    past n·r = min(d_in, d_out), where `auto` never takes it), 'runs' (any number of runs) or 'sorted';
+    None leaves the choice to the cost model."""
+    global _pinned_torch_strategy
+    if strategy is not None and strategy not in TORCH_STRATEGIES:
+        raise ValueError(f"strategy must be one of {TORCH_STRATEGIES} or None, got {strategy!r}")
+    saved, _pinned_torch_strategy = _pinned_torch_strategy, strategy
+    try:
+        yield
+    finally:
+        _pinned_torch_strategy = saved
 
 
 def interpreting() -> bool:

@@ -1,26 +1,32 @@
-"""Torch backend: segmented matmuls over the adapters actually used, or, when those are few, two dense
-GEMMs over just them (chosen per shape by a cost model, kernels/configs.py).
+"""Torch backend: three forward strategies, chosen per call (`forward_`; configs.TORCH_COST and
+TORCH_RUN_TOKENS_PER_RANK, or pinned with configs.pin_torch_strategy):
 
-Forward: `forward_sorted_` sorts all (token, slot) pairs by adapter once and runs chunks of rows, each with
-one grouped matmul per factor; `forward_dense_` multiplies by the used adapters' stacked factors.
+    dense   two GEMMs over the used adapters' stacked factors: (x @ A_used.T) * gate @ B_used; only while
+            n·r <= min(d_in, d_out) and the cost model prefers it (small stacks, small batches)
+    runs    tokens in G runs of identical routing rows (one adapter set per sequence): x's rows are the
+            groups as they lie, each run multiplies by its own k adapters' factors, gathered once (G·k·r·d);
+            no row gather, no scatter, no sort; while G·r_max·4 <= T
+    sorted  every (token, slot) pair sorted by adapter once, rows processed in chunks, each chunk one
+            grouped matmul per factor over the adapters it spans
+
 Backward (and the Triton-shaped per-slot algorithm in kernels/mixture.py): `shrink` / `expand`.
 
-In the segmented paths rows are sorted by adapter; each adapter's segment is multiplied by its own factor
-with one `torch._grouped_mm` call (a C++ loop over groups on CPU, a grouped GEMM on CUDA). Where that op is
-missing or refuses the dtype / layout (float64, unaligned CUDA shapes), a Python loop over the *used*
-adapters does the same. Scratch per call: the gathered rows (P, d) and their result (P, d'): at most
-input- and output-sized, never (T, k, d) nor (T, k, r, d).
+Grouped matmuls run as one `torch._grouped_mm` call (a C++ loop over groups on CPU, a grouped GEMM on
+CUDA). Where that op is missing or refuses the dtype / layout (float64, unaligned CUDA shapes), a Python loop
+over the groups does the same. Scratch per call: at most input- and output-sized (the gathered rows (P, d),
+their result (P, d'), the runs pass's (T, d_out) update), never (T, k, d) nor (T, k, r, d).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .configs import TORCH_COST
+from . import configs
+from .configs import TORCH_COST, TORCH_RUN_TOKENS_PER_RANK
 from .plan import SlotPlan, accumulator_dtype, plan_slot, sort_by_adapter
 
 __all__ = ["forward_", "backward", "shrink", "expand", "grouped_matmul", "prefer_dense", "forward_dense_",
-           "forward_sorted_", "known_ids"]
+           "forward_runs_", "forward_sorted_", "slot_keys", "known_ids", "token_runs"]
 
 
 def _loop_grouped(rows: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -94,7 +100,29 @@ def expand(h: torch.Tensor, B: torch.Tensor, ranks, plan: SlotPlan, out: torch.T
     out.index_add_(0, plan.tokens[:P], update)
 
 
-# -- dense over the used adapters (forward only; the backward pass uses the segmented primitives) ----
+# -- routing keys and strategy --------------------------------------------------------------------
+
+def slot_keys(idx: torch.Tensor, num_adapters: int) -> torch.Tensor:
+    """idx (T, k) as keys in [0, N]: an adapter id, or N for an empty slot. Ids outside [-1, N) (possible
+    when the caller skipped validation) count as empty too: no index past the stacks, on the CPU or the GPU.
+    clamp sends them to -1 or N, and -1 mod (N + 1) = N."""
+    return idx.clamp(-1, num_adapters).remainder_(num_adapters + 1)
+
+
+def known_ids(idx: torch.Tensor, num_adapters: int) -> torch.Tensor:
+    """idx with ids outside [-1, N) turned into empty slots (-1)."""
+    return torch.where((idx >= 0) & (idx < num_adapters), idx, -1)
+
+
+def used_adapters(keys: torch.Tensor, num_adapters: int, r_max: int, d: int) -> torch.Tensor | None:
+    """The adapters the keys route to (sorted), or None for "all of them" when the stack is narrower than d
+    and the batch has pairs enough to use nearly every adapter (T·k >= 4N: 1 - e^-4 = 98% under uniform
+    routing), where finding the used ones would cost an op and a sync to gain nothing."""
+    if num_adapters * r_max <= d and keys.numel() >= 4 * num_adapters:
+        return None
+    used = torch.unique(keys)
+    return used[used < num_adapters]
+
 
 def prefer_dense(T: int, d_in: int, d_out: int, used_rank: int, k: int, device_type: str) -> bool:
     """Two dense GEMMs over the used adapters' n·r columns, or one sorted pass? (configs.TORCH_COST)
@@ -109,35 +137,74 @@ def prefer_dense(T: int, d_in: int, d_out: int, used_rank: int, k: int, device_t
     return dense <= sorted_pass
 
 
-def used_adapters(idx: torch.Tensor, num_adapters: int, r_max: int, d: int) -> torch.Tensor:
-    """The adapters idx routes to; all of them (no sort) when the whole stack is narrower than d."""
-    if num_adapters * r_max <= d:
-        return torch.arange(num_adapters, device=idx.device)
-    used = torch.unique(idx)
-    return used[used >= 0]
+def token_runs(keys: torch.Tensor) -> torch.Tensor:
+    """Start of each run of tokens with identical routing rows (the first is 0): (G,), one sync."""
+    change = (keys[1:] != keys[:-1]).any(1)
+    return torch.cat([change.new_zeros(1, dtype=torch.long), torch.nonzero(change).flatten() + 1])
 
 
-def forward_dense_(out, x, A, B, scales, idx, weights, ranks, used: torch.Tensor) -> None:
-    """out += mixture, computed as (x @ A_used.T) * gate @ B_used over the n used adapters."""
+def runs_pay(G: int, T: int, r_max: int) -> bool:
+    """The runs pass copies G·k·r_max·(d_in + d_out) factor entries where the sorted pass moves k·T rows of
+    x and of the output: it runs while that is at most a quarter (configs.TORCH_RUN_TOKENS_PER_RANK)."""
+    return G * r_max * TORCH_RUN_TOKENS_PER_RANK <= T
+
+
+# -- dense over the used adapters (forward only; the backward pass uses the segmented primitives) ----
+
+def forward_dense_(out, x, A, B, scales, keys, weights, ranks, used: torch.Tensor | None) -> None:
+    """out += mixture, computed as (x @ A_used.T) * gate @ B_used over the n used adapters (None: all)."""
     N, r_max, d_in = A.shape
-    T, k = idx.shape
-    n = used.shape[0]
-    if n == 0:
-        return
+    T = keys.shape[0]
     acc = accumulator_dtype(x.dtype)
-    position = torch.full((N + 1,), n, dtype=torch.long, device=x.device)
-    position[used] = torch.arange(n, device=x.device)
-    slot_pos = position[torch.where(idx >= 0, idx, N)]                                     # (T, k), n = empty
-    coef = weights.to(acc) * scales.to(acc)[idx.clamp_min(0)] * (idx >= 0)                 # (T, k)
-    gate = torch.zeros(T, n + 1, dtype=acc, device=x.device).scatter_add_(1, slot_pos, coef)[:, :n]
-    A_used, B_used = (A, B) if n == N else (A[used], B[used])
+    B_rows = B.transpose(1, 2)                                                             # (N, r_max, d_out)
+    if used is None:
+        n, columns, A_used, B_used, scale = N, keys, A, B_rows, scales
+    else:
+        n = used.shape[0]
+        if n == 0:
+            return
+        position = torch.full((N + 1,), n, dtype=torch.long, device=x.device)
+        position[used] = torch.arange(n, device=x.device)
+        columns = torch.take(position, keys)                                               # (T, k), n = empty
+        # index_select, not A[used]: several times faster on the CPU
+        A_used, B_used, scale = (t.index_select(0, used) for t in (A, B_rows, scales))
+    # the gate of each used adapter per token; empty slots (column n) fall in a column that is dropped
+    gate = torch.zeros(T, n + 1, dtype=acc, device=x.device).scatter_add_(1, columns, weights.to(acc))
+    gate = gate[:, :n] * scale.to(acc)
     hidden = (x @ A_used.reshape(n * r_max, d_in).T).to(acc).view(T, n, r_max)            # (T, n, r_max)
-    hidden = hidden * gate[:, :, None]
-    if bool((ranks < r_max).any()):  # where, not a product: padding may overflow to inf in half precision
-        keep = torch.arange(r_max, device=x.device)[None, :] < ranks[used][:, None]        # (n, r_max)
+    hidden = hidden.mul_(gate[:, :, None])
+    rank = ranks if used is None else ranks.index_select(0, used)
+    if int(rank.min()) < r_max:   # where, not a product: padding may overflow to inf in half precision
+        keep = torch.arange(r_max, device=x.device)[None, :] < rank[:, None]               # (n, r_max)
         hidden = torch.where(keep[None], hidden, 0.0)
-    B_used = B_used.permute(0, 2, 1).reshape(n * r_max, B.shape[1])                         # (n·r, d_out)
-    out.addmm_(hidden.view(T, n * r_max).to(out.dtype), B_used.to(out.dtype))
+    out.addmm_(hidden.view(T, n * r_max).to(out.dtype), B_used.reshape(n * r_max, B.shape[1]).to(out.dtype))
+
+
+# -- runs of identically routed tokens (forward only) -------------------------------------------------
+
+def forward_runs_(out, x, A, B, scales, keys, weights, ranks, starts: torch.Tensor) -> None:
+    """out += mixture where tokens come in G runs of identical routing rows (one adapter set per sequence:
+    multi-tenant serving). x's rows are the groups as they lie, each run multiplies by its k adapters'
+    factors side by side (G, k·r_max, d), gathered once: no row gather, no scatter, no sort."""
+    N, r_max, d_in = A.shape
+    T, k = keys.shape
+    G = starts.shape[0]
+    acc = accumulator_dtype(x.dtype)
+    ends = torch.cat([starts[1:], starts.new_full((1,), T)]).int()                         # (G,)
+    run_keys = keys[starts].reshape(-1)                                                    # (G·k,)
+    adapters = run_keys.clamp(max=N - 1)
+    A_run = A.index_select(0, adapters)                                                    # (G·k, r_max, d_in)
+    # columns past an adapter's rank, and every column of an empty slot, are zeroed in the copied factor
+    rank = torch.where(run_keys < N, ranks[adapters], 0)
+    if int(rank.min()) < r_max:
+        past_rank = torch.arange(r_max, device=x.device)[None, :] >= rank[:, None]          # (G·k, r_max)
+        A_run = A_run.masked_fill_(past_rank[:, :, None], 0)
+    B_run = B.transpose(1, 2).index_select(0, adapters)                                    # (G·k, r_max, d_out)
+    A_run, B_run = A_run.view(G, k * r_max, d_in), B_run.view(G, k * r_max, B.shape[1])
+    coef = torch.where(keys < N, weights.to(acc) * scales.to(acc)[keys.clamp(max=N - 1)], 0.0)    # (T, k)
+    hidden = grouped_matmul(x, A_run.transpose(1, 2), ends).to(acc).view(T, k, r_max)     # (T, k, r_max)
+    hidden = hidden.mul_(coef[:, :, None]).view(T, k * r_max)
+    out.add_(grouped_matmul(hidden.to(out.dtype), B_run, ends))
 
 
 # -- all slots at once, in chunks (forward only) ------------------------------------------------------
@@ -145,12 +212,12 @@ def forward_dense_(out, x, A, B, scales, idx, weights, ranks, used: torch.Tensor
 CHUNK_ROWS = 1024  # a chunk holds max(T, CHUNK_ROWS) pairs: scratch is output-sized or constant
 
 
-def forward_sorted_(out, x, A, B, scales, idx, weights, ranks) -> None:
+def forward_sorted_(out, x, A, B, scales, keys, weights, ranks) -> None:
     """out += mixture: every (token, slot) pair sorted by adapter once, then processed in chunks of rows;
     each chunk runs one grouped matmul per factor over just the adapters it spans."""
     N, r_max, _ = A.shape
-    T, k = idx.shape
-    plan = sort_by_adapter(idx.reshape(-1), N)                     # entry ids are pair ids t·k + j
+    T, k = keys.shape
+    plan = sort_by_adapter(keys.reshape(-1), N)                    # entry ids are pair ids t·k + j
     P = plan.routed()
     if P == 0:
         return
@@ -159,7 +226,7 @@ def forward_sorted_(out, x, A, B, scales, idx, weights, ranks) -> None:
     acc = accumulator_dtype(x.dtype)
     coef = weights.reshape(-1)[pairs].to(acc) * scales.to(acc)[adapters]                   # (P,)
     ends = plan.offsets.long()
-    masked = bool((ranks < r_max).any())
+    masked = int(ranks.min()) < r_max
     chunk = max(T, CHUNK_ROWS)
     for start in range(0, P, chunk):
         stop = min(start + chunk, P)
@@ -177,20 +244,25 @@ def forward_sorted_(out, x, A, B, scales, idx, weights, ranks) -> None:
 
 # -- the backend's entry points (kernels/mixture.py) ---------------------------------------------------
 
-def known_ids(idx: torch.Tensor, num_adapters: int) -> torch.Tensor:
-    """idx with ids outside [-1, N) (possible when the caller skipped validation) turned into empty slots:
-    no index past the stacks, on the CPU or the GPU."""
-    return torch.where((idx >= 0) & (idx < num_adapters), idx, -1)
-
-
 def forward_(out, x, A, B, scales, idx, weights, ranks) -> None:
-    """out += mixture: dense over the used adapters or one sorted pass, whichever the cost model prefers."""
-    idx = known_ids(idx, A.shape[0])
-    used = used_adapters(idx, A.shape[0], A.shape[1], min(x.shape[1], B.shape[1]))
-    if prefer_dense(x.shape[0], x.shape[1], B.shape[1], used.numel() * A.shape[1], idx.shape[1], x.device.type):
-        forward_dense_(out, x, A, B, scales, idx, weights, ranks, used)
-    else:
-        forward_sorted_(out, x, A, B, scales, idx, weights, ranks)
+    """out += mixture: dense over the used adapters where the cost model prefers it, else the runs pass
+    where tokens come in few runs routed alike, else one sorted pass (a strategy pinned with
+    configs.pin_torch_strategy wins)."""
+    N, r_max, _ = A.shape
+    T, k = idx.shape
+    if T == 0 or k == 0:
+        return
+    keys = slot_keys(idx, N)
+    pinned = configs.pinned_torch_strategy()
+    used = used_adapters(keys, N, r_max, min(x.shape[1], B.shape[1])) if pinned in (None, "dense") else None
+    if pinned == "dense" or pinned is None and prefer_dense(
+            T, x.shape[1], B.shape[1], (N if used is None else used.numel()) * r_max, k, x.device.type):
+        return forward_dense_(out, x, A, B, scales, keys, weights, ranks, used)
+    if pinned != "sorted":
+        starts = token_runs(keys)
+        if pinned == "runs" or runs_pay(starts.shape[0], T, r_max):
+            return forward_runs_(out, x, A, B, scales, keys, weights, ranks, starts)
+    forward_sorted_(out, x, A, B, scales, keys, weights, ranks)
 
 
 def _coef(weights, scales, plan: SlotPlan, slot: int) -> torch.Tensor:

@@ -46,24 +46,16 @@ def reference_of(case):
 
 @contextlib.contextmanager
 def strategy(name):
-    """Pin a backend's strategy: torch dense / sorted (by making the other look expensive), or the triton
-    backend's fused / cluster / bgmv / plan (configs.pin_triton_strategy, forward and backward)."""
-    cost = configs.TORCH_COST["cpu"]
-    saved = dict(cost)
-    if name == "dense":
-        cost.update(sorted_fixed=1e30)
-    elif name == "sorted":
-        cost.update(sorted_fixed=0.0, sorted_per_pair_feature=0.0)
-    try:
-        with configs.pin_triton_strategy(name if name in configs.TRITON_STRATEGIES else None):
-            yield
-    finally:
-        cost.update(saved)
+    """Pin a backend's strategy: the torch backend's dense / runs / sorted, or the triton backend's fused /
+    cluster / bgmv / plan (forward and backward)."""
+    with configs.pin_torch_strategy(name if name in configs.TORCH_STRATEGIES else None), \
+            configs.pin_triton_strategy(name if name in configs.TRITON_STRATEGIES else None):
+        yield
 
 
 def run(case, backend, **kwargs):
-    """backend may be 'torch-dense' / 'torch-sorted' / 'triton-fused' / 'triton-cluster' / 'triton-plan' /
-    'triton-bgmv' to pin a strategy."""
+    """backend may be 'torch-dense' / 'torch-runs' / 'torch-sorted' / 'triton-fused' / 'triton-cluster' /
+    'triton-plan' / 'triton-bgmv' to pin a strategy."""
     name, _, pinned = backend.partition("-")
     with strategy(pinned):
         return lora_mixture(case["x"], case["A"], case["B"], case["scales"], case["idx"], case["weights"],
@@ -124,16 +116,14 @@ CASES = [("reference", torch.float64), ("triton-plan", torch.float32), ("triton-
          ("triton-fused", torch.float16), ("triton-cluster", torch.float32), ("triton-cluster", torch.float16),
          ("cpu", torch.float64),
          ("cpu", torch.float32)] + [
-    (f"torch-{strategy}", dtype) for strategy in ("dense", "sorted")
+    (f"torch-{strategy}", dtype) for strategy in configs.TORCH_STRATEGIES
     for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16)]
 
 
 def applies(shape, backend) -> bool:
-    """The torch dense path is only taken while n·r <= min(d_in, d_out); the fused kernels take
-    N·r_max <= configs.FUSED_MAX_COLUMNS, the clustered one N <= configs.CLUSTER_MAX_ADAPTERS."""
+    """The fused kernels take N·r_max <= configs.FUSED_MAX_COLUMNS, the clustered one
+    N <= configs.CLUSTER_MAX_ADAPTERS."""
     T, d_in, d_out, N, r_max, k, _ = SHAPES[shape]
-    if backend == "torch-dense":
-        return N * r_max <= min(d_in, d_out)
     if backend == "triton-fused":
         return configs.fused_fits(N * r_max)
     if backend == "triton-cluster":
@@ -181,8 +171,63 @@ def test_one_adapter_per_sequence_equals_plain_lora():
 def test_zero_weights_and_empty_slots_give_the_base_exactly():
     case = build("aligned", torch.float32)
     case["weights"] = torch.zeros_like(case["weights"])
-    for backend in ("torch-dense", "torch-sorted", "triton-fused", "triton-plan", "triton-bgmv", "cpu"):
+    for backend in ("torch-dense", "torch-runs", "torch-sorted", "triton-fused", "triton-plan", "triton-bgmv",
+                    "cpu"):
         assert torch.equal(run(case, backend, base=case["base"]), case["base"])
+
+
+def per_sequence_case(dtype, d_out=48):
+    """Five sequences of ragged lengths, each routed to its own adapter pair (k = 2): an empty slot in one, a
+    duplicate adapter in another, the first and last the same pair; mixed ranks, per-token weights."""
+    pairs, lengths = [[3, 0], [5, -1], [2, 2], [0, 4], [3, 0]], [7, 1, 12, 5, 9]
+    idx = torch.cat([torch.tensor(pair).repeat(n, 1) for pair, n in zip(pairs, lengths)])
+    return make_case(idx.shape[0], 40, d_out, 6, 8, 2, dtype=dtype, seed=3, idx=idx)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d_out", [48, 36])        # 36: fp16 / bf16 rows not 16-byte aligned (the loop fallback)
+def test_torch_runs_pass_multiplies_each_run_by_its_own_adapters(dtype, d_out):
+    from adaptermix.kernels import torch_backend
+
+    case = per_sequence_case(dtype, d_out)
+    keys = torch_backend.slot_keys(case["idx"], 6)
+    assert torch_backend.token_runs(keys).tolist() == [0, 7, 8, 20, 25]
+    expected = reference_of(case)
+    assert_close_to(run(case, "torch-runs", base=case["base"]), expected, dtype)
+    out = case["base"].clone()
+    run(case, "torch-runs", out=out)
+    assert_close_to(out, expected, dtype)
+    assert_gradients_match(case, "torch-runs", dtype)            # backward: the per-slot sorted primitives
+
+
+def test_torch_strategy_by_shape(monkeypatch):
+    """auto: dense over a narrow stack, the runs pass for per-sequence batches over a wide one, the sorted
+    pass for per-token routing; a pin wins, and an unknown one is refused by name."""
+    from adaptermix.kernels import torch_backend
+
+    taken = []
+    for name in ("forward_dense_", "forward_runs_", "forward_sorted_"):
+        monkeypatch.setattr(torch_backend, name, lambda *args, name=name: taken.append(name[8:-1]))
+
+    def strategy_of(N, idx, pin=None):
+        case = make_case(idx.shape[0], 64, 64, N, 8, idx.shape[1], dtype=torch.float32, idx=idx)
+        taken.clear()
+        run(case, "torch" if pin is None else f"torch-{pin}", base=case["base"])
+        return taken[0]
+
+    gen = torch.Generator().manual_seed(0)
+    top2 = torch.stack([torch.randperm(32, generator=gen)[:2] for _ in range(512)])
+    sequences = (torch.arange(512) // 32)[:, None] * 2                      # 16 runs of 32 tokens, 16 adapters
+    assert strategy_of(4, top2 % 4) == "dense"                               # N·r = 32 <= d = 64
+    assert strategy_of(32, sequences) == "runs"                              # 16 used: n·r = 128 > d
+    assert strategy_of(32, top2) == "sorted"
+    assert strategy_of(32, (torch.arange(512) // 16)[:, None] % 32) == "sorted"    # 32 runs: G·r·4 > T
+    assert strategy_of(32, top2, pin="runs") == "runs"
+    assert strategy_of(4, top2 % 4, pin="sorted") == "sorted"
+    assert strategy_of(32, sequences, pin="dense") == "dense"
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        with configs.pin_torch_strategy("magic"):
+            pass
 
 
 def test_out_refuses_autograd():
@@ -358,7 +403,7 @@ def test_triton_cluster_runs_several_passes_per_token_block(monkeypatch):
 
 
 @pytest.mark.parametrize("backend", ["triton-fused", "triton-cluster", "triton-plan", "triton-bgmv", "torch-dense",
-                                     "torch-sorted"])
+                                     "torch-runs", "torch-sorted"])
 def test_unvalidated_ids_past_the_stack_count_as_empty_and_read_nothing(backend):
     """validate=False skips the idx range check (a device sync); ids >= N then count as empty slots, and no
     factor row, rank or scale past the stack is read (the cpu backend refuses them: test below), forward
@@ -469,8 +514,8 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 GPU_CASES = [("triton-plan", torch.float32), ("triton-plan", torch.float16), ("triton-plan", torch.bfloat16),
              ("triton-bgmv", torch.float32), ("triton-bgmv", torch.bfloat16), ("triton-fused", torch.float32),
              ("triton-fused", torch.float16), ("triton-fused", torch.bfloat16), ("triton-cluster", torch.float32),
-             ("triton-cluster", torch.bfloat16), ("torch", torch.float32),
-             ("torch", torch.bfloat16)]
+             ("triton-cluster", torch.bfloat16), ("torch", torch.float32), ("torch", torch.bfloat16),
+             ("torch-runs", torch.bfloat16), ("torch-sorted", torch.bfloat16)]   # bf16: torch._grouped_mm on CUDA
 
 
 def on_cuda(case):
@@ -503,6 +548,13 @@ def test_cuda_backward_matches_the_reference(shape, backend, dtype):
     case = on_cuda(build(shape, dtype, seed=1))
     grad = torch.randn(case["base"].shape, generator=torch.Generator().manual_seed(2)).to(dtype).cuda()
     assert_gradients_match(case, backend, dtype, grad)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_torch_runs_pass(dtype):
+    case = on_cuda(per_sequence_case(dtype))
+    assert_close_to(run(case, "torch-runs", base=case["base"]), reference_of(case), dtype)
 
 
 @cuda
