@@ -8,12 +8,13 @@
             if e >= 0:                                   # -1: empty slot
                 y[t] += weights[t, j] * scales[e] * (x[t] @ A[e, :ranks[e]].T) @ B[e, :, :ranks[e]].T
 
-Backends: `reference` (the definition, autograd through plain torch), `torch` (segmented matmuls,
-kernels/torch_backend.py), `triton` (kernels/triton_backend.py: fused token-major kernels for small stacks,
-else per-entry or grouped-GEMM kernels) and `cpu` (one fused native pass over the tokens,
-kernels/cpu_backend.py; 'auto' on a CPU when it builds). The torch backend and the triton backend's grouped
-GEMM group the routed (token, slot) entries by adapter and run two primitives over the groups:
-`shrink` (h = coef * x @ A[e].T, float32 accumulate, ranks masked) and `expand` (out[token] += h @ B[e].T).
+Backends: `reference` (the definition, autograd through plain torch), `torch` (dense GEMMs over the used
+adapters, a pass over runs of tokens routed alike, or segmented matmuls: kernels/torch_backend.py), `triton`
+(kernels/triton_backend.py: fused token-major kernels for small stacks, else per-entry or grouped-GEMM
+kernels) and `cpu` (one fused native pass over the tokens, kernels/cpu_backend.py; 'auto' on a CPU when it
+builds). The torch backend's backward and the triton backend's grouped GEMM group the
+routed (token, slot) entries by adapter and run two primitives over the groups: `shrink`
+(h = coef * x @ A[e].T, float32 accumulate, ranks masked) and `expand` (out[token] += h @ B[e].T).
 The backward pass (adapters frozen) reuses them: dx is the same mixture with A and B swapped (transposed
 views), d(weights) comes from two shrinks.
 Entries past an adapter's rank are ignored; they must be finite.
@@ -196,7 +197,7 @@ def lora_mixture(x, A, B, scales, idx, weights, *, ranks=None, base=None, out=No
         ranks: (N,) integer ranks in [1, r_max]; None means every adapter has rank r_max.
         base: (T, d_out) added to the mixture (the base layer's output); None means zeros.
         out: (T, d_out) accumulated into in place and returned (inference: not differentiable).
-        backend: 'auto', 'reference', 'torch' or 'triton'.
+        backend: 'auto', 'reference', 'torch', 'triton' or 'cpu'.
         validate: check shapes, dtypes, devices, idx range and finiteness (the last two sync the device).
             validate=False trusts idx: ids outside [-1, N) are then refused by the cpu backend and count
             as empty slots on the torch and Triton backends (which cannot raise without a device sync);
