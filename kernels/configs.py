@@ -88,7 +88,6 @@ GPU_CLUSTER = {16: (64, 32, 128, 128, 8, 3), 32: (64, 32, 128, 128, 8, 3), 64: (
                128: (128, 32, 64, 64, 8, 2)}
 
 TRITON_STRATEGIES = ("fused", "bgmv", "plan", "cluster")
-_pinned_strategy: str | None = None
 
 
 @dataclass(frozen=True)
@@ -141,26 +140,32 @@ TORCH_COST = {"cpu": {"sorted_fixed": 1.0e7, "sorted_per_pair_feature": 150.0},
 # and 2 (G = 8 at T = 256 is this rule's bound).
 TORCH_RUN_TOKENS_PER_RANK = 4
 TORCH_STRATEGIES = ("dense", "runs", "sorted")
-_pinned_torch_strategy: str | None = None
 
-
-def pinned_torch_strategy() -> str | None:
-    return _pinned_torch_strategy
+# A strategy pinned per backend (tests, benchmarks): None leaves the choice to the backend.
+_STRATEGIES = {"torch": TORCH_STRATEGIES, "triton": TRITON_STRATEGIES}
+_pinned: dict[str, str | None] = {"torch": None, "triton": None}
 
 
 @contextlib.contextmanager
+def _pin(backend: str, strategy: str | None):
+    if strategy is not None and strategy not in _STRATEGIES[backend]:
+        raise ValueError(f"strategy must be one of {_STRATEGIES[backend]} or None, got {strategy!r}")
+    saved, _pinned[backend] = _pinned[backend], strategy
+    try:
+        yield
+    finally:
+        _pinned[backend] = saved
+
+
 def pin_torch_strategy(strategy: str | None):
     """Run the torch backend's forward with one strategy inside the block (tests, benchmarks): 'dense' (also
     past n·r = min(d_in, d_out), where `auto` never takes it), 'runs' (any number of runs) or 'sorted';
     None leaves the choice to the cost model."""
-    global _pinned_torch_strategy
-    if strategy is not None and strategy not in TORCH_STRATEGIES:
-        raise ValueError(f"strategy must be one of {TORCH_STRATEGIES} or None, got {strategy!r}")
-    saved, _pinned_torch_strategy = _pinned_torch_strategy, strategy
-    try:
-        yield
-    finally:
-        _pinned_torch_strategy = saved
+    return _pin("torch", strategy)
+
+
+def pinned_torch_strategy() -> str | None:
+    return _pinned["torch"]
 
 
 def interpreting() -> bool:
@@ -204,8 +209,8 @@ def triton_strategy(T: int, num_adapters: int, r_max: int, capturing: bool = Fal
     CLUSTER_AUTO_MAX_ADAPTERS, 'bgmv' (per-entry kernels) for small batches (while a CUDA graph is captured
     only with many adapters), else 'plan' (the grouped GEMM). A strategy pinned with `pin_triton_strategy`
     wins (fused_config / cluster_config refuse a stack their kernels cannot run, before any launch)."""
-    if _pinned_strategy is not None:
-        return _pinned_strategy
+    if _pinned["triton"] is not None:
+        return _pinned["triton"]
     if fused_fits(num_adapters * r_max):
         return "fused"
     small_batch = T <= BGMV_MAX_TOKENS["interpreter" if interpreting() else "gpu"]
@@ -216,18 +221,10 @@ def triton_strategy(T: int, num_adapters: int, r_max: int, capturing: bool = Fal
     return "plan"
 
 
-@contextlib.contextmanager
 def pin_triton_strategy(strategy: str | None):
     """Run the Triton forward (and backward) with one strategy inside the block (tests, benchmarks);
     None leaves the choice to `triton_strategy`."""
-    global _pinned_strategy
-    if strategy is not None and strategy not in TRITON_STRATEGIES:
-        raise ValueError(f"strategy must be one of {TRITON_STRATEGIES} or None, got {strategy!r}")
-    saved, _pinned_strategy = _pinned_strategy, strategy
-    try:
-        yield
-    finally:
-        _pinned_strategy = saved
+    return _pin("triton", strategy)
 
 
 @functools.lru_cache(maxsize=None)

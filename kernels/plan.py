@@ -35,17 +35,16 @@ class SlotPlan:
         return int(self.offsets[-1]) if self.offsets.numel() else 0
 
 
-def sort_by_adapter(adapter_ids: torch.Tensor, num_adapters: int) -> SlotPlan:
-    """Sort the entries of a 1-D tensor of adapter ids (-1 = none) by adapter; the -1 entries go last."""
-    # Empty entries sort last (key N) and are cut off by the count of valid entries.
-    keys = torch.where(adapter_ids >= 0, adapter_ids, torch.full_like(adapter_ids, num_adapters))
+def sort_by_adapter(keys: torch.Tensor, num_adapters: int) -> SlotPlan:
+    """Sort the entries of a 1-D tensor of keys in [0, N] (torch_backend.slot_keys: N = empty) by adapter;
+    the empty entries go last."""
     order = torch.sort(keys, stable=True).indices
     # scatter_add into a fixed-size buffer: bincount would read max(keys) on the host to size its output
-    counts = torch.zeros(num_adapters + 1, dtype=torch.long, device=adapter_ids.device)
+    counts = torch.zeros(num_adapters + 1, dtype=torch.long, device=keys.device)
     counts = counts.scatter_add_(0, keys, torch.ones_like(keys))[:num_adapters]
     return SlotPlan(tokens=order, adapters=keys[order], offsets=torch.cumsum(counts, 0).int())
 
 
-def plan_slot(idx: torch.Tensor, slot: int, num_adapters: int) -> SlotPlan:
-    """The tokens of slot `slot` sorted by adapter (entry ids are token ids)."""
-    return sort_by_adapter(idx[:, slot], num_adapters)
+def plan_slot(keys: torch.Tensor, slot: int, num_adapters: int) -> SlotPlan:
+    """The tokens of slot `slot` of (T, k) keys sorted by adapter (entry ids are token ids)."""
+    return sort_by_adapter(keys[:, slot], num_adapters)

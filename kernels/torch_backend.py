@@ -26,7 +26,7 @@ from .configs import TORCH_COST, TORCH_RUN_TOKENS_PER_RANK
 from .plan import SlotPlan, accumulator_dtype, plan_slot, sort_by_adapter
 
 __all__ = ["forward_", "backward", "shrink", "expand", "grouped_matmul", "prefer_dense", "forward_dense_",
-           "forward_runs_", "forward_sorted_", "slot_keys", "known_ids", "token_runs"]
+           "forward_runs_", "forward_sorted_", "slot_keys", "token_runs"]
 
 
 def _loop_grouped(rows: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -107,11 +107,6 @@ def slot_keys(idx: torch.Tensor, num_adapters: int) -> torch.Tensor:
     when the caller skipped validation) count as empty too: no index past the stacks, on the CPU or the GPU.
     clamp sends them to -1 or N, and -1 mod (N + 1) = N."""
     return idx.clamp(-1, num_adapters).remainder_(num_adapters + 1)
-
-
-def known_ids(idx: torch.Tensor, num_adapters: int) -> torch.Tensor:
-    """idx with ids outside [-1, N) turned into empty slots (-1)."""
-    return torch.where((idx >= 0) & (idx < num_adapters), idx, -1)
 
 
 def used_adapters(keys: torch.Tensor, num_adapters: int, r_max: int, d: int) -> torch.Tensor | None:
@@ -277,12 +272,12 @@ def _coef(weights, scales, plan: SlotPlan, slot: int) -> torch.Tensor:
 def backward(grad, x, A, B, scales, idx, weights, ranks, need_x: bool, need_weights: bool):
     """(dx or None, dweights or None), one slot at a time."""
     N = A.shape[0]
-    idx = known_ids(idx, N)
+    keys = slot_keys(idx, N)
     acc = accumulator_dtype(x.dtype)
     dx = torch.zeros(x.shape, dtype=acc, device=x.device) if need_x else None
     dweights = torch.zeros(weights.shape, dtype=acc, device=x.device) if need_weights else None
     for slot in range(idx.shape[1]):
-        plan = plan_slot(idx, slot, N)
+        plan = plan_slot(keys, slot, N)
         g = shrink(grad, B.transpose(1, 2), ranks, plan, None)        # (T, R): dy @ B[e]
         if need_weights:
             h = shrink(x, A, ranks, plan, None)                         # (T, R): x @ A[e].T
