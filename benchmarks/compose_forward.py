@@ -3,7 +3,7 @@
 16 random rank-8 LoRA adapters on every attention and MLP linear (q, k, v, o, gate, up, down; 30 layers),
 a batch of 8 x 128 tokens, no grad. Times (medians) and ratios to the base forward for:
   ours_arrow_top2       adaptermix.compose(..., ArrowRouter(top_k=2)) (backend 'auto': the cpu kernels on a CPU)
-  ours_arrow_top2[torch]  the same with backend="torch" (16 rank-8 adapters: its dense path)
+  ours_arrow_top2[torch]  the same with backend="torch" (T = 1024, 16 rank-8 adapters: its sparse pass)
   ours_per_sequence     adaptermix.compose(..., PerSequenceRouter()), one adapter per sequence
   ours_per_sequence[torch]  the same with backend="torch" (its runs pass: each sequence's rows as they lie)
   peft_arrow_top2       peft.create_arrow_model (dense einsum over all 16 adapters)

@@ -126,20 +126,27 @@ class ClusterConfig(FusedConfig):
 
 
 # Torch backend cost model (kernels/torch_backend.prefer_dense), in flop-equivalents. The dense path costs
-# its flops, 2·T·n·r·(d_in + d_out); the sorted pass costs `sorted_fixed` plus `sorted_per_pair_feature`
-# per (token, slot) pair and feature of gather / scatter / small-matmul work. CPU numbers fitted to
-# side-by-side timings: benchmarks/kernel_mixture.py (d = 576: even at n·r = 128, sorted ahead at 512) and
-# benchmarks/compose_forward.py (SmolLM2, 16 rank-8 adapters, top-2: dense 1.47x, sorted 1.81x the base).
-# The paths cross at n·r ≈ 75·k.
-TORCH_COST = {"cpu": {"sorted_fixed": 1.0e7, "sorted_per_pair_feature": 150.0},
+# its flops, 2·T·n·r·(d_in + d_out); the segmented pass costs a fixed part plus, for the sparse pass,
+# `sparse_per_entry_feature` per routing entry (token, slot, rank lane) and feature, and for the sorted pass
+# `sorted_per_pair_feature` per (token, slot) pair and feature of gather / scatter / small-matmul work.
+# CPU sparse numbers fitted 2026-12-02 to side-by-side timings of the two, pinned (d = 576, r = 8,
+# T in {64, 256, 1024}, k in {1, 2}, N in {4, 8, 16, 32}): the model picks the faster in 23 of 24 shapes, the
+# miss by 0.1x the base GEMM. Dense wins below n ≈ 8·k at T = 1024 and up to n = 16 at T = 64 (the sparse
+# pass's ~15 ops). Over a subset of the stack the dense path first finds the used adapters (torch.unique) and
+# gathers their factors: `dense_subset_fixed`, ~0.29 ms measured at T = 64, 16 of 64 adapters used (dense
+# 3.4x against sparse 2.5x the base, pinned, 11 rounds). The sorted numbers (CPU half precision; CUDA, not
+# yet timed there) come from benchmarks/kernel_mixture.py and compose_forward.py runs before the sparse pass.
+TORCH_COST = {"cpu": {"sparse_fixed": 1.8e7, "sparse_per_entry_feature": 8.0, "dense_subset_fixed": 1.7e7,
+                      "sorted_fixed": 1.0e7, "sorted_per_pair_feature": 150.0},
               "cuda": {"sorted_fixed": 5.0e7, "sorted_per_pair_feature": 200.0}}
 # Where the cost model does not pick dense and tokens come in G runs of identical routing rows (one adapter
-# set per sequence), the runs pass replaces the sorted one while G·r_max·TORCH_RUN_TOKENS_PER_RANK <= T: its
+# set per sequence), the runs pass replaces the segmented one while G·r_max·TORCH_RUN_TOKENS_PER_RANK <= T: its
 # factor copies are then at most a quarter of the rows the sorted pass gathers and scatters. CPU, d = 576,
 # r = 8, N = 64, 2026-12-02: runs ahead of sorted up to G = 32 at T = 1024 and G = 16 at T = 256, for k = 1
-# and 2 (G = 8 at T = 256 is this rule's bound).
+# and 2 (G = 8 at T = 256 is this rule's bound); against the sparse pass, per sequence at T = 1024 with 16
+# runs, within the noise of four runs (runs 1.19-1.30x the base, sparse 1.17-1.40x).
 TORCH_RUN_TOKENS_PER_RANK = 4
-TORCH_STRATEGIES = ("dense", "runs", "sorted")
+TORCH_STRATEGIES = ("dense", "runs", "sparse", "sorted")
 
 # A strategy pinned per backend (tests, benchmarks): None leaves the choice to the backend.
 _STRATEGIES = {"torch": TORCH_STRATEGIES, "triton": TRITON_STRATEGIES}
@@ -158,8 +165,9 @@ def _pin(backend: str, strategy: str | None):
 
 
 def pin_torch_strategy(strategy: str | None):
-    """Run the torch backend's forward with one strategy inside the block (tests, benchmarks): 'dense' (also
-    past n·r = min(d_in, d_out), where `auto` never takes it), 'runs' (any number of runs) or 'sorted';
+    """Run the torch backend with one strategy inside the block (tests, benchmarks): 'dense' (also past
+    n·r = min(d_in, d_out), where `auto` never takes it), 'runs' (any number of runs), 'sparse' (any dtype:
+    float32 where torch.sparse does not take it) or 'sorted'; the last two steer the backward pass too.
     None leaves the choice to the cost model."""
     return _pin("torch", strategy)
 

@@ -9,14 +9,14 @@
                 y[t] += weights[t, j] * scales[e] * (x[t] @ A[e, :ranks[e]].T) @ B[e, :, :ranks[e]].T
 
 Backends: `reference` (the definition, autograd through plain torch), `torch` (dense GEMMs over the used
-adapters, a pass over runs of tokens routed alike, or segmented matmuls: kernels/torch_backend.py), `triton`
-(kernels/triton_backend.py: fused token-major kernels for small stacks, else per-entry or grouped-GEMM
-kernels) and `cpu` (one fused native pass over the tokens, kernels/cpu_backend.py; 'auto' on a CPU when it
-builds). The torch backend's backward and the triton backend's grouped GEMM group the
-routed (token, slot) entries by adapter and run two primitives over the groups: `shrink`
-(h = coef * x @ A[e].T, float32 accumulate, ranks masked) and `expand` (out[token] += h @ B[e].T).
-The backward pass (adapters frozen) reuses them: dx is the same mixture with A and B swapped (transposed
-views), d(weights) comes from two shrinks.
+adapters, a pass over runs of tokens routed alike, the routing as a sparse CSR matrix (sampled product, then
+sparse-dense product), or segmented matmuls: kernels/torch_backend.py), `triton` (kernels/triton_backend.py:
+fused token-major kernels for small stacks, else per-entry or grouped-GEMM kernels) and `cpu` (one fused
+native pass over the tokens, kernels/cpu_backend.py; 'auto' on a CPU when it builds). The triton backend's
+grouped GEMM (and the torch backend's sorted pass) group the routed (token, slot) entries by adapter and run
+two primitives over the groups: `shrink` (h = coef * x @ A[e].T, float32 accumulate, ranks masked) and
+`expand` (out[token] += h @ B[e].T). The backward pass (adapters frozen) reuses them: dx is the same mixture
+with A and B swapped (transposed views), d(weights) comes from two shrinks.
 Entries past an adapter's rank are ignored; they must be finite.
 """
 

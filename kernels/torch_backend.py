@@ -1,4 +1,4 @@
-"""Torch backend: three forward strategies, chosen per call (`forward_`; configs.TORCH_COST and
+"""Torch backend: four forward strategies, chosen per call (`forward_`; configs.TORCH_COST and
 TORCH_RUN_TOKENS_PER_RANK, or pinned with configs.pin_torch_strategy):
 
     dense   two GEMMs over the used adapters' stacked factors: (x @ A_used.T) * gate @ B_used; only while
@@ -6,27 +6,33 @@ TORCH_RUN_TOKENS_PER_RANK, or pinned with configs.pin_torch_strategy):
     runs    tokens in G runs of identical routing rows (one adapter set per sequence): x's rows are the
             groups as they lie, each run multiplies by its own k adapters' factors, gathered once (G·k·r·d);
             no row gather, no scatter, no sort; while G·r_max·4 <= T
+    sparse  the routing as a sparse (T, N·r_max) CSR matrix: a sampled product for the shrink, a sparse-dense
+            product into out for the expand (kernels/torch_sparse.py); the segmented pass on a CPU for
+            float32 / float64
     sorted  every (token, slot) pair sorted by adapter once, rows processed in chunks, each chunk one
-            grouped matmul per factor over the adapters it spans
+            grouped matmul per factor over the adapters it spans; the segmented pass elsewhere (CUDA, half
+            precision on a CPU)
 
-Backward (and the Triton-shaped per-slot algorithm in kernels/mixture.py): `shrink` / `expand`.
+Backward (adapters frozen): the sparse pass's where the segmented pass is sparse, else per slot over
+`shrink` / `expand` (the Triton-shaped algorithm of kernels/mixture.py's docstring).
 
 Grouped matmuls run as one `torch._grouped_mm` call (a C++ loop over groups on CPU, a grouped GEMM on
 CUDA). Where that op is missing or refuses the dtype / layout (float64, unaligned CUDA shapes), a Python loop
 over the groups does the same. Scratch per call: at most input- and output-sized (the gathered rows (P, d),
-their result (P, d'), the runs pass's (T, d_out) update), never (T, k, d) nor (T, k, r, d).
+their result (P, d'), the runs pass's (T, d_out) update, the sparse pass's T·k·r_max values), never
+(T, k, d) nor (T, k, r, d).
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import configs
+from . import configs, torch_sparse
 from .configs import TORCH_COST, TORCH_RUN_TOKENS_PER_RANK
 from .plan import SlotPlan, accumulator_dtype, plan_slot, sort_by_adapter
 
-__all__ = ["forward_", "backward", "shrink", "expand", "grouped_matmul", "prefer_dense", "forward_dense_",
-           "forward_runs_", "forward_sorted_", "slot_keys", "token_runs"]
+__all__ = ["forward_", "backward", "shrink", "expand", "grouped_matmul", "prefer_dense", "segmented_pass",
+           "forward_dense_", "forward_runs_", "forward_sorted_", "slot_keys", "token_runs"]
 
 
 def _loop_grouped(rows: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -119,17 +125,28 @@ def used_adapters(keys: torch.Tensor, num_adapters: int, r_max: int, d: int) -> 
     return used[used < num_adapters]
 
 
-def prefer_dense(T: int, d_in: int, d_out: int, used_rank: int, k: int, device_type: str) -> bool:
-    """Two dense GEMMs over the used adapters' n·r columns, or one sorted pass? (configs.TORCH_COST)
+def segmented_pass(device_type: str, dtype: torch.dtype) -> str:
+    """The pass that runs where dense does not: 'sparse' where configs.TORCH_COST has timed it (CPU) and
+    torch.sparse takes the dtype, else 'sorted'."""
+    return "sparse" if "sparse_fixed" in TORCH_COST[device_type] and dtype in torch_sparse.DTYPES else "sorted"
+
+
+def prefer_dense(T: int, d_in: int, d_out: int, used_rank: int, k: int, r_max: int, device_type: str,
+                 segmented: str, subset: bool) -> bool:
+    """Two dense GEMMs over the used adapters' n·r columns, or the segmented pass? (configs.TORCH_COST)
+    subset: the used adapters are a subset, whose factors the dense path gathers first.
 
     Dense is allowed only while n·r <= min(d_in, d_out): its (T, n·r) scratch is then no larger than x.
     """
     cost = TORCH_COST[device_type]
     if used_rank > min(d_in, d_out):
         return False
-    dense = 2 * T * used_rank * (d_in + d_out)
-    sorted_pass = cost["sorted_fixed"] + cost["sorted_per_pair_feature"] * k * T * (d_in + d_out)
-    return dense <= sorted_pass
+    dense = 2 * T * used_rank * (d_in + d_out) + (cost.get("dense_subset_fixed", 0.0) if subset else 0.0)
+    if segmented == "sparse":
+        other = cost["sparse_fixed"] + cost["sparse_per_entry_feature"] * k * r_max * T * (d_in + d_out)
+    else:
+        other = cost["sorted_fixed"] + cost["sorted_per_pair_feature"] * k * T * (d_in + d_out)
+    return dense <= other
 
 
 def token_runs(keys: torch.Tensor) -> torch.Tensor:
@@ -241,22 +258,26 @@ def forward_sorted_(out, x, A, B, scales, keys, weights, ranks) -> None:
 
 def forward_(out, x, A, B, scales, idx, weights, ranks) -> None:
     """out += mixture: dense over the used adapters where the cost model prefers it, else the runs pass
-    where tokens come in few runs routed alike, else one sorted pass (a strategy pinned with
-    configs.pin_torch_strategy wins)."""
+    where tokens come in few runs routed alike, else the segmented pass: sparse on a CPU, sorted elsewhere
+    (a strategy pinned with configs.pin_torch_strategy wins)."""
     N, r_max, _ = A.shape
     T, k = idx.shape
     if T == 0 or k == 0:
         return
     keys = slot_keys(idx, N)
     pinned = configs.pinned_torch_strategy()
+    segmented = segmented_pass(x.device.type, x.dtype) if pinned is None else pinned
     used = used_adapters(keys, N, r_max, min(x.shape[1], B.shape[1])) if pinned in (None, "dense") else None
     if pinned == "dense" or pinned is None and prefer_dense(
-            T, x.shape[1], B.shape[1], (N if used is None else used.numel()) * r_max, k, x.device.type):
+            T, x.shape[1], B.shape[1], (N if used is None else used.numel()) * r_max, k, r_max, x.device.type,
+            segmented, used is not None):
         return forward_dense_(out, x, A, B, scales, keys, weights, ranks, used)
-    if pinned != "sorted":
+    if pinned in (None, "runs"):
         starts = token_runs(keys)
         if pinned == "runs" or runs_pay(starts.shape[0], T, r_max):
             return forward_runs_(out, x, A, B, scales, keys, weights, ranks, starts)
+    if segmented == "sparse":
+        return torch_sparse.forward_(out, x, A, B, scales, keys, weights, ranks)
     forward_sorted_(out, x, A, B, scales, keys, weights, ranks)
 
 
@@ -270,9 +291,14 @@ def _coef(weights, scales, plan: SlotPlan, slot: int) -> torch.Tensor:
 
 
 def backward(grad, x, A, B, scales, idx, weights, ranks, need_x: bool, need_weights: bool):
-    """(dx or None, dweights or None), one slot at a time."""
+    """(dx or None, dweights or None): the sparse pass's where the segmented pass is sparse (a pinned 'sparse'
+    or 'sorted' strategy wins), else one slot at a time over the sorted primitives."""
     N = A.shape[0]
     keys = slot_keys(idx, N)
+    pinned = configs.pinned_torch_strategy()
+    segmented = pinned if pinned in ("sparse", "sorted") else segmented_pass(x.device.type, x.dtype)
+    if segmented == "sparse":
+        return torch_sparse.backward(grad, x, A, B, scales, keys, weights, ranks, need_x, need_weights)
     acc = accumulator_dtype(x.dtype)
     dx = torch.zeros(x.shape, dtype=acc, device=x.device) if need_x else None
     dweights = torch.zeros(weights.shape, dtype=acc, device=x.device) if need_weights else None

@@ -201,18 +201,21 @@ def test_torch_runs_pass_multiplies_each_run_by_its_own_adapters(dtype, d_out):
 
 
 def test_torch_strategy_by_shape(monkeypatch):
-    """auto: dense over a narrow stack, the runs pass for per-sequence batches over a wide one, the sorted
-    pass for per-token routing; a pin wins, and an unknown one is refused by name."""
-    from adaptermix.kernels import torch_backend
+    """auto: dense over a narrow stack, the runs pass for per-sequence batches over a wide one, else the
+    segmented pass: sparse on the CPU in float32 / float64, sorted for dtypes torch.sparse does not take; a pin
+    wins, and an unknown one is refused by name."""
+    from adaptermix.kernels import torch_backend, torch_sparse
 
     taken = []
     for name in ("forward_dense_", "forward_runs_", "forward_sorted_"):
         monkeypatch.setattr(torch_backend, name, lambda *args, name=name: taken.append(name[8:-1]))
+    monkeypatch.setattr(torch_sparse, "forward_", lambda *args: taken.append("sparse"))
 
-    def strategy_of(N, idx, pin=None):
-        case = make_case(idx.shape[0], 64, 64, N, 8, idx.shape[1], dtype=torch.float32, idx=idx)
+    def strategy_of(N, idx, pin=None, dtype=torch.float32):
+        case = make_case(idx.shape[0], 64, 64, N, 8, idx.shape[1], dtype=dtype, idx=idx)
         taken.clear()
-        run(case, "torch" if pin is None else f"torch-{pin}", base=case["base"])
+        with torch.no_grad():
+            run(case, "torch" if pin is None else f"torch-{pin}", base=case["base"])
         return taken[0]
 
     gen = torch.Generator().manual_seed(0)
@@ -220,14 +223,42 @@ def test_torch_strategy_by_shape(monkeypatch):
     sequences = (torch.arange(512) // 32)[:, None] * 2                      # 16 runs of 32 tokens, 16 adapters
     assert strategy_of(4, top2 % 4) == "dense"                               # N·r = 32 <= d = 64
     assert strategy_of(32, sequences) == "runs"                              # 16 used: n·r = 128 > d
-    assert strategy_of(32, top2) == "sorted"
-    assert strategy_of(32, (torch.arange(512) // 16)[:, None] % 32) == "sorted"    # 32 runs: G·r·4 > T
+    assert strategy_of(32, top2) == "sparse"
+    assert strategy_of(32, top2, dtype=torch.float16) == "sorted"
+    assert strategy_of(32, (torch.arange(512) // 16)[:, None] % 32) == "sparse"    # 32 runs: G·r·4 > T
     assert strategy_of(32, top2, pin="runs") == "runs"
     assert strategy_of(4, top2 % 4, pin="sorted") == "sorted"
+    assert strategy_of(4, top2 % 4, pin="sparse") == "sparse"
     assert strategy_of(32, sequences, pin="dense") == "dense"
     with pytest.raises(ValueError, match="strategy must be one of"):
         with configs.pin_torch_strategy("magic"):
             pass
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])   # float16: computed in float32
+def test_torch_sparse_pass_forward_and_backward(dtype):
+    """The CSR routing pass: k = 5 over N = 3 (duplicates; more entries per row than R has columns, so two
+    slot groups), empty slots, ranks 1..r_max with poisoned padding, d not a multiple of anything."""
+    case = make_case(29, 37, 23, 3, 6, 5, dtype=dtype, seed=7, ranks=[1, 6, 4])
+    expected = reference_of(case)
+    assert_close_to(run(case, "torch-sparse", base=case["base"]), expected, dtype)
+    out = case["base"].clone()
+    run(case, "torch-sparse", out=out)
+    assert_close_to(out, expected, dtype)
+    grad = torch.randn(29, 23, generator=torch.Generator().manual_seed(8)).to(dtype)
+    assert_gradients_match(case, "torch-sparse", dtype, grad)
+
+
+def test_torch_sparse_pass_warns_nothing():
+    """torch.sparse's one-time beta warning is spent at import and the CSR tensors opt out of invariant
+    checks explicitly: a user's warnings stay clean."""
+    import warnings
+
+    case = build("aligned", torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert_gradients_match(case, "torch-sparse", torch.float32)
+    assert not [str(w.message) for w in caught]
 
 
 def test_out_refuses_autograd():
@@ -515,7 +546,8 @@ GPU_CASES = [("triton-plan", torch.float32), ("triton-plan", torch.float16), ("t
              ("triton-bgmv", torch.float32), ("triton-bgmv", torch.bfloat16), ("triton-fused", torch.float32),
              ("triton-fused", torch.float16), ("triton-fused", torch.bfloat16), ("triton-cluster", torch.float32),
              ("triton-cluster", torch.bfloat16), ("torch", torch.float32), ("torch", torch.bfloat16),
-             ("torch-runs", torch.bfloat16), ("torch-sorted", torch.bfloat16)]   # bf16: torch._grouped_mm on CUDA
+             ("torch-runs", torch.bfloat16), ("torch-sorted", torch.bfloat16),   # bf16: torch._grouped_mm on CUDA
+             ("torch-sparse", torch.float32), ("torch-sparse", torch.bfloat16)]  # cuSPARSE (bf16 runs in fp32)
 
 
 def on_cuda(case):
@@ -523,7 +555,8 @@ def on_cuda(case):
 
 
 @cuda
-@pytest.mark.parametrize("shape, backend, dtype", [(shape, backend, dtype) for shape in list(SHAPES) + ["wide_mixed_ranks"]
+@pytest.mark.parametrize("shape, backend, dtype", [(shape, backend, dtype)
+                                                   for shape in list(SHAPES) + ["wide_mixed_ranks"]
                                                    for backend, dtype in GPU_CASES
                                                    if shape == "wide_mixed_ranks" or applies(shape, backend)])
 def test_cuda_forward_matches_float64_reference(shape, backend, dtype):
