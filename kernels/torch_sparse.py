@@ -6,8 +6,9 @@
 
 with A_cat = A viewed as (N·r_max, d_in) and B_cat = B's rows (N·r_max, d_out). Every row of R holds
 exactly k·r_max entries (an empty slot points at adapter N - 1 with coefficient 0; a duplicate adapter is two
-runs of entries, which both products sum), so R's row pointers are a fixed arange: no sort, no host sync, no
-gather of rows, no loop over adapters; scratch is T·k·r_max values. The work is T·k·r_max·(d_in + d_out)
+runs of entries, which both products sum), so R's row pointers are a fixed arange: no sort, no gather of
+rows, no loop over adapters, and one host sync only (whether any rank is below r_max); scratch is T·k·r_max
+values. The work is T·k·r_max·(d_in + d_out)
 multiply-adds, the same as a grouped GEMM's. (torch.sparse refuses rows with more entries than columns, so
 k > N, possible only with duplicates, runs in groups of N slots.)
 
