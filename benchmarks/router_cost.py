@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compose_forward import interleaved_medians  # noqa: E402
+from compose_forward import interleaved_times, median  # noqa: E402
 from machine import machine  # noqa: E402
 
 import adaptermix as am  # noqa: E402
@@ -65,7 +65,7 @@ def main(repeats: int = 5):
             model = am.compose(model, library, make(), adapters=list(SUITE), tokenizer=tokenizer, trace=False)
         for n in (1, 17):
             methods[f"{name}/{n}"] = generation(model, tokenizer, prompts, n, make is not None)
-    times = interleaved_medians(methods, repeats)            # warms up (and calibrates) first
+    times = {name: median(t) for name, t in interleaved_times(methods, repeats).items()}   # warms up first
     rows = {}
     for name in ROUTERS:
         prefill, full = times[f"{name}/1"], times[f"{name}/17"]

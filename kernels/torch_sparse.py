@@ -19,8 +19,8 @@ Backward (adapters frozen), the same pattern:
 
 On a CPU the products are MKL's / ATen's sparse kernels (fp32 and fp64; other dtypes run in fp32: `DTYPES`).
 CPU, d = 576, r = 8, top-2, 2026-12-02, pinned side by side: forward 1.2-1.35x the base GEMM at T = 1024,
-N = 16 (the sorted pass 1.6-2.3x), 2.2x at T = 64, N = 64 (sorted 4.2-4.7x); backward 1.2-2.9x less time
-than the per-slot sorted one in 11 of the 12 cases of benchmarks/kernel_backward.py.
+N = 16 (the sorted pass 1.6-2.3x), 2.2x at T = 64, N = 64 (sorted 4.2-4.7x); backward 1.1-3.5x less time
+than the per-slot sorted one in the 12 cases of benchmarks/kernel_backward.py.
 On CUDA the same calls reach cuSPARSE; not yet timed there, so the CUDA cost model does not pick this pass.
 """
 
@@ -49,9 +49,12 @@ class _Routing:
         self.shape = (T, num_adapters * r_max)
         self.routed = keys < num_adapters                                                  # (T, k)
         self.adapter = keys.clamp(max=num_adapters - 1)                                    # (T, k)
-        lanes = torch.arange(r_max, device=keys.device)
-        self.columns = (self.adapter[:, :, None] * r_max + lanes).view(-1)                # (T·k·r_max,)
-        self.rows = torch.arange(0, T * k * r_max + 1, k * r_max, device=keys.device)      # (T + 1,)
+        # int32 indices where they fit: the sparse kernels take them as they are (int64 ones cost a
+        # conversion per call: 0.96 against 1.33 ms for the SpMM at T = 1024, top-2, N = 16, d = 576)
+        index = torch.int32 if max(T * k * r_max, num_adapters * r_max) < 2 ** 31 else torch.int64
+        lanes = torch.arange(r_max, device=keys.device, dtype=index)
+        self.columns = (self.adapter.to(index)[:, :, None] * r_max + lanes).view(-1)      # (T·k·r_max,)
+        self.rows = torch.arange(0, T * k * r_max + 1, k * r_max, device=keys.device, dtype=index)   # (T + 1,)
         self.lanes, self.r_max = lanes, r_max
 
     def matrix(self, values: torch.Tensor) -> torch.Tensor:
