@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median_high as median
 
 import torch
 
@@ -48,11 +49,6 @@ def interleaved_times(methods: dict, repeats: int) -> dict[str, list[float]]:
             fn()
             times[name].append(time.perf_counter() - start)
     return times
-
-
-def median(values) -> float:
-    values = sorted(values)
-    return values[len(values) // 2]
 
 
 def write_checkpoints(base, folder: Path, count: int, rank: int = 8) -> list[Path]:

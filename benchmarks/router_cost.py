@@ -13,11 +13,12 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from statistics import median_high
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compose_forward import interleaved_times, median  # noqa: E402
+from compose_forward import interleaved_times  # noqa: E402
 from machine import machine  # noqa: E402
 
 import adaptermix as am  # noqa: E402
@@ -65,7 +66,7 @@ def main(repeats: int = 5):
             model = am.compose(model, library, make(), adapters=list(SUITE), tokenizer=tokenizer, trace=False)
         for n in (1, 17):
             methods[f"{name}/{n}"] = generation(model, tokenizer, prompts, n, make is not None)
-    times = {name: median(t) for name, t in interleaved_times(methods, repeats).items()}   # warms up first
+    times = {name: median_high(t) for name, t in interleaved_times(methods, repeats).items()}   # warms up first
     rows = {}
     for name in ROUTERS:
         prefill, full = times[f"{name}/1"], times[f"{name}/17"]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-__all__ = ["TORCH_COST", "TORCH_RUN_TOKENS_PER_RANK", "TORCH_STRATEGIES", "pin_torch_strategy",
+__all__ = ["TORCH_COST", "TORCH_SEGMENTED_PASS", "TORCH_RUN_TOKENS_PER_RANK", "TORCH_STRATEGIES", "pin_torch_strategy",
            "pinned_torch_strategy", "ShrinkConfig", "ExpandConfig", "BgmvConfig", "FusedConfig", "ClusterConfig",
            "TRITON_STRATEGIES", "block_m", "triton_strategy", "pin_triton_strategy", "bgmv_config", "fused_columns",
            "fused_fits", "fused_config", "cluster_fits", "cluster_config", "shrink_config", "expand_config",
@@ -138,7 +138,10 @@ class ClusterConfig(FusedConfig):
 # yet timed there) come from benchmarks/kernel_mixture.py and compose_forward.py runs before the sparse pass.
 TORCH_COST = {"cpu": {"sparse_fixed": 1.8e7, "sparse_per_entry_feature": 8.0, "dense_subset_fixed": 1.7e7,
                       "sorted_fixed": 1.0e7, "sorted_per_pair_feature": 150.0},
-              "cuda": {"sorted_fixed": 5.0e7, "sorted_per_pair_feature": 200.0}}
+              "cuda": {"dense_subset_fixed": 0.0, "sorted_fixed": 5.0e7, "sorted_per_pair_feature": 200.0}}
+# The segmented pass per device where dense does not run: sparse where it has been timed (the CPU; for the
+# dtypes torch.sparse takes, kernels/torch_sparse.DTYPES), sorted elsewhere.
+TORCH_SEGMENTED_PASS = {"cpu": "sparse", "cuda": "sorted"}
 # Where the cost model does not pick dense and tokens come in G runs of identical routing rows (one adapter
 # set per sequence), the runs pass replaces the segmented one while G·r_max·TORCH_RUN_TOKENS_PER_RANK <= T: its
 # factor copies are then at most a quarter of the rows the sorted pass gathers and scatters. CPU, d = 576,

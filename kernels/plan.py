@@ -11,12 +11,25 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SlotPlan", "plan_slot", "sort_by_adapter", "accumulator_dtype"]
+__all__ = ["SlotPlan", "plan_slot", "sort_by_adapter", "accumulator_dtype", "slot_keys", "slot_scales"]
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; everything else accumulates in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def slot_keys(idx: torch.Tensor, num_adapters: int) -> torch.Tensor:
+    """idx (T, k) as keys in [0, N]: an adapter id, or N for an empty slot. Ids outside [-1, N) (possible
+    when the caller skipped validation) count as empty too: no index past the stacks, on the CPU or the GPU.
+    clamp sends them to -1 or N, and -1 mod (N + 1) = N."""
+    return idx.clamp(-1, num_adapters).remainder_(num_adapters + 1)
+
+
+def slot_scales(keys: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """scales[e] per slot of (T, k) keys (`slot_keys`) in dtype, 0 on empty slots: (T, k)."""
+    N = scales.shape[0]
+    return torch.where(keys < N, scales.to(dtype)[keys.clamp(max=N - 1)], 0.0)
 
 
 @dataclass(frozen=True)
@@ -36,7 +49,7 @@ class SlotPlan:
 
 
 def sort_by_adapter(keys: torch.Tensor, num_adapters: int) -> SlotPlan:
-    """Sort the entries of a 1-D tensor of keys in [0, N] (torch_backend.slot_keys: N = empty) by adapter;
+    """Sort the entries of a 1-D tensor of keys in [0, N] (`slot_keys`: N = empty) by adapter;
     the empty entries go last."""
     order = torch.sort(keys, stable=True).indices
     # scatter_add into a fixed-size buffer: bincount would read max(keys) on the host to size its output

@@ -1,5 +1,5 @@
-"""Torch backend: four forward strategies, chosen per call (`forward_`; configs.TORCH_COST and
-TORCH_RUN_TOKENS_PER_RANK, or pinned with configs.pin_torch_strategy):
+"""Torch backend: four forward strategies, chosen per call (`forward_`; configs.TORCH_COST,
+TORCH_RUN_TOKENS_PER_RANK and TORCH_SEGMENTED_PASS, or pinned with configs.pin_torch_strategy):
 
     dense   two GEMMs over the used adapters' stacked factors: (x @ A_used.T) * gate @ B_used; only while
             n·r <= min(d_in, d_out) and the cost model prefers it (small stacks, small batches)
@@ -28,8 +28,8 @@ from __future__ import annotations
 import torch
 
 from . import configs, torch_sparse
-from .configs import TORCH_COST, TORCH_RUN_TOKENS_PER_RANK
-from .plan import SlotPlan, accumulator_dtype, plan_slot, sort_by_adapter
+from .configs import TORCH_COST, TORCH_RUN_TOKENS_PER_RANK, TORCH_SEGMENTED_PASS
+from .plan import SlotPlan, accumulator_dtype, plan_slot, slot_keys, slot_scales, sort_by_adapter
 
 __all__ = ["forward_", "backward", "shrink", "expand", "grouped_matmul", "prefer_dense", "segmented_pass",
            "forward_dense_", "forward_runs_", "forward_sorted_", "slot_keys", "token_runs"]
@@ -108,13 +108,6 @@ def expand(h: torch.Tensor, B: torch.Tensor, ranks, plan: SlotPlan, out: torch.T
 
 # -- routing keys and strategy --------------------------------------------------------------------
 
-def slot_keys(idx: torch.Tensor, num_adapters: int) -> torch.Tensor:
-    """idx (T, k) as keys in [0, N]: an adapter id, or N for an empty slot. Ids outside [-1, N) (possible
-    when the caller skipped validation) count as empty too: no index past the stacks, on the CPU or the GPU.
-    clamp sends them to -1 or N, and -1 mod (N + 1) = N."""
-    return idx.clamp(-1, num_adapters).remainder_(num_adapters + 1)
-
-
 def used_adapters(keys: torch.Tensor, num_adapters: int, r_max: int, d: int) -> torch.Tensor | None:
     """The adapters the keys route to (sorted), or None for "all of them" when the stack is narrower than d
     and the batch has pairs enough to use nearly every adapter (T·k >= 4N: 1 - e^-4 = 98% under uniform
@@ -126,9 +119,13 @@ def used_adapters(keys: torch.Tensor, num_adapters: int, r_max: int, d: int) -> 
 
 
 def segmented_pass(device_type: str, dtype: torch.dtype) -> str:
-    """The pass that runs where dense does not: 'sparse' where configs.TORCH_COST has timed it (CPU) and
-    torch.sparse takes the dtype, else 'sorted'."""
-    return "sparse" if "sparse_fixed" in TORCH_COST[device_type] and dtype in torch_sparse.DTYPES else "sorted"
+    """The pass that runs where dense does not (configs.TORCH_SEGMENTED_PASS): 'sparse' only for the dtypes
+    torch.sparse takes, else 'sorted'. A pinned 'sparse' or 'sorted' wins, forward and backward."""
+    pinned = configs.pinned_torch_strategy()
+    if pinned in ("sparse", "sorted"):
+        return pinned
+    segmented = TORCH_SEGMENTED_PASS[device_type]
+    return segmented if segmented == "sorted" or dtype in torch_sparse.DTYPES else "sorted"
 
 
 def prefer_dense(T: int, d_in: int, d_out: int, used_rank: int, k: int, r_max: int, device_type: str,
@@ -141,7 +138,7 @@ def prefer_dense(T: int, d_in: int, d_out: int, used_rank: int, k: int, r_max: i
     cost = TORCH_COST[device_type]
     if used_rank > min(d_in, d_out):
         return False
-    dense = 2 * T * used_rank * (d_in + d_out) + (cost.get("dense_subset_fixed", 0.0) if subset else 0.0)
+    dense = 2 * T * used_rank * (d_in + d_out) + (cost["dense_subset_fixed"] if subset else 0.0)
     if segmented == "sparse":
         other = cost["sparse_fixed"] + cost["sparse_per_entry_feature"] * k * r_max * T * (d_in + d_out)
     else:
@@ -213,7 +210,7 @@ def forward_runs_(out, x, A, B, scales, keys, weights, ranks, starts: torch.Tens
         A_run = A_run.masked_fill_(past_rank[:, :, None], 0)
     B_run = B.transpose(1, 2).index_select(0, adapters)                                    # (G·k, r_max, d_out)
     A_run, B_run = A_run.view(G, k * r_max, d_in), B_run.view(G, k * r_max, B.shape[1])
-    coef = torch.where(keys < N, weights.to(acc) * scales.to(acc)[keys.clamp(max=N - 1)], 0.0)    # (T, k)
+    coef = weights.to(acc) * slot_scales(keys, scales, acc)                                # (T, k)
     hidden = grouped_matmul(x, A_run.transpose(1, 2), ends).to(acc).view(T, k, r_max)     # (T, k, r_max)
     hidden = hidden.mul_(coef[:, :, None]).view(T, k * r_max)
     out.add_(grouped_matmul(hidden.to(out.dtype), B_run, ends))
@@ -266,7 +263,7 @@ def forward_(out, x, A, B, scales, idx, weights, ranks) -> None:
         return
     keys = slot_keys(idx, N)
     pinned = configs.pinned_torch_strategy()
-    segmented = segmented_pass(x.device.type, x.dtype) if pinned is None else pinned
+    segmented = segmented_pass(x.device.type, x.dtype)
     used = used_adapters(keys, N, r_max, min(x.shape[1], B.shape[1])) if pinned in (None, "dense") else None
     if pinned == "dense" or pinned is None and prefer_dense(
             T, x.shape[1], B.shape[1], (N if used is None else used.numel()) * r_max, k, r_max, x.device.type,
@@ -295,9 +292,7 @@ def backward(grad, x, A, B, scales, idx, weights, ranks, need_x: bool, need_weig
     or 'sorted' strategy wins), else one slot at a time over the sorted primitives."""
     N = A.shape[0]
     keys = slot_keys(idx, N)
-    pinned = configs.pinned_torch_strategy()
-    segmented = pinned if pinned in ("sparse", "sorted") else segmented_pass(x.device.type, x.dtype)
-    if segmented == "sparse":
+    if segmented_pass(x.device.type, x.dtype) == "sparse":
         return torch_sparse.backward(grad, x, A, B, scales, keys, weights, ranks, need_x, need_weights)
     acc = accumulator_dtype(x.dtype)
     dx = torch.zeros(x.shape, dtype=acc, device=x.device) if need_x else None

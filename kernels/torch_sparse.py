@@ -26,28 +26,36 @@ On CUDA the same calls reach cuSPARSE; not yet timed there, so the CUDA cost mod
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
+
+from .plan import slot_scales
 
 __all__ = ["DTYPES", "forward_", "backward"]
 
 DTYPES = (torch.float32, torch.float64)   # what torch.sparse.sampled_addmm takes; others run in float32
 
-# A CSR tensor's first construction warns once per process that sparse CSR support is in beta; this module
-# uses only its stable core (construction, sampled_addmm, addmm), so that warning is spent here, silently.
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    torch.sparse_csr_tensor(torch.tensor([0, 1]), torch.tensor([0]), torch.ones(1), (1, 1), check_invariants=False)
+
+@functools.cache
+def _spend_beta_warning() -> None:
+    """A CSR tensor's first construction warns once per process that sparse CSR support is in beta; this
+    module uses only its stable core (construction, sampled_addmm, addmm), so that warning is spent here,
+    silently, on the first call (not at import)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.sparse_csr_tensor(torch.tensor([0, 1]), torch.tensor([0]), torch.ones(1), (1, 1),
+                                check_invariants=False)
 
 
 class _Routing:
-    """R's structure for (T, k) keys in [0, N] (torch_backend.slot_keys: N = empty)."""
+    """R's structure for (T, k) keys in [0, N] (plan.slot_keys: N = empty)."""
 
     def __init__(self, keys: torch.Tensor, num_adapters: int, r_max: int):
+        _spend_beta_warning()
         T, k = keys.shape
-        self.shape = (T, num_adapters * r_max)
-        self.routed = keys < num_adapters                                                  # (T, k)
+        self.slots, self.shape = (T, k), (T, num_adapters * r_max)
         self.adapter = keys.clamp(max=num_adapters - 1)                                    # (T, k)
         # int32 indices where they fit: the sparse kernels take them as they are (int64 ones cost a
         # conversion per call: 0.96 against 1.33 ms for the SpMM at T = 1024, top-2, N = 16, d = 576)
@@ -65,7 +73,7 @@ class _Routing:
         """(left @ right_t.T) at R's entries: (T, k, r_max)."""
         zeros = left.new_zeros(self.columns.shape[0])        # beta = 0 still reads these: zeros, not empty
         sampled = torch.sparse.sampled_addmm(self.matrix(zeros), left, right_t.T, beta=0.0)
-        return sampled.values().view(*self.routed.shape, self.r_max)
+        return sampled.values().view(*self.slots, self.r_max)
 
     def rank_mask(self, ranks: torch.Tensor) -> torch.Tensor | None:
         """(T, k, r_max) True on the rank lanes each entry's adapter has; None when every rank is r_max."""
@@ -84,11 +92,6 @@ def _stacks(A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype):
     return A.reshape(N * r_max, d_in).to(dtype), B.transpose(1, 2).reshape(N * r_max, B.shape[1]).to(dtype)
 
 
-def _coefficient(routing: _Routing, weights, scales, dtype) -> torch.Tensor:
-    """w[t, j] · s[e] per slot, 0 on empty slots: (T, k)."""
-    return torch.where(routing.routed, weights.to(dtype) * scales.to(dtype)[routing.adapter], 0.0)
-
-
 def _slot_groups(k: int, num_adapters: int):
     """Slices of at most N slots: torch.sparse refuses a row with more entries than R has columns, which
     k > N (duplicate adapters within a token) would make."""
@@ -97,7 +100,7 @@ def _slot_groups(k: int, num_adapters: int):
 
 
 def forward_(out, x, A, B, scales, keys, weights, ranks) -> None:
-    """out += mixture, in place (keys: torch_backend.slot_keys)."""
+    """out += mixture, in place (keys: plan.slot_keys)."""
     N, r_max, _ = A.shape
     dtype = _compute_dtype(x.dtype)
     A_cat, B_cat = _stacks(A, B, dtype)
@@ -105,7 +108,8 @@ def forward_(out, x, A, B, scales, keys, weights, ranks) -> None:
     for slots in _slot_groups(keys.shape[1], N):
         routing = _Routing(keys[:, slots], N, r_max)
         hidden = routing.sample(x, A_cat)                                                  # (T, k, r_max)
-        hidden = hidden.mul_(_coefficient(routing, weights[:, slots], scales, dtype)[:, :, None])
+        coefficient = weights[:, slots].to(dtype) * slot_scales(keys[:, slots], scales, dtype)     # (T, k)
+        hidden = hidden.mul_(coefficient[:, :, None])
         keep = routing.rank_mask(ranks)
         if keep is not None:   # where, not a product: the padding past a rank is ignored whatever it holds
             hidden = torch.where(keep, hidden, 0.0)
@@ -125,6 +129,7 @@ def backward(grad, x, A, B, scales, keys, weights, ranks, need_x: bool, need_wei
     dweights = torch.zeros(weights.shape, dtype=dtype, device=x.device) if need_weights else None
     for slots in _slot_groups(keys.shape[1], N):
         routing = _Routing(keys[:, slots], N, r_max)
+        scale = slot_scales(keys[:, slots], scales, dtype)                                  # (T, k)
         keep = routing.rank_mask(ranks)
         g = routing.sample(grad, B_cat)                                                    # (T, k, r_max)
         if keep is not None:
@@ -133,9 +138,8 @@ def backward(grad, x, A, B, scales, keys, weights, ranks, need_x: bool, need_wei
             h = routing.sample(x_c, A_cat)
             if keep is not None:
                 h = torch.where(keep, h, 0.0)
-            scale = torch.where(routing.routed, scales.to(dtype)[routing.adapter], 0.0)
             dweights[:, slots] = (h * g).sum(-1) * scale
         if need_x:
-            gated = g * _coefficient(routing, weights[:, slots], scales, dtype)[:, :, None]
+            gated = g * (weights[:, slots].to(dtype) * scale)[:, :, None]
             dx.addmm_(routing.matrix(gated), A_cat)
     return (None if dx is None else dx.to(x.dtype)), (None if dweights is None else dweights.to(weights.dtype))

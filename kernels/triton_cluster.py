@@ -68,7 +68,7 @@ def _cluster_pass(x_ptr, a_ptr, b_ptr, out_ptr, idx_ptr, w_ptr, scales_ptr, rank
     """out[rows, n_start:n_end] += the mixture through the block's used adapters of rank p·G .. p·G + G - 1."""
     adapter, rank_row, live = _pass_columns(used, rank, p, ranks_ptr, r_max, N_PAD, G, RP)
     h = project(x_ptr, a_ptr, rows, row_ok, adapter, rank_row, live, d_in, stride_xt, stride_xd,
-                 stride_an, stride_ar, stride_ad, BM, BK, G * RP, False, PRECISION)          # (BM, C)
+                stride_an, stride_ar, stride_ad, BM, BK, G * RP, False, PRECISION)          # (BM, C)
     _gate_expand(h, b_ptr, out_ptr, idx_ptr, w_ptr, scales_ptr, rows, row_ok, adapter, rank_row, live, k, n_start,
                  n_end, stride_bn, stride_bo, stride_br, stride_ot, stride_od, stride_it, stride_ik, stride_wt,
                  stride_wk, BM, BN, G * RP, False, PRECISION)

@@ -83,7 +83,7 @@ def _fused_kernel(
     row_ok = rows < T
     adapter, rank_row, live = _columns(ranks_ptr, N, r_max, C)
     h = project(x_ptr, a_ptr, rows, row_ok, adapter, rank_row, live, d_in, stride_xt, stride_xd,
-                 stride_an, stride_ar, stride_ad, BM, BK, C, A_PACKED, PRECISION)              # (BM, C)
+                stride_an, stride_ar, stride_ad, BM, BK, C, A_PACKED, PRECISION)              # (BM, C)
     _gate_expand(h, b_ptr, out_ptr, idx_ptr, w_ptr, scales_ptr, rows, row_ok, adapter, rank_row, live, k,
                  part * chunk, tl.minimum(part * chunk + chunk, d_out), stride_bn, stride_bo, stride_br, stride_ot,
                  stride_od, stride_it, stride_ik, stride_wt, stride_wk, BM, BN, C, B_PACKED, PRECISION)
@@ -102,9 +102,9 @@ def _fused_dweights_kernel(
     row_ok = rows < T
     adapter, rank_row, live = _columns(ranks_ptr, N, r_max, C)
     h = project(x_ptr, a_ptr, rows, row_ok, adapter, rank_row, live, d_in, stride_xt, stride_xd,
-                 stride_an, stride_ar, stride_ad, BM, BK, C, A_PACKED, PRECISION)              # x @ A_cat.T
+                stride_an, stride_ar, stride_ad, BM, BK, C, A_PACKED, PRECISION)              # x @ A_cat.T
     g = project(grad_ptr, b_ptr, rows, row_ok, adapter, rank_row, live, d_out, stride_gt, stride_gd,
-                 stride_bn, stride_br, stride_bo, BM, BK, C, B_PACKED, PRECISION)              # grad @ B_cat.T
+                stride_bn, stride_br, stride_bo, BM, BK, C, B_PACKED, PRECISION)              # grad @ B_cat.T
     scale = tl.load(scales_ptr + adapter, mask=live, other=0.0).to(tl.float32)
     product = h * g * scale[None, :]                                                            # (BM, C)
     for j in range(0, k):

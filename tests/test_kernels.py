@@ -250,8 +250,8 @@ def test_torch_sparse_pass_forward_and_backward(dtype):
 
 
 def test_torch_sparse_pass_warns_nothing():
-    """torch.sparse's one-time beta warning is spent at import and the CSR tensors opt out of invariant
-    checks explicitly: a user's warnings stay clean."""
+    """torch.sparse's one-time beta warning is spent silently on first use and the CSR tensors opt out of
+    invariant checks explicitly: a user's warnings stay clean."""
     import warnings
 
     case = build("aligned", torch.float32)
