@@ -132,10 +132,12 @@ class ClusterConfig(FusedConfig):
 # CPU sparse numbers fitted 2026-12-02 to side-by-side timings of the two, pinned (d = 576, r = 8,
 # T in {64, 256, 1024}, k in {1, 2}, N in {4, 8, 16, 32}): the model picks the faster in 23 of 24 shapes, the
 # miss by 0.1x the base GEMM. Dense wins below n ≈ 8·k at T = 1024 and up to n = 16 at T = 64 (the sparse
-# pass's ~15 ops). Over a subset of the stack the dense path first finds the used adapters (torch.unique) and
-# gathers their factors: `dense_subset_fixed`, ~0.29 ms measured at T = 64, 16 of 64 adapters used (dense
-# 3.4x against sparse 2.5x the base, pinned, 11 rounds). The sorted numbers (CPU half precision; CUDA, not
-# yet timed there) come from benchmarks/kernel_mixture.py and compose_forward.py runs before the sparse pass.
+# pass's ~15 ops). Over a subset of the stack the dense path gathers the used adapters' factors (the census
+# that counts them, torch_backend.adapter_census, runs before the choice): `dense_subset_fixed`, 85-150 us
+# measured at T = 64 and ~110 us at T = 256, 16 of 64 adapters used, against 155-187 flops/us of the base
+# GEMM (2026-12-02; first fitted with torch.unique inside, ~0.29 ms). The sorted numbers (CPU half precision;
+# CUDA, not yet timed there) come from benchmarks/kernel_mixture.py and compose_forward.py runs before the
+# sparse pass.
 TORCH_COST = {"cpu": {"sparse_fixed": 1.8e7, "sparse_per_entry_feature": 8.0, "dense_subset_fixed": 1.7e7,
                       "sorted_fixed": 1.0e7, "sorted_per_pair_feature": 150.0},
               "cuda": {"dense_subset_fixed": 0.0, "sorted_fixed": 5.0e7, "sorted_per_pair_feature": 200.0}}

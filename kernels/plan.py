@@ -27,9 +27,9 @@ def slot_keys(idx: torch.Tensor, num_adapters: int) -> torch.Tensor:
 
 
 def slot_scales(keys: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """scales[e] per slot of (T, k) keys (`slot_keys`) in dtype, 0 on empty slots: (T, k)."""
-    N = scales.shape[0]
-    return torch.where(keys < N, scales.to(dtype)[keys.clamp(max=N - 1)], 0.0)
+    """scales[e] per slot of (T, k) keys (`slot_keys`) in dtype, 0 on empty slots: (T, k). Two ops: the
+    scales padded with the empty key's 0, then one take."""
+    return torch.take(torch.nn.functional.pad(scales.to(dtype), (0, 1)), keys)
 
 
 @dataclass(frozen=True)

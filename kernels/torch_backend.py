@@ -32,7 +32,7 @@ from .configs import TORCH_COST, TORCH_RUN_TOKENS_PER_RANK, TORCH_SEGMENTED_PASS
 from .plan import SlotPlan, accumulator_dtype, plan_slot, slot_keys, slot_scales, sort_by_adapter
 
 __all__ = ["forward_", "backward", "shrink", "expand", "grouped_matmul", "prefer_dense", "segmented_pass",
-           "forward_dense_", "forward_runs_", "forward_sorted_", "slot_keys", "token_runs"]
+           "forward_dense_", "forward_runs_", "forward_sorted_", "slot_keys", "adapter_census", "token_runs"]
 
 
 def _loop_grouped(rows: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -108,14 +108,14 @@ def expand(h: torch.Tensor, B: torch.Tensor, ranks, plan: SlotPlan, out: torch.T
 
 # -- routing keys and strategy --------------------------------------------------------------------
 
-def used_adapters(keys: torch.Tensor, num_adapters: int, r_max: int, d: int) -> torch.Tensor | None:
-    """The adapters the keys route to (sorted), or None for "all of them" when the stack is narrower than d
-    and the batch has pairs enough to use nearly every adapter (T·k >= 4N: 1 - e^-4 = 98% under uniform
-    routing), where finding the used ones would cost an op and a sync to gain nothing."""
+def adapter_census(keys: torch.Tensor, num_adapters: int, r_max: int, d: int) -> tuple[int, torch.Tensor | None]:
+    """(n, counts): how many adapters the keys route to, and the (N,) pair count per adapter (three ops, one
+    sync); (N, None) without looking when the stack is narrower than d and the batch has pairs enough to use
+    nearly every adapter (T·k >= 4N: 1 - e^-4 = 98% under uniform routing)."""
     if num_adapters * r_max <= d and keys.numel() >= 4 * num_adapters:
-        return None
-    used = torch.unique(keys)
-    return used[used < num_adapters]
+        return num_adapters, None
+    counts = torch.bincount(keys.reshape(-1), minlength=num_adapters + 1)[:num_adapters]
+    return int(torch.count_nonzero(counts)), counts
 
 
 def segmented_pass(device_type: str, dtype: torch.dtype) -> str:
@@ -146,10 +146,15 @@ def prefer_dense(T: int, d_in: int, d_out: int, used_rank: int, k: int, r_max: i
     return dense <= other
 
 
-def token_runs(keys: torch.Tensor) -> torch.Tensor:
+def token_changes(keys: torch.Tensor) -> torch.Tensor:
+    """(T - 1,) True where token t + 1's routing row differs from token t's."""
+    return (keys[1:] != keys[:-1]).any(1)
+
+
+def token_runs(keys: torch.Tensor, changes: torch.Tensor | None = None) -> torch.Tensor:
     """Start of each run of tokens with identical routing rows (the first is 0): (G,), one sync."""
-    change = (keys[1:] != keys[:-1]).any(1)
-    return torch.cat([change.new_zeros(1, dtype=torch.long), torch.nonzero(change).flatten() + 1])
+    changes = token_changes(keys) if changes is None else changes
+    return torch.cat([changes.new_zeros(1, dtype=torch.long), torch.nonzero(changes).flatten() + 1])
 
 
 def runs_pay(G: int, T: int, r_max: int) -> bool:
@@ -264,15 +269,18 @@ def forward_(out, x, A, B, scales, idx, weights, ranks) -> None:
     keys = slot_keys(idx, N)
     pinned = configs.pinned_torch_strategy()
     segmented = segmented_pass(x.device.type, x.dtype)
-    used = used_adapters(keys, N, r_max, min(x.shape[1], B.shape[1])) if pinned in (None, "dense") else None
-    if pinned == "dense" or pinned is None and prefer_dense(
-            T, x.shape[1], B.shape[1], (N if used is None else used.numel()) * r_max, k, r_max, x.device.type,
-            segmented, used is not None):
-        return forward_dense_(out, x, A, B, scales, keys, weights, ranks, used)
-    if pinned in (None, "runs"):
-        starts = token_runs(keys)
-        if pinned == "runs" or runs_pay(starts.shape[0], T, r_max):
-            return forward_runs_(out, x, A, B, scales, keys, weights, ranks, starts)
+    if pinned in (None, "dense"):
+        n, counts = adapter_census(keys, N, r_max, min(x.shape[1], B.shape[1]))
+        if pinned == "dense" or prefer_dense(T, x.shape[1], B.shape[1], n * r_max, k, r_max, x.device.type,
+                                             segmented, n < N):
+            used = None if n == N else torch.nonzero(counts).flatten()
+            return forward_dense_(out, x, A, B, scales, keys, weights, ranks, used)
+    if pinned == "runs":
+        return forward_runs_(out, x, A, B, scales, keys, weights, ranks, token_runs(keys))
+    if pinned is None and runs_pay(1, T, r_max):   # else not even one run pays: no need to count them
+        changes = token_changes(keys)
+        if runs_pay(int(torch.count_nonzero(changes)) + 1, T, r_max):
+            return forward_runs_(out, x, A, B, scales, keys, weights, ranks, token_runs(keys, changes))
     if segmented == "sparse":
         return torch_sparse.forward_(out, x, A, B, scales, keys, weights, ranks)
     forward_sorted_(out, x, A, B, scales, keys, weights, ranks)

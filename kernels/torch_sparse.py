@@ -19,8 +19,9 @@ Backward (adapters frozen), the same pattern:
 
 On a CPU the products are MKL's / ATen's sparse kernels (fp32 and fp64; other dtypes run in fp32: `DTYPES`).
 CPU, d = 576, r = 8, top-2, 2026-12-02, pinned side by side: forward 1.2-1.35x the base GEMM at T = 1024,
-N = 16 (the sorted pass 1.6-2.3x), 2.2x at T = 64, N = 64 (sorted 4.2-4.7x); backward 1.1-2.7x less time
-than the per-slot sorted one in the 12 cases of benchmarks/kernel_backward.py (1.1-3.5x in an earlier run).
+N = 16 (the sorted pass 1.6-2.3x), 2.2x at T = 64, N = 64 (sorted 4.2-4.7x); backward 1.1-3.7x less time
+than the per-slot sorted one in the 12 cases of benchmarks/kernel_backward.py (1.1-2.7x and 1.1-3.5x in two
+runs before R's columns came from a cached table).
 On CUDA the same calls reach cuSPARSE; not yet timed there, so the CUDA cost model does not pick this pass.
 """
 
@@ -49,21 +50,34 @@ def _spend_beta_warning() -> None:
                                 check_invariants=False)
 
 
+@functools.lru_cache(maxsize=32)
+def _column_table(num_adapters: int, r_max: int, index: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(N + 1, r_max) R's columns per key: row e holds e·r_max + i; row N (an empty slot) repeats adapter
+    N - 1's, whose coefficient is 0. Cached per stack shape: one index_select per call instead of ~5 ops."""
+    adapters = torch.arange(num_adapters + 1, device=device).clamp_(max=num_adapters - 1)
+    return (adapters[:, None] * r_max + torch.arange(r_max, device=device)).to(index)
+
+
+@functools.lru_cache(maxsize=32)
+def _row_pointers(T: int, per_row: int, index: torch.dtype, device: torch.device) -> torch.Tensor:
+    """R's row pointers, (T + 1,): every row holds per_row entries. Cached per shape (T + 1 integers); the
+    sparse products copy the indices they are given and never write them."""
+    return torch.arange(0, T * per_row + 1, per_row, device=device, dtype=index)
+
+
 class _Routing:
     """R's structure for (T, k) keys in [0, N] (plan.slot_keys: N = empty)."""
 
     def __init__(self, keys: torch.Tensor, num_adapters: int, r_max: int):
         _spend_beta_warning()
         T, k = keys.shape
-        self.slots, self.shape = (T, k), (T, num_adapters * r_max)
-        self.adapter = keys.clamp(max=num_adapters - 1)                                    # (T, k)
+        self.keys, self.slots, self.shape, self.r_max = keys, (T, k), (T, num_adapters * r_max), r_max
         # int32 indices where they fit: the sparse kernels take them as they are (int64 ones cost a
         # conversion per call: 0.96 against 1.33 ms for the SpMM at T = 1024, top-2, N = 16, d = 576)
         index = torch.int32 if max(T * k * r_max, num_adapters * r_max) < 2 ** 31 else torch.int64
-        lanes = torch.arange(r_max, device=keys.device, dtype=index)
-        self.columns = (self.adapter.to(index)[:, :, None] * r_max + lanes).view(-1)      # (T·k·r_max,)
-        self.rows = torch.arange(0, T * k * r_max + 1, k * r_max, device=keys.device, dtype=index)   # (T + 1,)
-        self.lanes, self.r_max = lanes, r_max
+        table = _column_table(num_adapters, r_max, index, keys.device)
+        self.columns = table.index_select(0, keys.reshape(-1)).view(-1)                    # (T·k·r_max,)
+        self.rows = _row_pointers(T, k * r_max, index, keys.device)                        # (T + 1,)
 
     def matrix(self, values: torch.Tensor) -> torch.Tensor:
         return torch.sparse_csr_tensor(self.rows, self.columns, values.reshape(-1), self.shape,
@@ -79,7 +93,9 @@ class _Routing:
         """(T, k, r_max) True on the rank lanes each entry's adapter has; None when every rank is r_max."""
         if int(ranks.min()) == self.r_max:
             return None
-        return self.lanes < ranks[self.adapter][:, :, None]
+        lanes = torch.arange(self.r_max, device=ranks.device)
+        adapter = self.keys.clamp(max=ranks.shape[0] - 1)
+        return lanes < ranks[adapter][:, :, None]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

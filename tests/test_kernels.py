@@ -200,6 +200,22 @@ def test_torch_runs_pass_multiplies_each_run_by_its_own_adapters(dtype, d_out):
     assert_gradients_match(case, "torch-runs", dtype)            # backward: the per-slot sorted primitives
 
 
+def test_torch_adapter_census_and_token_changes():
+    """The census counts each adapter's pairs and ignores empty slots; it skips looking only where the stack
+    is narrower than d and pairs are at least 4N. token_changes marks where a routing row differs."""
+    from adaptermix.kernels import torch_backend
+
+    idx = torch.tensor([[3, -1], [3, -1], [0, 3], [0, 3], [5, 5]])
+    keys = torch_backend.slot_keys(idx, 6)
+    n, counts = torch_backend.adapter_census(keys, 6, 8, d=32)           # N·r = 48 > d: it looks
+    assert n == 3 and counts.tolist() == [2, 0, 0, 4, 0, 2]
+    assert torch_backend.adapter_census(keys, 2, 1, d=32) == (2, None)    # N·r = 2 <= d, 10 pairs >= 8: all
+    assert torch_backend.token_changes(keys).tolist() == [False, True, False, True]
+    assert torch_backend.token_runs(keys).tolist() == [0, 2, 4]
+    n, counts = torch_backend.adapter_census(torch_backend.slot_keys(torch.full((3, 2), -1), 6), 6, 8, d=32)
+    assert n == 0 and counts.tolist() == [0] * 6
+
+
 def test_torch_strategy_by_shape(monkeypatch):
     """auto: dense over a narrow stack, the runs pass for per-sequence batches over a wide one, else the
     segmented pass: sparse on the CPU in float32 / float64, sorted for dtypes torch.sparse does not take; a pin
