@@ -38,9 +38,11 @@ if [ "$mode" != "tune" ]; then
     timeout "${BENCH_S:-360}" $PY benchmarks/kernel_mixture.py device=cuda out="$OUT/kernel_mixture_cuda.json" 2>&1 \
         | tee "$OUT/kernel_mixture.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-    timeout "${TESTS_S:-180}" $PY -P -m pytest -q -p no:cacheprovider -k cuda tests/test_kernels.py 2>&1 | tail -25 \
-        | tee "$OUT/tests.log"
-    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    # the whole log lands in $OUT (every failure's short traceback); the summary's tail goes to the console
+    timeout "${TESTS_S:-180}" $PY -P -m pytest -q -p no:cacheprovider --tb=short -rf -k cuda tests/test_kernels.py \
+        > "$OUT/tests.log" 2>&1
+    [ $? -eq 0 ] || status=1
+    tail -40 "$OUT/tests.log"
 fi
 if [ "$mode" != "quick" ]; then
     for strategy in fused cluster; do
