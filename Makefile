@@ -40,6 +40,7 @@ train-suite: $(STAMP)     # retrain the committed example adapters (~25 min on 2
 
 bench-kernels: $(STAMP)   # on a GPU machine: $(PY) benchmarks/kernel_mixture.py device=cuda
 	$(PY) benchmarks/kernel_mixture.py
+	$(PY) benchmarks/kernel_mixture.py dtype=bfloat16
 	$(PY) benchmarks/kernel_backward.py
 
 clean:

@@ -24,6 +24,7 @@ Methods:
 
     python benchmarks/kernel_mixture.py                 # CPU shapes, fp32
     python benchmarks/kernel_mixture.py device=cuda     # GPU shapes, bf16 (needs a CUDA GPU)
+    python benchmarks/kernel_mixture.py dtype=bfloat16  # the CPU shapes in bf16 (the cpu backend sits out)
 """
 
 from __future__ import annotations
@@ -230,12 +231,18 @@ def markdown(rows) -> str:
     return "\n".join(lines)
 
 
-def main(device: str = "cpu", out: str | None = None):
+def main(device: str = "cpu", out: str | None = None, dtype: str | None = None):
     cfg = SHAPES["cuda" if device.startswith("cuda") else "cpu"]
+    suffix = ""
+    if dtype is not None and getattr(torch, dtype) != cfg["dtype"]:   # the same shapes in another dtype
+        cfg = dict(cfg, dtype=getattr(torch, dtype))
+        cfg["backends"] = tuple(b for b in cfg["backends"] if b != "cpu" or cfg["dtype"] in (torch.float32, torch.float64))
+        suffix = f"_{dtype}"
     torch.set_grad_enabled(False)
     bandwidth = bandwidth_gb_s(device, cfg["dtype"])
     target = TARGETS["cuda" if device.startswith("cuda") else "cpu"]
-    path = Path(out) if out else Path(__file__).resolve().parent / "results" / f"kernel_mixture_{device.split(':')[0]}.json"
+    path = Path(out) if out else (Path(__file__).resolve().parent / "results"
+                                  / f"kernel_mixture_{device.split(':')[0]}{suffix}.json")
     rows, wrong = [], 0
 
     def write(complete: bool) -> dict:
@@ -285,4 +292,5 @@ def main(device: str = "cpu", out: str | None = None):
 
 if __name__ == "__main__":
     args = dict(a.split("=", 1) for a in sys.argv[1:])
-    sys.exit(1 if main(device=args.get("device", "cpu"), out=args.get("out"))["wrong_outputs"] else 0)
+    sys.exit(1 if main(device=args.get("device", "cpu"), out=args.get("out"), dtype=args.get("dtype"))["wrong_outputs"]
+             else 0)

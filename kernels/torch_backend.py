@@ -7,11 +7,14 @@ TORCH_RUN_TOKENS_PER_RANK and TORCH_SEGMENTED_PASS, or pinned with configs.pin_t
             groups as they lie, each run multiplies by its own k adapters' factors, gathered once (G·k·r·d);
             no row gather, no scatter, no sort; while G·r_max·4 <= T
     sparse  the routing as a sparse (T, N·r_max) CSR matrix: a sampled product for the shrink, a sparse-dense
-            product into out for the expand (kernels/torch_sparse.py); the segmented pass on a CPU for
-            float32 / float64
+            product into out for the expand (kernels/torch_sparse.py); the segmented pass on a CPU (half
+            types in float32)
     sorted  every (token, slot) pair sorted by adapter once, rows processed in chunks, each chunk one
-            grouped matmul per factor over the adapters it spans; the segmented pass elsewhere (CUDA, half
-            precision on a CPU)
+            grouped matmul per factor over the adapters it spans; the segmented pass elsewhere (CUDA)
+
+On a CPU every pass multiplies half types (fp16 / bf16) in float32 (`compute_dtype`): the CPU's half GEMMs
+are several times slower than its float32 ones, and a half-precision mixture that ran them (dense, or the
+sorted pass) cost as much as the base layer itself.
 
 Backward (adapters frozen): the sparse pass's where the segmented pass is sparse, else per slot over
 `shrink` / `expand` (the Triton-shaped algorithm of kernels/mixture.py's docstring).
@@ -119,13 +122,17 @@ def adapter_census(keys: torch.Tensor, num_adapters: int, r_max: int, d: int) ->
 
 
 def segmented_pass(device_type: str, dtype: torch.dtype) -> str:
-    """The pass that runs where dense does not (configs.TORCH_SEGMENTED_PASS): 'sparse' only for the dtypes
-    torch.sparse takes, else 'sorted'. A pinned 'sparse' or 'sorted' wins, forward and backward."""
+    """The pass that runs where dense does not (configs.TORCH_SEGMENTED_PASS). The sparse pass computes in
+    float32 where torch.sparse does not take the dtype (half types): on a CPU that is still the faster pass
+    (half GEMMs are slow there: `compute_dtype`), elsewhere such dtypes take 'sorted'. A pinned 'sparse' or
+    'sorted' wins, forward and backward."""
     pinned = configs.pinned_torch_strategy()
     if pinned in ("sparse", "sorted"):
         return pinned
     segmented = TORCH_SEGMENTED_PASS[device_type]
-    return segmented if segmented == "sorted" or dtype in torch_sparse.DTYPES else "sorted"
+    if segmented == "sparse" and dtype not in torch_sparse.DTYPES and device_type != "cpu":
+        return "sorted"
+    return segmented
 
 
 def prefer_dense(T: int, d_in: int, d_out: int, used_rank: int, k: int, r_max: int, device_type: str,
@@ -163,6 +170,22 @@ def runs_pay(G: int, T: int, r_max: int) -> bool:
     return G * r_max * TORCH_RUN_TOKENS_PER_RANK <= T
 
 
+def compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the dense and runs passes multiply in: float32 for half types on a CPU, whose half GEMMs
+    run several times slower than float32 ones (the bf16 base GEMM at T = 1024, d = 576 took 75 ms against
+    8 ms in fp32, AMD EPYC, 2026-12-02), so the cost model's float32 figures hold there too; else dtype."""
+    return torch.float32 if device_type == "cpu" and dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _accumulate_(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
+    """out += left @ right, the product in left's dtype (right is cast to it)."""
+    right = right.to(left.dtype)
+    if out.dtype == left.dtype:
+        out.addmm_(left, right)
+    else:
+        out.add_(left @ right)
+
+
 # -- dense over the used adapters (forward only; the backward pass uses the segmented primitives) ----
 
 def forward_dense_(out, x, A, B, scales, keys, weights, ranks, used: torch.Tensor | None) -> None:
@@ -170,6 +193,7 @@ def forward_dense_(out, x, A, B, scales, keys, weights, ranks, used: torch.Tenso
     N, r_max, d_in = A.shape
     T = keys.shape[0]
     acc = accumulator_dtype(x.dtype)
+    compute = compute_dtype(x.device.type, x.dtype)
     B_rows = B.transpose(1, 2)                                                             # (N, r_max, d_out)
     if used is None:
         n, columns, A_used, B_used, scale = N, keys, A, B_rows, scales
@@ -185,13 +209,14 @@ def forward_dense_(out, x, A, B, scales, keys, weights, ranks, used: torch.Tenso
     # the gate of each used adapter per token; empty slots (column n) fall in a column that is dropped
     gate = torch.zeros(T, n + 1, dtype=acc, device=x.device).scatter_add_(1, columns, weights.to(acc))
     gate = gate[:, :n] * scale.to(acc)
-    hidden = (x @ A_used.reshape(n * r_max, d_in).T).to(acc).view(T, n, r_max)            # (T, n, r_max)
+    hidden = (x.to(compute) @ A_used.reshape(n * r_max, d_in).to(compute).T).to(acc).view(T, n, r_max)
     hidden = hidden.mul_(gate[:, :, None])
     rank = ranks if used is None else ranks.index_select(0, used)
     if int(rank.min()) < r_max:   # where, not a product: padding may overflow to inf in half precision
         keep = torch.arange(r_max, device=x.device)[None, :] < rank[:, None]               # (n, r_max)
         hidden = torch.where(keep[None], hidden, 0.0)
-    out.addmm_(hidden.view(T, n * r_max).to(out.dtype), B_used.reshape(n * r_max, B.shape[1]).to(out.dtype))
+    expand = compute if compute != x.dtype else out.dtype
+    _accumulate_(out, hidden.view(T, n * r_max).to(expand), B_used.reshape(n * r_max, B.shape[1]))
 
 
 # -- runs of identically routed tokens (forward only) -------------------------------------------------
@@ -204,21 +229,22 @@ def forward_runs_(out, x, A, B, scales, keys, weights, ranks, starts: torch.Tens
     T, k = keys.shape
     G = starts.shape[0]
     acc = accumulator_dtype(x.dtype)
+    compute = compute_dtype(x.device.type, x.dtype)
     ends = torch.cat([starts[1:], starts.new_full((1,), T)]).int()                         # (G,)
     run_keys = keys[starts].reshape(-1)                                                    # (G·k,)
     adapters = run_keys.clamp(max=N - 1)
-    A_run = A.index_select(0, adapters)                                                    # (G·k, r_max, d_in)
+    A_run = A.index_select(0, adapters).to(compute)                                        # (G·k, r_max, d_in)
     # columns past an adapter's rank, and every column of an empty slot, are zeroed in the copied factor
     rank = torch.where(run_keys < N, ranks[adapters], 0)
     if int(rank.min()) < r_max:
         past_rank = torch.arange(r_max, device=x.device)[None, :] >= rank[:, None]          # (G·k, r_max)
         A_run = A_run.masked_fill_(past_rank[:, :, None], 0)
-    B_run = B.transpose(1, 2).index_select(0, adapters)                                    # (G·k, r_max, d_out)
+    B_run = B.transpose(1, 2).index_select(0, adapters).to(compute)                        # (G·k, r_max, d_out)
     A_run, B_run = A_run.view(G, k * r_max, d_in), B_run.view(G, k * r_max, B.shape[1])
     coef = weights.to(acc) * slot_scales(keys, scales, acc)                                # (T, k)
-    hidden = grouped_matmul(x, A_run.transpose(1, 2), ends).to(acc).view(T, k, r_max)     # (T, k, r_max)
+    hidden = grouped_matmul(x.to(compute), A_run.transpose(1, 2), ends).to(acc).view(T, k, r_max)
     hidden = hidden.mul_(coef[:, :, None]).view(T, k * r_max)
-    out.add_(grouped_matmul(hidden.to(out.dtype), B_run, ends))
+    out.add_(grouped_matmul(hidden.to(compute if compute != x.dtype else out.dtype), B_run, ends))
 
 
 # -- all slots at once, in chunks (forward only) ------------------------------------------------------

@@ -218,8 +218,8 @@ def test_torch_adapter_census_and_token_changes():
 
 def test_torch_strategy_by_shape(monkeypatch):
     """auto: dense over a narrow stack, the runs pass for per-sequence batches over a wide one, else the
-    segmented pass: sparse on the CPU in float32 / float64, sorted for dtypes torch.sparse does not take; a pin
-    wins, and an unknown one is refused by name."""
+    segmented pass: sparse on the CPU (half types in float32), sorted elsewhere for dtypes torch.sparse does
+    not take; a pin wins, and an unknown one is refused by name."""
     from adaptermix.kernels import torch_backend, torch_sparse
 
     taken = []
@@ -240,7 +240,12 @@ def test_torch_strategy_by_shape(monkeypatch):
     assert strategy_of(4, top2 % 4) == "dense"                               # N·r = 32 <= d = 64
     assert strategy_of(32, sequences) == "runs"                              # 16 used: n·r = 128 > d
     assert strategy_of(32, top2) == "sparse"
-    assert strategy_of(32, top2, dtype=torch.float16) == "sorted"
+    assert strategy_of(32, top2, dtype=torch.float16) == "sparse"            # on the CPU, in float32
+    monkeypatch.setitem(configs.TORCH_SEGMENTED_PASS, "cuda", "sparse")      # elsewhere half types sort
+    assert torch_backend.segmented_pass("cuda", torch.bfloat16) == "sorted"
+    assert torch_backend.segmented_pass("cuda", torch.float32) == "sparse"
+    assert torch_backend.compute_dtype("cpu", torch.bfloat16) == torch.float32      # the CPU's half GEMMs: slow
+    assert torch_backend.compute_dtype("cuda", torch.bfloat16) == torch.bfloat16
     assert strategy_of(32, (torch.arange(512) // 16)[:, None] % 32) == "sparse"    # 32 runs: G·r·4 > T
     assert strategy_of(32, top2, pin="runs") == "runs"
     assert strategy_of(4, top2 % 4, pin="sorted") == "sorted"
