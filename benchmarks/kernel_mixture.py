@@ -236,7 +236,8 @@ def main(device: str = "cpu", out: str | None = None, dtype: str | None = None):
     suffix = ""
     if dtype is not None and getattr(torch, dtype) != cfg["dtype"]:   # the same shapes in another dtype
         cfg = dict(cfg, dtype=getattr(torch, dtype))
-        cfg["backends"] = tuple(b for b in cfg["backends"] if b != "cpu" or cfg["dtype"] in (torch.float32, torch.float64))
+        full = cfg["dtype"] in (torch.float32, torch.float64)       # the cpu backend takes these only
+        cfg["backends"] = tuple(b for b in cfg["backends"] if b != "cpu" or full)
         suffix = f"_{dtype}"
     torch.set_grad_enabled(False)
     bandwidth = bandwidth_gb_s(device, cfg["dtype"])
