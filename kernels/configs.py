@@ -130,19 +130,22 @@ class ClusterConfig(FusedConfig):
 # `sparse_per_entry_feature` per routing entry (token, slot, rank lane) and feature, and for the sorted pass
 # `sorted_per_pair_feature` per (token, slot) pair and feature of gather / scatter / small-matmul work.
 # CPU sparse numbers fitted 2026-12-02 to side-by-side timings of the two, pinned (d = 576, r = 8,
-# T in {64, 256, 1024}, k in {1, 2}, N in {4, 8, 16, 32}): the model picks the faster in 23 of 24 shapes, the
-# miss by 0.1x the base GEMM. Dense wins below n ≈ 8·k at T = 1024 and up to n = 16 at T = 64 (the sparse
-# pass's ~15 ops). Over a subset of the stack the dense path gathers the used adapters' factors (the census
+# T in {64, 256, 1024}, k in {1, 2}, N in {4, 8, 16, 32}, 9 interleaved rounds). Refitted after the sparse
+# pass's routing got leaner (R's columns from a cached table): `sparse_fixed` 1.8e7 -> 0.8e7, with which the
+# model picks the faster in all 24 shapes (1.8e7 missed 2: T = 64, N = 16, k = 1 and 2, by 0.15x and 0.04x
+# the base GEMM; a least-squares fit of each pass's own time gives fixed parts of 2.5e7 for both, dense at
+# 1.12 per flop and sparse at 11.6 per entry-feature). Dense wins below n ≈ 8·k at T = 1024 and up to
+# n ≈ 8 at T = 64. Over a subset of the stack the dense path gathers the used adapters' factors (the census
 # that counts them, torch_backend.adapter_census, runs before the choice): `dense_subset_fixed`, 85-150 us
-# measured at T = 64 and ~110 us at T = 256, 16 of 64 adapters used, against 155-187 flops/us of the base
-# GEMM (2026-12-02; first fitted with torch.unique inside, ~0.29 ms). The sorted numbers (CPU half precision;
-# CUDA, not yet timed there) come from benchmarks/kernel_mixture.py and compose_forward.py runs before the
-# sparse pass.
-TORCH_COST = {"cpu": {"sparse_fixed": 1.8e7, "sparse_per_entry_feature": 8.0, "dense_subset_fixed": 1.7e7,
+# measured at T = 64 and ~110 us at T = 256, 16 of 64 adapters used, against a base GEMM at 155-187 GFLOP/s
+# (2026-12-02; first fitted with torch.unique inside, ~0.29 ms). The sorted numbers (CUDA, not yet timed
+# there; on the CPU the sorted pass runs only when pinned) come from benchmarks/kernel_mixture.py and
+# compose_forward.py runs before the sparse pass.
+TORCH_COST = {"cpu": {"sparse_fixed": 0.8e7, "sparse_per_entry_feature": 8.0, "dense_subset_fixed": 1.7e7,
                       "sorted_fixed": 1.0e7, "sorted_per_pair_feature": 150.0},
               "cuda": {"dense_subset_fixed": 0.0, "sorted_fixed": 5.0e7, "sorted_per_pair_feature": 200.0}}
-# The segmented pass per device where dense does not run: sparse where it has been timed (the CPU; for the
-# dtypes torch.sparse takes, kernels/torch_sparse.DTYPES), sorted elsewhere.
+# The segmented pass per device where dense does not run: sparse where it has been timed (the CPU, every
+# dtype: half types in float32), sorted elsewhere (torch_backend.segmented_pass).
 TORCH_SEGMENTED_PASS = {"cpu": "sparse", "cuda": "sorted"}
 # Where the cost model does not pick dense and tokens come in G runs of identical routing rows (one adapter
 # set per sequence), the runs pass replaces the segmented one while G·r_max·TORCH_RUN_TOKENS_PER_RANK <= T: its

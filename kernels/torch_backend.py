@@ -35,7 +35,8 @@ from .configs import TORCH_COST, TORCH_RUN_TOKENS_PER_RANK, TORCH_SEGMENTED_PASS
 from .plan import SlotPlan, accumulator_dtype, plan_slot, slot_keys, slot_scales, sort_by_adapter
 
 __all__ = ["forward_", "backward", "shrink", "expand", "grouped_matmul", "prefer_dense", "segmented_pass",
-           "forward_dense_", "forward_runs_", "forward_sorted_", "slot_keys", "adapter_census", "token_runs"]
+           "forward_dense_", "forward_runs_", "forward_sorted_", "slot_keys", "adapter_census", "dense_may_win",
+           "token_runs"]
 
 
 def _loop_grouped(rows: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -151,6 +152,14 @@ def prefer_dense(T: int, d_in: int, d_out: int, used_rank: int, k: int, r_max: i
     else:
         other = cost["sorted_fixed"] + cost["sorted_per_pair_feature"] * k * T * (d_in + d_out)
     return dense <= other
+
+
+def dense_may_win(T: int, d_in: int, d_out: int, N: int, k: int, r_max: int, device_type: str,
+                  segmented: str) -> bool:
+    """Could the dense path win for any count of used adapters? Its cheapest cases are one adapter used (a
+    subset: the gather's fixed cost) and all N (no gather). Where neither wins, the census is skipped."""
+    return (prefer_dense(T, d_in, d_out, r_max, k, r_max, device_type, segmented, N > 1)
+            or prefer_dense(T, d_in, d_out, N * r_max, k, r_max, device_type, segmented, False))
 
 
 def token_changes(keys: torch.Tensor) -> torch.Tensor:
@@ -300,10 +309,10 @@ def forward_(out, x, A, B, scales, idx, weights, ranks) -> None:
     keys = slot_keys(idx, N)
     pinned = configs.pinned_torch_strategy()
     segmented = segmented_pass(x.device.type, x.dtype)
-    if pinned in (None, "dense"):
-        n, counts = adapter_census(keys, N, r_max, min(x.shape[1], B.shape[1]))
-        if pinned == "dense" or prefer_dense(T, x.shape[1], B.shape[1], n * r_max, k, r_max, x.device.type,
-                                             segmented, n < N):
+    d_in, d_out, device_type = x.shape[1], B.shape[1], x.device.type
+    if pinned == "dense" or pinned is None and dense_may_win(T, d_in, d_out, N, k, r_max, device_type, segmented):
+        n, counts = adapter_census(keys, N, r_max, min(d_in, d_out))
+        if pinned == "dense" or prefer_dense(T, d_in, d_out, n * r_max, k, r_max, device_type, segmented, n < N):
             used = None if n == N else torch.nonzero(counts).flatten()
             return forward_dense_(out, x, A, B, scales, keys, weights, ranks, used)
     if pinned == "runs":

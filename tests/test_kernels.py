@@ -1,6 +1,7 @@
 """lora_mixture: every backend against the float64 reference, forward and backward, awkward sizes."""
 
 import contextlib
+import functools
 
 import pytest
 import torch
@@ -214,6 +215,10 @@ def test_torch_adapter_census_and_token_changes():
     assert torch_backend.token_runs(keys).tolist() == [0, 2, 4]
     n, counts = torch_backend.adapter_census(torch_backend.slot_keys(torch.full((3, 2), -1), 6), 6, 8, d=32)
     assert n == 0 and counts.tolist() == [0] * 6
+    # no census where dense cannot win whatever the count: neither one adapter (a gather) nor all of them
+    may_win = functools.partial(torch_backend.dense_may_win, d_in=576, d_out=576, r_max=8, device_type="cpu",
+                                segmented="sparse")
+    assert may_win(64, N=4, k=2) and not may_win(64, N=32, k=1) and not may_win(64, N=32, k=2)
 
 
 def test_torch_strategy_by_shape(monkeypatch):
