@@ -39,6 +39,7 @@ from torch.utils.benchmark import Timer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from adaptermix.kernels import configs, lora_mixture, lora_mixture_reference  # noqa: E402
+from adaptermix.kernels.mixture import CPU_DTYPES  # noqa: E402
 from machine import machine  # noqa: E402
 
 SHAPES = {
@@ -236,8 +237,7 @@ def main(device: str = "cpu", out: str | None = None, dtype: str | None = None):
     suffix = ""
     if dtype is not None and getattr(torch, dtype) != cfg["dtype"]:   # the same shapes in another dtype
         cfg = dict(cfg, dtype=getattr(torch, dtype))
-        full = cfg["dtype"] in (torch.float32, torch.float64)       # the cpu backend takes these only
-        cfg["backends"] = tuple(b for b in cfg["backends"] if b != "cpu" or full)
+        cfg["backends"] = tuple(b for b in cfg["backends"] if b != "cpu" or cfg["dtype"] in CPU_DTYPES)
         suffix = f"_{dtype}"
     torch.set_grad_enabled(False)
     bandwidth = bandwidth_gb_s(device, cfg["dtype"])

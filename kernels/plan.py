@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SlotPlan", "plan_slot", "sort_by_adapter", "accumulator_dtype", "slot_keys", "slot_scales"]
+__all__ = ["SlotPlan", "plan_slot", "sort_by_adapter", "accumulator_dtype", "slot_keys", "slot_scales",
+           "accumulate_"]
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -30,6 +31,16 @@ def slot_scales(keys: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) ->
     """scales[e] per slot of (T, k) keys (`slot_keys`) in dtype, 0 on empty slots: (T, k). Two ops: the
     scales padded with the empty key's 0, then one take."""
     return torch.take(torch.nn.functional.pad(scales.to(dtype), (0, 1)), keys)
+
+
+def accumulate_(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
+    """out += left @ right in left's dtype (right is cast to it; left may be sparse), in place: one addmm_
+    where out has that dtype, else the product added with a cast."""
+    right = right.to(left.dtype)
+    if out.dtype == left.dtype:
+        out.addmm_(left, right)
+    else:
+        out.add_(left @ right)
 
 
 @dataclass(frozen=True)

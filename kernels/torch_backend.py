@@ -32,7 +32,7 @@ import torch
 
 from . import configs, torch_sparse
 from .configs import TORCH_COST, TORCH_RUN_TOKENS_PER_RANK, TORCH_SEGMENTED_PASS
-from .plan import SlotPlan, accumulator_dtype, plan_slot, slot_keys, slot_scales, sort_by_adapter
+from .plan import SlotPlan, accumulate_, accumulator_dtype, plan_slot, slot_keys, slot_scales, sort_by_adapter
 
 __all__ = ["forward_", "backward", "shrink", "expand", "grouped_matmul", "prefer_dense", "segmented_pass",
            "forward_dense_", "forward_runs_", "forward_sorted_", "slot_keys", "adapter_census", "dense_may_win",
@@ -186,19 +186,10 @@ def compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if device_type == "cpu" and dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _expand_dtype(x: torch.Tensor, out: torch.Tensor) -> torch.dtype:
-    """The expand's product dtype in the dense and runs passes: float32 for a CPU's half types, else out's."""
-    compute = compute_dtype(x.device.type, x.dtype)
+def _expand_dtype(compute: torch.dtype, x: torch.Tensor, out: torch.Tensor) -> torch.dtype:
+    """The expand's product dtype in the dense and runs passes: `compute` where it differs from x's (a CPU's
+    half types: float32), else out's."""
     return compute if compute != x.dtype else out.dtype
-
-
-def _accumulate_(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
-    """out += left @ right, the product in left's dtype (right is cast to it)."""
-    right = right.to(left.dtype)
-    if out.dtype == left.dtype:
-        out.addmm_(left, right)
-    else:
-        out.add_(left @ right)
 
 
 # -- dense over the used adapters (forward only; the backward pass uses the segmented primitives) ----
@@ -230,7 +221,8 @@ def forward_dense_(out, x, A, B, scales, keys, weights, ranks, used: torch.Tenso
     if int(rank.min()) < r_max:   # where, not a product: padding may overflow to inf in half precision
         keep = torch.arange(r_max, device=x.device)[None, :] < rank[:, None]               # (n, r_max)
         hidden = torch.where(keep[None], hidden, 0.0)
-    _accumulate_(out, hidden.view(T, n * r_max).to(_expand_dtype(x, out)), B_used.reshape(n * r_max, B.shape[1]))
+    accumulate_(out, hidden.view(T, n * r_max).to(_expand_dtype(compute, x, out)),
+                B_used.reshape(n * r_max, B.shape[1]))
 
 
 # -- runs of identically routed tokens (forward only) -------------------------------------------------
@@ -258,7 +250,7 @@ def forward_runs_(out, x, A, B, scales, keys, weights, ranks, starts: torch.Tens
     coef = weights.to(acc) * slot_scales(keys, scales, acc)                                # (T, k)
     hidden = grouped_matmul(x.to(compute), A_run.transpose(1, 2), ends).to(acc).view(T, k, r_max)
     hidden = hidden.mul_(coef[:, :, None]).view(T, k * r_max)
-    out.add_(grouped_matmul(hidden.to(_expand_dtype(x, out)), B_run, ends))
+    out.add_(grouped_matmul(hidden.to(_expand_dtype(compute, x, out)), B_run, ends))
 
 
 # -- all slots at once, in chunks (forward only) ------------------------------------------------------

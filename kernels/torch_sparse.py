@@ -32,7 +32,7 @@ import warnings
 
 import torch
 
-from .plan import slot_scales
+from .plan import accumulate_, slot_scales
 
 __all__ = ["DTYPES", "forward_", "backward"]
 
@@ -129,10 +129,7 @@ def forward_(out, x, A, B, scales, keys, weights, ranks) -> None:
         keep = routing.rank_mask(ranks)
         if keep is not None:   # where, not a product: the padding past a rank is ignored whatever it holds
             hidden = torch.where(keep, hidden, 0.0)
-        if out.dtype == dtype:
-            out.addmm_(routing.matrix(hidden), B_cat)
-        else:
-            out.add_(torch.mm(routing.matrix(hidden), B_cat).to(out.dtype))
+        accumulate_(out, routing.matrix(hidden), B_cat)
 
 
 def backward(grad, x, A, B, scales, keys, weights, ranks, need_x: bool, need_weights: bool):
