@@ -19,9 +19,9 @@ Backward (adapters frozen), the same pattern:
 
 On a CPU the products are MKL's / ATen's sparse kernels (fp32 and fp64; other dtypes run in fp32: `DTYPES`).
 CPU, d = 576, r = 8, top-2, 2026-12-02, pinned side by side: forward 1.2-1.35x the base GEMM at T = 1024,
-N = 16 (the sorted pass 1.6-2.3x), 2.2x at T = 64, N = 64 (sorted 4.2-4.7x); backward 1.1-3.7x less time
-than the per-slot sorted one in the 12 cases of benchmarks/kernel_backward.py (1.1-2.7x and 1.1-3.5x in two
-runs before R's columns came from a cached table).
+N = 16 (the sorted pass 1.6-2.3x), 2.2x at T = 64, N = 64 (sorted 4.2-4.7x); backward 1.1-3.4x less time
+than the per-slot sorted one in the 12 cases of benchmarks/kernel_backward.py (1.1-3.7x, 1.1-2.7x and
+1.1-3.5x in earlier runs the same day).
 On CUDA the same calls reach cuSPARSE; not yet timed there, so the CUDA cost model does not pick this pass.
 """
 
