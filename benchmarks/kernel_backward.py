@@ -6,7 +6,7 @@ being dx = dy @ W. Methods run in turn each round; a ratio is taken within each 
 rounds is kept. Before timing, every method's dx and d(weights) are checked against autograd through the
 float64 definition (the script exits 1 if one is wrong).
   ours[cpu]            the cpu backend's backward (native kernels)
-  ours[torch:sparse]   the torch backend's sparse pass (CSR routing, sampled and sparse-dense products)
+  ours[torch:sparse]   the torch backend's sparse pass (sampled products on the CSR routing, dx as an embedding bag)
   ours[torch:sorted]   the torch backend's per-slot sorted backward (what it ran on a CPU before the sparse pass)
   reference            autograd through the float definition
 

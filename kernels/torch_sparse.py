@@ -1,4 +1,4 @@
-"""The torch backend's sparse pass: the routing as a sparse (T, N·r_max) CSR matrix, two sparse products.
+"""The torch backend's sparse pass: the routing as a sparse (T, N·r_max) matrix R, two sparse products.
 
     R[t, e·r_max + i] = 1 for each slot j of token t with e = idx[t, j] >= 0 and i < r_max
     h    = R ⊙ (x @ A_cat.T)                 sampled dense-dense product (SDDMM), (T, k·r_max) values
@@ -12,17 +12,27 @@ values. The work is T·k·r_max·(d_in + d_out)
 multiply-adds, the same as a grouped GEMM's. (torch.sparse refuses rows with more entries than columns, so
 k > N, possible only with duplicates, runs in groups of N slots.)
 
+The SDDMM is torch.sparse.sampled_addmm on R as a CSR tensor. The forward's SpMM is torch.sparse's CSR addmm
+into out, in place. The backward's, which makes dx afresh, is an embedding bag: every row of R a bag of
+k·r_max rows of A_cat summed with its values as per-sample weights (F.embedding_bag, mode="sum", over R's
+columns viewed (T, k·r_max)). On a CPU that is 1.6-1.8x faster than the CSR product (0.42-0.48 against
+0.73-0.85 ms at T = 1024, top-2, N = 16 and 64, d = 576, r = 8; AMD EPYC, 2 threads, 2026-12-02), but it
+returns a new (T, d) tensor: in the forward, adding that into out cost more than it saved wherever glibc
+handed the temporary back to the OS between calls (~1,100 page faults per call in the layer benchmark, the
+layer 1.65-1.78x the base GEMM against 1.42-1.46x for the in-place product, at T = 1024, N = 64).
+
 Backward (adapters frozen), the same pattern:
     g          = R ⊙ (dy @ B_cat.T)                                          (T, k·r_max) values
     dweights   = s[e] · Σ_i h · g                                            (a second SDDMM, when needed)
-    dx         = (g · w · s, ranks masked) @ A_cat                           SpMM
+    dx         = (g · w · s, ranks masked) @ A_cat                           SpMM (an embedding bag)
 
-On a CPU the products are MKL's / ATen's sparse kernels (fp32 and fp64; other dtypes run in fp32: `DTYPES`).
+On a CPU the products are MKL's / ATen's kernels (fp32 and fp64; other dtypes run in fp32: `DTYPES`).
 CPU, d = 576, r = 8, top-2, 2026-12-02, pinned side by side: forward 1.2-1.35x the base GEMM at T = 1024,
-N = 16 (the sorted pass 1.6-2.3x), 2.2x at T = 64, N = 64 (sorted 4.2-4.7x); backward 1.1-3.4x less time
-than the per-slot sorted one in the 12 cases of benchmarks/kernel_backward.py (1.1-3.7x, 1.1-2.7x and
-1.1-3.5x in earlier runs the same day).
-On CUDA the same calls reach cuSPARSE; not yet timed there, so the CUDA cost model does not pick this pass.
+N = 16 (the sorted pass 1.6-2.3x), 2.2x at T = 64, N = 64 (sorted 4.2-4.7x); backward 1.1-3.7x less time
+than the per-slot sorted one in the 12 cases of benchmarks/kernel_backward.py, and level with the cpu
+backend's at T = 1024 (README).
+On CUDA the same calls reach cuSPARSE (the SDDMM) and ATen's embedding bag; not yet timed there, so the CUDA
+cost model does not pick this pass.
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ import functools
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 from .plan import accumulate_, slot_scales
 
@@ -82,6 +93,13 @@ class _Routing:
     def matrix(self, values: torch.Tensor) -> torch.Tensor:
         return torch.sparse_csr_tensor(self.rows, self.columns, values.reshape(-1), self.shape,
                                        check_invariants=False)
+
+    def spread(self, values: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        """R(values) @ right: (T, right's columns), each row the sum of its entries' rows of right weighted
+        by their values; values (T, k, r_max) in right's dtype."""
+        T, k = self.slots
+        return F.embedding_bag(self.columns.view(T, k * self.r_max), right, mode="sum",
+                               per_sample_weights=values.reshape(T, k * self.r_max))
 
     def sample(self, left: torch.Tensor, right_t: torch.Tensor) -> torch.Tensor:
         """(left @ right_t.T) at R's entries: (T, k, r_max)."""
@@ -138,7 +156,7 @@ def backward(grad, x, A, B, scales, keys, weights, ranks, need_x: bool, need_wei
     dtype = _compute_dtype(x.dtype)
     A_cat, B_cat = _stacks(A, B, dtype)
     grad, x_c = grad.to(dtype), x.to(dtype)
-    dx = torch.zeros(x.shape, dtype=dtype, device=x.device) if need_x else None
+    dx = None                                                # the first slot group's spread, then summed
     dweights = torch.zeros(weights.shape, dtype=dtype, device=x.device) if need_weights else None
     for slots in _slot_groups(keys.shape[1], N):
         routing = _Routing(keys[:, slots], N, r_max)
@@ -154,5 +172,8 @@ def backward(grad, x, A, B, scales, keys, weights, ranks, need_x: bool, need_wei
             dweights[:, slots] = (h * g).sum(-1) * scale
         if need_x:
             gated = g * (weights[:, slots].to(dtype) * scale)[:, :, None]
-            dx.addmm_(routing.matrix(gated), A_cat)
+            spread = routing.spread(gated, A_cat)
+            dx = spread if dx is None else dx.add_(spread)
+    if need_x and dx is None:                                # k = 0
+        dx = torch.zeros(x.shape, dtype=dtype, device=x.device)
     return (None if dx is None else dx.to(x.dtype)), (None if dweights is None else dweights.to(weights.dtype))
