@@ -12,14 +12,15 @@ values. The work is T·k·r_max·(d_in + d_out)
 multiply-adds, the same as a grouped GEMM's. (torch.sparse refuses rows with more entries than columns, so
 k > N, possible only with duplicates, runs in groups of N slots.)
 
-The SDDMM is torch.sparse.sampled_addmm on R as a CSR tensor. The forward's SpMM is torch.sparse's CSR addmm
-into out, in place. The backward's, which makes dx afresh, is an embedding bag: every row of R a bag of
-k·r_max rows of A_cat summed with its values as per-sample weights (F.embedding_bag, mode="sum", over R's
-columns viewed (T, k·r_max)). On a CPU that is 1.6-1.8x faster than the CSR product (0.42-0.48 against
-0.73-0.85 ms at T = 1024, top-2, N = 16 and 64, d = 576, r = 8; AMD EPYC, 2 threads, 2026-12-02), but it
-returns a new (T, d) tensor: in the forward, adding that into out cost more than it saved wherever glibc
-handed the temporary back to the OS between calls (~1,100 page faults per call in the layer benchmark, the
-layer 1.65-1.78x the base GEMM against 1.42-1.46x for the in-place product, at T = 1024, N = 64).
+The SDDMM is torch.sparse.sampled_addmm on R as a CSR tensor. The SpMM is an embedding bag (every row of R
+a bag of k·r_max rows of the right factor, summed with its values as per-sample weights: F.embedding_bag,
+mode="sum", over R's columns viewed (T, k·r_max)) for the backward's dx, which it makes afresh, and for the
+forward off a CPU; the forward on a CPU (`EXPAND_IN_PLACE`) runs torch.sparse's CSR addmm into out, in
+place. On a CPU the bag is 1.6-1.8x faster than the CSR product (0.42-0.48 against 0.73-0.85 ms at
+T = 1024, top-2, N = 16 and 64, d = 576, r = 8; AMD EPYC, 2 threads, 2026-12-02), but it returns a new
+(T, d) tensor: in the forward, adding that into out cost more than it saved wherever glibc handed the
+temporary back to the OS between calls (~1,100 page faults per call in the layer benchmark, the layer
+1.65-1.78x the base GEMM against 1.42-1.46x for the in-place product, at T = 1024, N = 64).
 
 Backward (adapters frozen), the same pattern:
     g          = R ⊙ (dy @ B_cat.T)                                          (T, k·r_max) values
@@ -48,6 +49,9 @@ from .plan import accumulate_, slot_scales
 __all__ = ["DTYPES", "forward_", "backward"]
 
 DTYPES = (torch.float32, torch.float64)   # what torch.sparse.sampled_addmm takes; others run in float32
+# Devices whose forward expand is the CSR product into out, in place; elsewhere (CUDA: a caching allocator,
+# no page faults) the embedding bag, whose result is added into out.
+EXPAND_IN_PLACE = {"cpu": True}
 
 
 @functools.cache
@@ -147,7 +151,10 @@ def forward_(out, x, A, B, scales, keys, weights, ranks) -> None:
         keep = routing.rank_mask(ranks)
         if keep is not None:   # where, not a product: the padding past a rank is ignored whatever it holds
             hidden = torch.where(keep, hidden, 0.0)
-        accumulate_(out, routing.matrix(hidden), B_cat)
+        if EXPAND_IN_PLACE.get(out.device.type, False):
+            accumulate_(out, routing.matrix(hidden), B_cat)
+        else:
+            out.add_(routing.spread(hidden, B_cat))
 
 
 def backward(grad, x, A, B, scales, keys, weights, ranks, need_x: bool, need_weights: bool):

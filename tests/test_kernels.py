@@ -261,10 +261,14 @@ def test_torch_strategy_by_shape(monkeypatch):
             pass
 
 
+@pytest.mark.parametrize("in_place", [True, False])      # the forward's expand: CSR addmm_ / embedding bag
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])   # float16: computed in float32
-def test_torch_sparse_pass_forward_and_backward(dtype):
+def test_torch_sparse_pass_forward_and_backward(dtype, in_place, monkeypatch):
     """The CSR routing pass: k = 5 over N = 3 (duplicates; more entries per row than R has columns, so two
     slot groups), empty slots, ranks 1..r_max with poisoned padding, d not a multiple of anything."""
+    from adaptermix.kernels import torch_sparse
+
+    monkeypatch.setitem(torch_sparse.EXPAND_IN_PLACE, "cpu", in_place)
     case = make_case(29, 37, 23, 3, 6, 5, dtype=dtype, seed=7, ranks=[1, 6, 4])
     expected = reference_of(case)
     assert_close_to(run(case, "torch-sparse", base=case["base"]), expected, dtype)
