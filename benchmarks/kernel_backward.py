@@ -10,7 +10,7 @@ float64 definition (the script exits 1 if one is wrong).
   ours[torch:sorted]   the torch backend's per-slot sorted backward (what it ran on a CPU before the sparse pass)
   reference            autograd through the float definition
 
-    python benchmarks/kernel_backward.py [out=path]
+    python benchmarks/kernel_backward.py [out=path] [threads=n]     (default: torch's threads, every core)
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from adaptermix.kernels import configs, lora_mixture_reference  # noqa: E402
 from adaptermix.kernels.mixture import mixture_backward  # noqa: E402
-from kernel_mixture import SHAPES, TOLERANCE, interleaved_ms, median, problem  # noqa: E402
+from kernel_mixture import SHAPES, TOLERANCE, interleaved_ms, median, problem, set_threads  # noqa: E402
 from machine import machine  # noqa: E402
 
 
@@ -61,9 +61,10 @@ def check(found: dict, x, W, A, B, scales, idx, weights, grad) -> dict[str, floa
     return errors
 
 
-def main(out: str | None = None) -> dict:
+def main(out: str | None = None, threads: str | None = None) -> dict:
     cfg = SHAPES["cpu"]
-    path = Path(out) if out else Path(__file__).resolve().parent / "results" / "kernel_backward_cpu.json"
+    suffix = set_threads(threads)
+    path = Path(out) if out else Path(__file__).resolve().parent / "results" / f"kernel_backward_cpu{suffix}.json"
     rows, wrong = [], 0
     for per_sequence in (False, True):
         for T in cfg["tokens"]:
@@ -85,7 +86,8 @@ def main(out: str | None = None) -> dict:
                 print(f"{case:12s} T={T:5d} N={N:3d}  base={median(samples['base']):.3f}ms  " + "  ".join(
                     f"{r['method']}={r['ratio']:.2f}x" + ("" if r.get("correct", True) else "(WRONG)")
                     for r in rows[-len(samples):] if r["method"] != "base"), flush=True)
-    result = dict(benchmark="kernel_backward", device="cpu", machine=machine(), dtype="float32", d=cfg["d"],
+    result = dict(benchmark="kernel_backward", device="cpu", machine=machine(), threads=torch.get_num_threads(),
+                  dtype="float32", d=cfg["d"],
                   r=cfg["r"], k=cfg["k"], wrong_outputs=wrong, rows=rows)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
@@ -94,4 +96,4 @@ def main(out: str | None = None) -> dict:
 
 if __name__ == "__main__":
     args = dict(a.split("=", 1) for a in sys.argv[1:])
-    sys.exit(1 if main(out=args.get("out"))["wrong_outputs"] else 0)
+    sys.exit(1 if main(out=args.get("out"), threads=args.get("threads"))["wrong_outputs"] else 0)

@@ -25,6 +25,7 @@ Methods:
     python benchmarks/kernel_mixture.py                 # CPU shapes, fp32
     python benchmarks/kernel_mixture.py device=cuda     # GPU shapes, bf16 (needs a CUDA GPU)
     python benchmarks/kernel_mixture.py dtype=bfloat16  # the CPU shapes in bf16 (the cpu backend sits out)
+    python benchmarks/kernel_mixture.py threads=1       # on one CPU thread (default: torch's, every core)
 """
 
 from __future__ import annotations
@@ -54,9 +55,16 @@ TARGETS = {"cpu": {1024: 1.3, 64: 1.8}, "cuda": {8192: 1.25, 256: 1.6}}
 ROUNDS = 7
 
 
+def make_timer(fn) -> Timer:
+    """A Timer for fn() on all of torch's threads: torch.utils.benchmark.Timer runs single-threaded unless
+    told otherwise (num_threads=1), which is not how a layer runs on a CPU (on the 2-core AMD EPYC of
+    2026-12-02 the T = 1024 base GEMM takes ~4 ms on both threads, ~7.5 ms on one)."""
+    return Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+
+
 def median_ms(fn, min_run_time: float) -> float:
     fn()  # warm up (Triton compiles here)
-    return Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e3
+    return make_timer(fn).blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
 def interleaved_ms(methods: dict, min_run_time: float, rounds: int = ROUNDS) -> dict[str, list[float]]:
@@ -65,7 +73,7 @@ def interleaved_ms(methods: dict, min_run_time: float, rounds: int = ROUNDS) -> 
     timers, numbers = {}, {}
     for name, fn in methods.items():
         fn()  # warm up (Triton compiles here)
-        timers[name] = Timer(stmt="fn()", globals={"fn": fn})
+        timers[name] = make_timer(fn)
         per_call = timers[name].timeit(3).median
         numbers[name] = max(1, int(min_run_time / rounds / max(per_call, 1e-7)))
     samples = {name: [] for name in methods}
@@ -232,13 +240,22 @@ def markdown(rows) -> str:
     return "\n".join(lines)
 
 
-def main(device: str = "cpu", out: str | None = None, dtype: str | None = None):
+def set_threads(threads: str | None) -> str:
+    """torch's CPU threads for the run (None: torch's default, every core) and the result file's suffix:
+    '' at the default, '_<n>thread' otherwise."""
+    if threads is None or int(threads) == torch.get_num_threads():
+        return ""
+    torch.set_num_threads(int(threads))
+    return f"_{int(threads)}thread"
+
+
+def main(device: str = "cpu", out: str | None = None, dtype: str | None = None, threads: str | None = None):
     cfg = SHAPES["cuda" if device.startswith("cuda") else "cpu"]
-    suffix = ""
+    suffix = set_threads(threads)
     if dtype is not None and getattr(torch, dtype) != cfg["dtype"]:   # the same shapes in another dtype
         cfg = dict(cfg, dtype=getattr(torch, dtype))
         cfg["backends"] = tuple(b for b in cfg["backends"] if b != "cpu" or cfg["dtype"] in CPU_DTYPES)
-        suffix = f"_{dtype}"
+        suffix = f"_{dtype}{suffix}"
     torch.set_grad_enabled(False)
     bandwidth = bandwidth_gb_s(device, cfg["dtype"])
     target = TARGETS["cuda" if device.startswith("cuda") else "cpu"]
@@ -252,7 +269,7 @@ def main(device: str = "cpu", out: str | None = None, dtype: str | None = None):
         checks = [dict(case=r["case"], T=r["T"], N=r["N"], method=r["method"], ratio=r["ratio"],
                        target=target[r["T"]], met=r["ratio"] <= target[r["T"]])
                   for r in rows if r["method"].startswith("ours") and ":" not in r["method"]]
-        result = dict(benchmark="kernel_mixture", device=device, machine=machine(),
+        result = dict(benchmark="kernel_mixture", device=device, machine=machine(), threads=torch.get_num_threads(),
                       dtype=str(cfg["dtype"]).replace("torch.", ""), d=cfg["d"], r=cfg["r"], k=cfg["k"],
                       copy_bandwidth_gb_s=round(bandwidth, 1), complete=complete, wrong_outputs=wrong, rows=rows,
                       targets=checks)
@@ -293,5 +310,5 @@ def main(device: str = "cpu", out: str | None = None, dtype: str | None = None):
 
 if __name__ == "__main__":
     args = dict(a.split("=", 1) for a in sys.argv[1:])
-    sys.exit(1 if main(device=args.get("device", "cpu"), out=args.get("out"), dtype=args.get("dtype"))["wrong_outputs"]
-             else 0)
+    sys.exit(1 if main(device=args.get("device", "cpu"), out=args.get("out"), dtype=args.get("dtype"),
+                       threads=args.get("threads"))["wrong_outputs"] else 0)

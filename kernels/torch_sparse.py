@@ -17,10 +17,12 @@ a bag of k·r_max rows of the right factor, summed with its values as per-sample
 mode="sum", over R's columns viewed (T, k·r_max)) for the backward's dx, which it makes afresh, and for the
 forward off a CPU; the forward on a CPU (`EXPAND_IN_PLACE`) runs torch.sparse's CSR addmm into out, in
 place. On a CPU the bag is 1.6-1.8x faster than the CSR product (0.42-0.48 against 0.73-0.85 ms at
-T = 1024, top-2, N = 16 and 64, d = 576, r = 8; AMD EPYC, 2 threads, 2026-12-02), but it returns a new
+T = 1024, top-2, N = 16 and 64, d = 576, r = 8, one thread; 0.23-0.28 against 0.46-0.49 ms on two; AMD EPYC,
+2026-12-02), but it returns a new
 (T, d) tensor: in the forward, adding that into out cost more than it saved wherever glibc handed the
 temporary back to the OS between calls (~1,100 page faults per call in the layer benchmark, the layer
-1.65-1.78x the base GEMM against 1.42-1.46x for the in-place product, at T = 1024, N = 64).
+1.65-1.78x the base GEMM against 1.42-1.46x for the in-place product, at T = 1024, N = 64, one thread; on
+two threads four full benchmark runs of each were within the noise of each other).
 
 Backward (adapters frozen), the same pattern:
     g          = R ⊙ (dy @ B_cat.T)                                          (T, k·r_max) values
@@ -28,10 +30,10 @@ Backward (adapters frozen), the same pattern:
     dx         = (g · w · s, ranks masked) @ A_cat                           SpMM (an embedding bag)
 
 On a CPU the products are MKL's / ATen's kernels (fp32 and fp64; other dtypes run in fp32: `DTYPES`).
-CPU, d = 576, r = 8, top-2, 2026-12-02, pinned side by side: forward 1.2-1.35x the base GEMM at T = 1024,
-N = 16 (the sorted pass 1.6-2.3x), 2.2x at T = 64, N = 64 (sorted 4.2-4.7x); backward 1.1-3.7x less time
-than the per-slot sorted one in the 12 cases of benchmarks/kernel_backward.py, and level with the cpu
-backend's at T = 1024 (README).
+CPU, d = 576, r = 8, top-2, 2026-12-02, pinned side by side, one thread: forward 1.2-1.35x the base GEMM at
+T = 1024, N = 16 (the sorted pass 1.6-2.3x), 2.2x at T = 64, N = 64 (sorted 4.2-4.7x). Backward, in the 12
+cases of benchmarks/kernel_backward.py on both threads: 1.4-5.6x less time than the per-slot sorted one,
+within 0.03-0.09x of the cpu backend's at T = 1024 (README).
 On CUDA the same calls reach cuSPARSE (the SDDMM) and ATen's embedding bag; not yet timed there, so the CUDA
 cost model does not pick this pass.
 """
