@@ -140,9 +140,16 @@ class ClusterConfig(FusedConfig):
 # measured at T = 64 and ~110 us at T = 256, 16 of 64 adapters used, against a base GEMM at 155-187 GFLOP/s
 # (2026-12-02; first fitted with torch.unique inside, ~0.29 ms). The sorted numbers (CUDA, not yet timed
 # there; on the CPU the sorted pass runs only when pinned) come from benchmarks/kernel_mixture.py and
-# compose_forward.py runs before the sparse pass.
+# compose_forward.py runs before the sparse pass. These CPU figures were timed on one thread (see the README:
+# the benchmark's Timer defaulted to one) and have not been refitted for two.
+# `native_half_flop`: a dense flop in a half type that the CPU multiplies natively (torch_backend.native_half),
+# in float32 flop-equivalents. AMD EPYC family 26 (avx512_bf16), 2026-12-02: the T = 1024, d = 576 GEMM in
+# bf16 took 0.9 ms against 4.3 in fp32 on both threads (2.3 against 10 on one), ~0.22; with 0.25 the choice
+# between dense and sparse matched the faster of the two pinned in 10 of 12 bf16 shapes of
+# benchmarks/kernel_mixture.py and was within 0.2x of the base in the other two (both threads).
 TORCH_COST = {"cpu": {"sparse_fixed": 0.8e7, "sparse_per_entry_feature": 8.0, "dense_subset_fixed": 1.7e7,
-                      "sorted_fixed": 1.0e7, "sorted_per_pair_feature": 150.0},
+                      "sorted_fixed": 1.0e7, "sorted_per_pair_feature": 150.0,
+                      "native_half_flop": 0.25},
               "cuda": {"dense_subset_fixed": 0.0, "sorted_fixed": 5.0e7, "sorted_per_pair_feature": 200.0}}
 # The segmented pass per device where dense does not run: sparse where it has been timed (the CPU, every
 # dtype: half types in float32), sorted elsewhere (torch_backend.segmented_pass).

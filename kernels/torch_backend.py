@@ -7,14 +7,17 @@ TORCH_RUN_TOKENS_PER_RANK and TORCH_SEGMENTED_PASS, or pinned with configs.pin_t
             groups as they lie, each run multiplies by its own k adapters' factors, gathered once (G·k·r·d);
             no row gather, no scatter, no sort; while G·r_max·4 <= T
     sparse  the routing as a sparse (T, N·r_max) CSR matrix: a sampled product for the shrink, a sparse-dense
-            product into out for the expand (kernels/torch_sparse.py); the segmented pass on a CPU (half
-            types in float32)
+            product into out for the expand (kernels/torch_sparse.py); the segmented pass on a CPU (products
+            of half types in float32)
     sorted  every (token, slot) pair sorted by adapter once, rows processed in chunks, each chunk one
             grouped matmul per factor over the adapters it spans; the segmented pass elsewhere (CUDA)
 
-On a CPU every pass multiplies half types (fp16 / bf16) in float32 (`compute_dtype`): the CPU's half GEMMs
-are several times slower than its float32 ones, and a half-precision mixture that ran them (dense, or the
-sorted pass) cost as much as the base layer itself.
+On a CPU, half types (fp16 / bf16) multiply natively in the dense and runs passes where oneDNN has native
+GEMMs for them (`native_half_gemm`: bf16 with AVX512-BF16 ran ~4.5x faster than fp32 on the AMD EPYC of
+2026-12-02), and in float32 elsewhere (`compute_dtype`), where half GEMMs run several times slower than
+fp32 ones; the sparse pass computes its products in float32 either way (torch.sparse has no half kernels)
+and adds its expand in out's dtype. With native half GEMMs the cost model prices dense flops lower
+(configs.TORCH_COST "native_half_flop") and the runs pass sits out (it trailed dense and sparse there).
 
 Backward (adapters frozen): the sparse pass's where the segmented pass is sparse, else per slot over
 `shrink` / `expand` (the Triton-shaped algorithm of kernels/mixture.py's docstring).
@@ -27,6 +30,8 @@ their result (P, d'), the runs pass's (T, d_out) update, the sparse pass's T·k�
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -137,16 +142,19 @@ def segmented_pass(device_type: str, dtype: torch.dtype) -> str:
 
 
 def prefer_dense(T: int, d_in: int, d_out: int, used_rank: int, k: int, r_max: int, device_type: str,
-                 segmented: str, subset: bool) -> bool:
+                 segmented: str, subset: bool, dtype: torch.dtype = torch.float32) -> bool:
     """Two dense GEMMs over the used adapters' n·r columns, or the segmented pass? (configs.TORCH_COST)
-    subset: the used adapters are a subset, whose factors the dense path gathers first.
+    subset: the used adapters are a subset, whose factors the dense path gathers first. dtype: x's; a half
+    type with native GEMMs on a CPU (`native_half_gemm`) makes the dense flops cheaper ("native_half_flop").
 
     Dense is allowed only while n·r <= min(d_in, d_out): its (T, n·r) scratch is then no larger than x.
     """
     cost = TORCH_COST[device_type]
     if used_rank > min(d_in, d_out):
         return False
-    dense = 2 * T * used_rank * (d_in + d_out) + (cost["dense_subset_fixed"] if subset else 0.0)
+    half = native_half(device_type, dtype)
+    flop = cost.get("native_half_flop", 1.0) if half else 1.0
+    dense = 2 * T * used_rank * (d_in + d_out) * flop + (cost["dense_subset_fixed"] if subset else 0.0)
     if segmented == "sparse":
         other = cost["sparse_fixed"] + cost["sparse_per_entry_feature"] * k * r_max * T * (d_in + d_out)
     else:
@@ -155,11 +163,11 @@ def prefer_dense(T: int, d_in: int, d_out: int, used_rank: int, k: int, r_max: i
 
 
 def dense_may_win(T: int, d_in: int, d_out: int, N: int, k: int, r_max: int, device_type: str,
-                  segmented: str) -> bool:
+                  segmented: str, dtype: torch.dtype = torch.float32) -> bool:
     """Could the dense path win for any count of used adapters? Its cheapest cases are one adapter used (a
     subset: the gather's fixed cost) and all N (no gather). Where neither wins, the census is skipped."""
-    return (prefer_dense(T, d_in, d_out, r_max, k, r_max, device_type, segmented, N > 1)
-            or prefer_dense(T, d_in, d_out, N * r_max, k, r_max, device_type, segmented, False))
+    return (prefer_dense(T, d_in, d_out, r_max, k, r_max, device_type, segmented, N > 1, dtype)
+            or prefer_dense(T, d_in, d_out, N * r_max, k, r_max, device_type, segmented, False, dtype))
 
 
 def token_changes(keys: torch.Tensor) -> torch.Tensor:
@@ -179,11 +187,34 @@ def runs_pay(G: int, T: int, r_max: int) -> bool:
     return G * r_max * TORCH_RUN_TOKENS_PER_RANK <= T
 
 
+@functools.cache
+def native_half_gemm(dtype: torch.dtype) -> bool:
+    """Whether this CPU runs dtype's GEMMs natively through oneDNN (bf16: AVX512-BF16 / AMX, or AVX512 on
+    which oneDNN converts cheaply; fp16: AVX512-FP16 / AMX-FP16). Where it does, a bf16 GEMM beats the fp32
+    one (AMD EPYC family 26, avx512_bf16, 2026-12-02: T = 1024, d = 576 in 0.9 against 4.3 ms on both
+    threads, 2.3 against 10 ms on one); where not, a half GEMM runs several times slower than fp32 (fp16
+    there: 20 ms; bf16 on an earlier EPYC without AVX512 took ~70 ms against ~8 ms)."""
+    try:
+        if dtype == torch.bfloat16:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        if dtype == torch.float16:
+            return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        pass
+    return False
+
+
+def native_half(device_type: str, dtype: torch.dtype) -> bool:
+    """A half type that a CPU multiplies natively (`native_half_gemm`)."""
+    return device_type == "cpu" and dtype in (torch.float16, torch.bfloat16) and native_half_gemm(dtype)
+
+
 def compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
-    """The dtype the dense and runs passes multiply in: float32 for half types on a CPU, whose half GEMMs
-    run several times slower than float32 ones (the bf16 base GEMM at T = 1024, d = 576 took 75 ms against
-    8 ms in fp32, AMD EPYC, 2026-12-02), so the cost model's float32 figures hold there too; else dtype."""
-    return torch.float32 if device_type == "cpu" and dtype in (torch.float16, torch.bfloat16) else dtype
+    """The dtype the dense and runs passes multiply in: float32 for half types on a CPU without native GEMMs
+    for them (`native_half_gemm`), so the cost model's float32 figures hold there too; else dtype."""
+    if device_type == "cpu" and dtype in (torch.float16, torch.bfloat16) and not native_half_gemm(dtype):
+        return torch.float32
+    return dtype
 
 
 def _expand_dtype(compute: torch.dtype, x: torch.Tensor, out: torch.Tensor) -> torch.dtype:
@@ -302,14 +333,20 @@ def forward_(out, x, A, B, scales, idx, weights, ranks) -> None:
     pinned = configs.pinned_torch_strategy()
     segmented = segmented_pass(x.device.type, x.dtype)
     d_in, d_out, device_type = x.shape[1], B.shape[1], x.device.type
-    if pinned == "dense" or pinned is None and dense_may_win(T, d_in, d_out, N, k, r_max, device_type, segmented):
+    dtype = x.dtype
+    if pinned == "dense" or pinned is None and dense_may_win(T, d_in, d_out, N, k, r_max, device_type, segmented,
+                                                             dtype):
         n, counts = adapter_census(keys, N, r_max, min(d_in, d_out))
-        if pinned == "dense" or prefer_dense(T, d_in, d_out, n * r_max, k, r_max, device_type, segmented, n < N):
+        if pinned == "dense" or prefer_dense(T, d_in, d_out, n * r_max, k, r_max, device_type, segmented, n < N,
+                                             dtype):
             used = None if n == N else torch.nonzero(counts).flatten()
             return forward_dense_(out, x, A, B, scales, keys, weights, ranks, used)
     if pinned == "runs":
         return forward_runs_(out, x, A, B, scales, keys, weights, ranks, token_runs(keys))
-    if pinned is None and runs_pay(1, T, r_max):   # else not even one run pays: no need to count them
+    # not even one run pays: no need to count them; nor with native half GEMMs on a CPU, where the runs pass
+    # trailed both others in every case timed (bf16, per sequence, T = 1024: 2.4-2.6x the base against
+    # 1.5-1.8x for dense or sparse, 2026-12-02)
+    if pinned is None and runs_pay(1, T, r_max) and not native_half(device_type, dtype):
         changes = token_changes(keys)
         if runs_pay(int(torch.count_nonzero(changes)) + 1, T, r_max):
             return forward_runs_(out, x, A, B, scales, keys, weights, ranks, token_runs(keys, changes))

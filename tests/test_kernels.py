@@ -249,8 +249,20 @@ def test_torch_strategy_by_shape(monkeypatch):
     monkeypatch.setitem(configs.TORCH_SEGMENTED_PASS, "cuda", "sparse")      # elsewhere half types sort
     assert torch_backend.segmented_pass("cuda", torch.bfloat16) == "sorted"
     assert torch_backend.segmented_pass("cuda", torch.float32) == "sparse"
-    assert torch_backend.compute_dtype("cpu", torch.bfloat16) == torch.float32      # the CPU's half GEMMs: slow
+    # half types on a CPU: natively where oneDNN runs their GEMMs natively, else in float32
+    monkeypatch.setattr(torch_backend, "native_half_gemm", lambda dtype: dtype == torch.bfloat16)
+    assert torch_backend.compute_dtype("cpu", torch.bfloat16) == torch.bfloat16
+    assert torch_backend.compute_dtype("cpu", torch.float16) == torch.float32
     assert torch_backend.compute_dtype("cuda", torch.bfloat16) == torch.bfloat16
+    # native half flops are cheaper: dense wins a stack that float32 leaves to the sparse pass
+    prefer = functools.partial(torch_backend.prefer_dense, 1024, 576, 576, k=2, r_max=8, device_type="cpu",
+                               segmented="sparse", subset=False)
+    assert not prefer(16 * 8) and prefer(16 * 8, dtype=torch.bfloat16) and not prefer(16 * 8, dtype=torch.float16)
+    assert strategy_of(32, sequences, dtype=torch.bfloat16) == "sparse"      # native half: the runs pass sits out
+    assert strategy_of(32, sequences, dtype=torch.float16) == "runs"
+    monkeypatch.setattr(torch_backend, "native_half_gemm", lambda dtype: False)
+    assert torch_backend.compute_dtype("cpu", torch.bfloat16) == torch.float32
+    assert not prefer(16 * 8, dtype=torch.bfloat16)
     assert strategy_of(32, (torch.arange(512) // 16)[:, None] % 32) == "sparse"    # 32 runs: G·r·4 > T
     assert strategy_of(32, top2, pin="runs") == "runs"
     assert strategy_of(4, top2 % 4, pin="sorted") == "sorted"
