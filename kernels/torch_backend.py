@@ -38,6 +38,7 @@ import torch
 from . import configs, torch_sparse
 from .configs import TORCH_COST, TORCH_RUN_TOKENS_PER_RANK, TORCH_SEGMENTED_PASS
 from .plan import SlotPlan, accumulate_, accumulator_dtype, plan_slot, slot_keys, slot_scales, sort_by_adapter
+from .validation import is_full_ranks, lowest_rank
 
 __all__ = ["forward_", "backward", "shrink", "expand", "grouped_matmul", "prefer_dense", "segmented_pass",
            "forward_dense_", "forward_runs_", "forward_sorted_", "slot_keys", "adapter_census", "dense_may_win",
@@ -249,7 +250,8 @@ def forward_dense_(out, x, A, B, scales, keys, weights, ranks, used: torch.Tenso
     hidden = (x.to(compute) @ A_used.reshape(n * r_max, d_in).to(compute).T).to(acc).view(T, n, r_max)
     hidden = hidden.mul_(gate[:, :, None])
     rank = ranks if used is None else ranks.index_select(0, used)
-    if int(rank.min()) < r_max:   # where, not a product: padding may overflow to inf in half precision
+    # where, not a product: padding may overflow to inf in half precision
+    if not is_full_ranks(ranks, r_max) and int(rank.min()) < r_max:
         keep = torch.arange(r_max, device=x.device)[None, :] < rank[:, None]               # (n, r_max)
         hidden = torch.where(keep[None], hidden, 0.0)
     accumulate_(out, hidden.view(T, n * r_max).to(_expand_dtype(compute, x, out)),
@@ -303,7 +305,7 @@ def forward_sorted_(out, x, A, B, scales, keys, weights, ranks) -> None:
     acc = accumulator_dtype(x.dtype)
     coef = weights.reshape(-1)[pairs].to(acc) * scales.to(acc)[adapters]                   # (P,)
     ends = plan.offsets.long()
-    masked = int(ranks.min()) < r_max
+    masked = lowest_rank(ranks, r_max) < r_max
     chunk = max(T, CHUNK_ROWS)
     for start in range(0, P, chunk):
         stop = min(start + chunk, P)

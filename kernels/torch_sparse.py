@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from .plan import slot_scales
+from .validation import lowest_rank
 
 __all__ = ["DTYPES", "forward_", "backward"]
 
@@ -116,7 +117,7 @@ class _Routing:
 
     def rank_mask(self, ranks: torch.Tensor) -> torch.Tensor | None:
         """(T, k, r_max) True on the rank lanes each entry's adapter has; None when every rank is r_max."""
-        if int(ranks.min()) == self.r_max:
+        if lowest_rank(ranks, self.r_max) == self.r_max:
             return None
         lanes = torch.arange(self.r_max, device=ranks.device)
         adapter = self.keys.clamp(max=ranks.shape[0] - 1)

@@ -9,7 +9,31 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_inputs"]
+__all__ = ["check_inputs", "full_ranks", "is_full_ranks", "lowest_rank"]
+
+# The ranks tensor of each (N, r_max, device) when the caller gives none: every rank r_max. One tensor per key,
+# kept for the process (never written, never evicted), so `lowest_rank` knows its minimum by identity.
+_FULL_RANKS: dict[tuple, torch.Tensor] = {}
+
+
+def full_ranks(num_adapters: int, r_max: int, device: torch.device) -> torch.Tensor:
+    """(N,) int32, all r_max: cached per shape and device (a fresh tensor while torch.compile traces)."""
+    if torch.compiler.is_compiling():
+        return torch.full((num_adapters,), r_max, dtype=torch.int32, device=device)
+    key = (num_adapters, r_max, torch.device(device))
+    if key not in _FULL_RANKS:
+        _FULL_RANKS[key] = torch.full((num_adapters,), r_max, dtype=torch.int32, device=device)
+    return _FULL_RANKS[key]
+
+
+def is_full_ranks(ranks: torch.Tensor, r_max: int) -> bool:
+    """ranks is the tensor `full_ranks` made for its shape: every rank r_max, known without looking."""
+    return _FULL_RANKS.get((ranks.shape[0], r_max, ranks.device)) is ranks
+
+
+def lowest_rank(ranks: torch.Tensor, r_max: int) -> int:
+    """min(ranks): r_max without looking (no device sync) for `full_ranks`' tensors, else one sync."""
+    return r_max if is_full_ranks(ranks, r_max) else int(ranks.min())
 
 
 def check_inputs(x, A, B, scales, idx, weights, ranks, base, validate: bool) -> torch.Tensor:
@@ -62,7 +86,7 @@ def check_inputs(x, A, B, scales, idx, weights, ranks, base, validate: bool) -> 
         if not base.dtype.is_floating_point:
             raise TypeError(f"base/out must be floating point, got {base.dtype}")
     if ranks is None:
-        ranks = torch.full((N,), r_max, dtype=torch.int32, device=device)
+        ranks = full_ranks(N, r_max, device)
     else:
         ranks = torch.as_tensor(ranks, device=device)
         if ranks.shape != (N,) or ranks.dtype.is_floating_point:
@@ -77,7 +101,7 @@ def check_inputs(x, A, B, scales, idx, weights, ranks, base, validate: bool) -> 
             raise ValueError("weights contain NaN or Inf")
         if not bool(torch.isfinite(scales).all()):
             raise ValueError("scales contain NaN or Inf")
-        low, high = int(ranks.min()), int(ranks.max())
+        low, high = (r_max, r_max) if is_full_ranks(ranks, r_max) else (int(ranks.min()), int(ranks.max()))
         if low < 1 or high > r_max:
             raise ValueError(f"ranks must lie in [1, r_max={r_max}], found [{low}, {high}]")
     return ranks

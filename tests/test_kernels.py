@@ -303,6 +303,20 @@ def test_torch_sparse_pass_warns_nothing():
     assert not [str(w.message) for w in caught]
 
 
+def test_full_ranks_are_known_without_looking():
+    """ranks=None becomes one cached all-r_max tensor per shape and device, whose minimum the backends know
+    by identity (no device sync); any other tensor is looked at."""
+    from adaptermix.kernels.validation import full_ranks, is_full_ranks, lowest_rank
+
+    cpu = torch.device("cpu")
+    full = full_ranks(5, 8, cpu)
+    assert full is full_ranks(5, 8, cpu) and full.tolist() == [8] * 5 and full.dtype == torch.int32
+    assert is_full_ranks(full, 8) and lowest_rank(full, 8) == 8 and not is_full_ranks(full, 9)
+    lookalike = torch.full((5,), 8, dtype=torch.int32)
+    assert not is_full_ranks(lookalike, 8) and lowest_rank(lookalike, 8) == 8
+    assert lowest_rank(torch.tensor([8, 3, 8, 8, 8], dtype=torch.int32), 8) == 3
+
+
 def test_out_refuses_autograd():
     case = build("aligned", torch.float32)
     with pytest.raises(ValueError, match="not differentiable"):
