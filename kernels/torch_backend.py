@@ -194,7 +194,8 @@ def native_half_gemm(dtype: torch.dtype) -> bool:
     which oneDNN converts cheaply; fp16: AVX512-FP16 / AMX-FP16). Where it does, a bf16 GEMM beats the fp32
     one (AMD EPYC family 26, avx512_bf16, 2026-12-02: T = 1024, d = 576 in 0.9 against 4.3 ms on both
     threads, 2.3 against 10 ms on one); where not, a half GEMM runs several times slower than fp32 (fp16
-    there: 20 ms; bf16 on an earlier EPYC without AVX512 took ~70 ms against ~8 ms)."""
+    there: 20 ms; a bf16 one timed at ~70 ms against ~8 ms in an earlier session, on a CPU whose features
+    were not recorded)."""
     try:
         if dtype == torch.bfloat16:
             return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
