@@ -303,6 +303,23 @@ def test_torch_sparse_pass_warns_nothing():
     assert not [str(w.message) for w in caught]
 
 
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_half_types_either_way(dtype, native, monkeypatch):
+    """Half types on a CPU, both ways whatever this machine has: multiplied natively (oneDNN's bf16 / fp16
+    GEMMs) or in float32, through every torch strategy and auto; mixed ranks with poisoned padding, empty
+    slots, an out of the half type accumulated in place."""
+    from adaptermix.kernels import torch_backend
+
+    monkeypatch.setattr(torch_backend, "native_half_gemm", lambda half: native)
+    case = make_case(40, 48, 40, 6, 8, 2, dtype=dtype, seed=11, ranks=[8, 3, 5, 8, 1, 6])
+    expected = reference_of(case)
+    for backend in ("torch", "torch-dense", "torch-runs", "torch-sparse", "torch-sorted"):
+        out = case["base"].clone()
+        run(case, backend, out=out)
+        assert_close_to(out, expected, dtype)
+
+
 def test_full_ranks_are_known_without_looking():
     """ranks=None becomes one cached all-r_max tensor per shape and device, whose minimum the backends know
     by identity (no device sync); any other tensor is looked at."""
