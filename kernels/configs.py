@@ -140,9 +140,9 @@ class ClusterConfig(FusedConfig):
 # measured at T = 64 and ~110 us at T = 256, 16 of 64 adapters used, against a base GEMM at 155-187 GFLOP/s
 # (2026-12-02; first fitted with torch.unique inside, ~0.29 ms). The sorted numbers (CUDA, not yet timed
 # there; on the CPU the sorted pass runs only when pinned) come from benchmarks/kernel_mixture.py and
-# compose_forward.py runs before the sparse pass. The CPU figures were fitted on one thread (the benchmark's
-# Timer defaulted to one: README); checked on both threads the same day (the 24 shapes above, 5 interleaved
-# rounds), the model picked the faster of dense and sparse in 22, the other two (T = 1024, N = 8, k = 1 / 2)
+# compose_forward.py runs before the sparse pass. The CPU figures were probably fitted on one thread (the
+# benchmark's Timer defaulted to one: README); checked on both threads the same day (the 24 shapes above, 5
+# interleaved rounds), the model picked the faster of dense and sparse in 22, the other two (T = 1024, N = 8, k = 1 / 2)
 # missing by 0.07x and 0.15x of the base in opposite directions: no refit.
 # `native_half_flop`: a dense flop in a half type that the CPU multiplies natively (torch_backend.native_half),
 # in float32 flop-equivalents. AMD EPYC family 26 (avx512_bf16), 2026-12-02: the T = 1024, d = 576 GEMM in
