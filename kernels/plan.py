@@ -30,7 +30,8 @@ def slot_keys(idx: torch.Tensor, num_adapters: int) -> torch.Tensor:
 def slot_scales(keys: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """scales[e] per slot of (T, k) keys (`slot_keys`) in dtype, 0 on empty slots: (T, k). Two ops: the
     scales padded with the empty key's 0, then one take."""
-    return torch.take(torch.nn.functional.pad(scales.to(dtype), (0, 1)), keys)
+    scales = scales if scales.dtype == dtype else scales.to(dtype)
+    return torch.take(torch.nn.functional.pad(scales, (0, 1)), keys)
 
 
 def accumulate_(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:

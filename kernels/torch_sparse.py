@@ -84,6 +84,18 @@ def _row_pointers(T: int, per_row: int, index: torch.dtype, device: torch.device
     return torch.arange(0, T * per_row + 1, per_row, device=device, dtype=index)
 
 
+@functools.lru_cache(maxsize=16)
+def _zeros(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The sampled product's input values: read (beta = 0 multiplies them), never written; cached per
+    size. Each torch op costs several microseconds more right after the base GEMM than warm, so the sparse
+    pass saves the ones it can (here a fill, below casts and slices that would be no-ops)."""
+    return torch.zeros(n, dtype=dtype, device=device)
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 class _Routing:
     """R's structure for (T, k) keys in [0, N] (plan.slot_keys: N = empty)."""
 
@@ -111,7 +123,7 @@ class _Routing:
 
     def sample(self, left: torch.Tensor, right_t: torch.Tensor) -> torch.Tensor:
         """(left @ right_t.T) at R's entries: (T, k, r_max)."""
-        zeros = left.new_zeros(self.columns.shape[0])        # beta = 0 still reads these: zeros, not empty
+        zeros = _zeros(self.columns.shape[0], left.dtype, left.device)   # beta = 0 still reads them
         sampled = torch.sparse.sampled_addmm(self.matrix(zeros), left, right_t.T, beta=0.0)
         return sampled.values().view(*self.slots, self.r_max)
 
@@ -132,15 +144,20 @@ def _stacks(A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype, B_dtype: torch
     """A_cat (N·r_max, d_in) in dtype and B_cat (N·r_max, d_out) in B_dtype (default dtype): views when B
     holds its rows contiguously and no cast is needed."""
     N, r_max, d_in = A.shape
-    B_cat = B.transpose(1, 2).reshape(N * r_max, B.shape[1]).to(dtype if B_dtype is None else B_dtype)
-    return A.reshape(N * r_max, d_in).to(dtype), B_cat
+    B_cat = _cast(B.transpose(1, 2).reshape(N * r_max, B.shape[1]), dtype if B_dtype is None else B_dtype)
+    return _cast(A.reshape(N * r_max, d_in), dtype), B_cat
 
 
-def _slot_groups(k: int, num_adapters: int):
-    """Slices of at most N slots: torch.sparse refuses a row with more entries than R has columns, which
-    k > N (duplicate adapters within a token) would make."""
+def _slot_groups(keys: torch.Tensor, weights: torch.Tensor, num_adapters: int):
+    """(keys, weights) in groups of at most N slots: torch.sparse refuses a row with more entries than R has
+    columns, which k > N (duplicate adapters within a token) would make; k <= N is one group, unsliced."""
+    k = keys.shape[1]
+    if k <= num_adapters:
+        yield slice(0, k), keys, weights
+        return
     for start in range(0, k, num_adapters):
-        yield slice(start, min(start + num_adapters, k))
+        slots = slice(start, min(start + num_adapters, k))
+        yield slots, keys[:, slots], weights[:, slots]
 
 
 def forward_(out, x, A, B, scales, keys, weights, ranks) -> None:
@@ -152,12 +169,12 @@ def forward_(out, x, A, B, scales, keys, weights, ranks) -> None:
     dtype = _compute_dtype(x.dtype)
     in_place = out.dtype == dtype and EXPAND_IN_PLACE.get(out.device.type, False)
     A_cat, B_cat = _stacks(A, B, dtype, B_dtype=dtype if in_place else out.dtype)
-    x = x.to(dtype)
-    for slots in _slot_groups(keys.shape[1], N):
-        routing = _Routing(keys[:, slots], N, r_max)
+    x = _cast(x, dtype)
+    for _, group, gate in _slot_groups(keys, weights, N):
+        routing = _Routing(group, N, r_max)
         hidden = routing.sample(x, A_cat)                                                  # (T, k, r_max)
-        coefficient = weights[:, slots].to(dtype) * slot_scales(keys[:, slots], scales, dtype)     # (T, k)
-        hidden = hidden.mul_(coefficient[:, :, None])
+        coefficient = _cast(gate, dtype) * slot_scales(group, scales, dtype)               # (T, k)
+        hidden = hidden.mul_(coefficient.unsqueeze(2))
         keep = routing.rank_mask(ranks)
         if keep is not None:   # where, not a product: the padding past a rank is ignored whatever it holds
             hidden = torch.where(keep, hidden, 0.0)
@@ -175,9 +192,9 @@ def backward(grad, x, A, B, scales, keys, weights, ranks, need_x: bool, need_wei
     grad, x_c = grad.to(dtype), x.to(dtype)
     dx = None                                                # the first slot group's spread, then summed
     dweights = torch.zeros(weights.shape, dtype=dtype, device=x.device) if need_weights else None
-    for slots in _slot_groups(keys.shape[1], N):
-        routing = _Routing(keys[:, slots], N, r_max)
-        scale = slot_scales(keys[:, slots], scales, dtype)                                  # (T, k)
+    for slots, group, gate in _slot_groups(keys, weights, N):
+        routing = _Routing(group, N, r_max)
+        scale = slot_scales(group, scales, dtype)                                           # (T, k)
         keep = routing.rank_mask(ranks)
         g = routing.sample(grad, B_cat)                                                    # (T, k, r_max)
         if keep is not None:
@@ -188,7 +205,7 @@ def backward(grad, x, A, B, scales, keys, weights, ranks, need_x: bool, need_wei
                 h = torch.where(keep, h, 0.0)
             dweights[:, slots] = (h * g).sum(-1) * scale
         if need_x:
-            gated = g * (weights[:, slots].to(dtype) * scale)[:, :, None]
+            gated = g * (_cast(gate, dtype) * scale).unsqueeze(2)
             spread = routing.spread(gated, A_cat)
             dx = spread if dx is None else dx.add_(spread)
     if need_x and dx is None:                                # k = 0
