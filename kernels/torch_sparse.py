@@ -152,6 +152,8 @@ def _slot_groups(keys: torch.Tensor, weights: torch.Tensor, num_adapters: int):
     """(keys, weights) in groups of at most N slots: torch.sparse refuses a row with more entries than R has
     columns, which k > N (duplicate adapters within a token) would make; k <= N is one group, unsliced."""
     k = keys.shape[1]
+    if k == 0:
+        return
     if k <= num_adapters:
         yield slice(0, k), keys, weights
         return
