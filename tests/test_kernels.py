@@ -320,6 +320,21 @@ def test_cpu_half_types_either_way(dtype, native, monkeypatch):
         assert_close_to(out, expected, dtype)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu", "torch", "torch-dense", "torch-runs", "torch-sparse",
+                                     "torch-sorted"])
+def test_no_slots_is_the_base(backend):
+    """k = 0 (a router that picks nothing): the output is the base, dx is zero, d(weights) is (T, 0)."""
+    case = make_case(7, 12, 10, 3, 4, 0, dtype=torch.float64)
+    assert case["idx"].shape == (7, 0)
+    x, weights, base = (case[name].clone().requires_grad_(True) for name in ("x", "weights", "base"))
+    y = run(dict(case, x=x, weights=weights), backend, base=base)
+    assert torch.equal(y.detach(), case["base"])
+    y.sum().backward()
+    assert torch.equal(base.grad, torch.ones_like(base))
+    assert x.grad is None or torch.equal(x.grad, torch.zeros_like(x))           # the reference: x unused
+    assert weights.grad is None or weights.grad.shape == (7, 0)
+
+
 def test_full_ranks_are_known_without_looking():
     """ranks=None becomes one cached all-r_max tensor per shape and device, whose minimum the backends know
     by identity (no device sync); any other tensor is looked at."""
