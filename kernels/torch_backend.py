@@ -25,8 +25,11 @@ Backward (adapters frozen): the sparse pass's where the segmented pass is sparse
 Grouped matmuls run as one `torch._grouped_mm` call (a C++ loop over groups on CPU, a grouped GEMM on
 CUDA). Where that op is missing or refuses the dtype / layout (float64, unaligned CUDA shapes), a Python loop
 over the groups does the same. Scratch per call: at most input- and output-sized (the gathered rows (P, d),
-their result (P, d'), the runs pass's (T, d_out) update, the sparse pass's T·k·r_max values), never
-(T, k, d) nor (T, k, r, d).
+their result (P, d'), the runs pass's (T, d_out) update off a CPU, the sparse pass's T·k·r_max values),
+never (T, k, d) nor (T, k, r, d). On a CPU the passes avoid (T, d_out) temporaries where they can (the
+sparse pass's CSR product and the runs pass's per-run addmm_ accumulate into out): glibc tends to hand
+such blocks back to the OS between calls, and the page faults of re-mapping them cost more than the
+product (see forward_runs_ and kernels/torch_sparse.py).
 """
 
 from __future__ import annotations
@@ -283,8 +286,19 @@ def forward_runs_(out, x, A, B, scales, keys, weights, ranks, starts: torch.Tens
     A_run, B_run = A_run.view(G, k * r_max, d_in), B_run.view(G, k * r_max, B.shape[1])
     coef = weights.to(acc) * slot_scales(keys, scales, acc)                                # (T, k)
     hidden = grouped_matmul(x.to(compute), A_run.transpose(1, 2), ends).to(acc).view(T, k, r_max)
-    hidden = hidden.mul_(coef[:, :, None]).view(T, k * r_max)
-    out.add_(grouped_matmul(hidden.to(_expand_dtype(compute, x, out)), B_run, ends))
+    hidden = hidden.mul_(coef[:, :, None]).view(T, k * r_max).to(_expand_dtype(compute, x, out))
+    if hidden.dtype == out.dtype and out.device.type == "cpu":
+        # each run's rows of out in place, one addmm_ per run (G <= T / (4·r_max)), no (T, d_out) temporary
+        # (on a GPU: one grouped matmul, and its caching allocator): glibc handed that back to the OS between
+        # calls and re-faulted it (per sequence, T = 1024, N = 16 / 64, both threads, 2026-12-02, three
+        # alternating runs each: 1.33-1.41x the base in place against 1.33-2.10x with the temporary, whose
+        # runs took up to 200,000 page faults more)
+        start = 0
+        for run, end in enumerate(ends.tolist()):
+            out[start:end].addmm_(hidden[start:end], B_run[run])
+            start = end
+    else:
+        out.add_(grouped_matmul(hidden, B_run, ends))
 
 
 # -- all slots at once, in chunks (forward only) ------------------------------------------------------
