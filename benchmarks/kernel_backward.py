@@ -87,8 +87,7 @@ def main(out: str | None = None, threads: str | None = None) -> dict:
                     f"{r['method']}={r['ratio']:.2f}x" + ("" if r.get("correct", True) else "(WRONG)")
                     for r in rows[-len(samples):] if r["method"] != "base"), flush=True)
     result = dict(benchmark="kernel_backward", device="cpu", machine=machine(), threads=torch.get_num_threads(),
-                  dtype="float32", d=cfg["d"],
-                  r=cfg["r"], k=cfg["k"], wrong_outputs=wrong, rows=rows)
+                  dtype="float32", d=cfg["d"], r=cfg["r"], k=cfg["k"], wrong_outputs=wrong, rows=rows)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
     return result

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["SlotPlan", "plan_slot", "sort_by_adapter", "accumulator_dtype", "slot_keys", "slot_scales",
-           "accumulate_"]
+           "accumulate_", "cast"]
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -30,13 +30,18 @@ def slot_keys(idx: torch.Tensor, num_adapters: int) -> torch.Tensor:
 def slot_scales(keys: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """scales[e] per slot of (T, k) keys (`slot_keys`) in dtype, 0 on empty slots: (T, k). Two ops: the
     scales padded with the empty key's 0, then one take."""
-    scales = scales if scales.dtype == dtype else scales.to(dtype)
-    return torch.take(torch.nn.functional.pad(scales, (0, 1)), keys)
+    return torch.take(torch.nn.functional.pad(cast(scales, dtype), (0, 1)), keys)
+
+
+def cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """tensor in dtype, skipping the call where it already is: each torch call costs several microseconds
+    more right after the base GEMM than warm (the passes' hot paths avoid the no-op ones)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def accumulate_(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
-    """out += left @ right in left's dtype (right is cast to it; left may be sparse), in place: one addmm_
-    where out has that dtype, else the product added with a cast."""
+    """out += left @ right in left's dtype (right is cast to it), in place: one addmm_ where out has that
+    dtype, else the product added with a cast."""
     right = right.to(left.dtype)
     if out.dtype == left.dtype:
         out.addmm_(left, right)

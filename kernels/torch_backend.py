@@ -45,17 +45,22 @@ from .validation import is_full_ranks, lowest_rank
 
 __all__ = ["forward_", "backward", "shrink", "expand", "grouped_matmul", "prefer_dense", "segmented_pass",
            "forward_dense_", "forward_runs_", "forward_sorted_", "slot_keys", "adapter_census", "dense_may_win",
-           "token_runs"]
+           "token_runs", "grouped_addmm_"]
+
+
+def grouped_addmm_(out: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> None:
+    """out[group g's rows] += rows[those rows] @ weights[g], one addmm_ per non-empty group, in place;
+    offsets (G,) int group ends (synced once)."""
+    start = 0
+    for group, end in enumerate(offsets.tolist()):
+        if end > start:
+            out[start:end].addmm_(rows[start:end], weights[group])
+        start = end
 
 
 def _loop_grouped(rows: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     out = rows.new_zeros(rows.shape[0], weights.shape[2])
-    ends = offsets.tolist()
-    start = 0
-    for adapter, end in enumerate(ends):
-        if end > start:
-            out[start:end] = rows[start:end] @ weights[adapter]
-        start = end
+    grouped_addmm_(out, rows, weights, offsets)
     return out
 
 
@@ -209,15 +214,18 @@ def native_half_gemm(dtype: torch.dtype) -> bool:
     return False
 
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
 def native_half(device_type: str, dtype: torch.dtype) -> bool:
     """A half type that a CPU multiplies natively (`native_half_gemm`)."""
-    return device_type == "cpu" and dtype in (torch.float16, torch.bfloat16) and native_half_gemm(dtype)
+    return device_type == "cpu" and dtype in HALF_DTYPES and native_half_gemm(dtype)
 
 
 def compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
     """The dtype the dense and runs passes multiply in: float32 for half types on a CPU without native GEMMs
     for them (`native_half_gemm`), so the cost model's float32 figures hold there too; else dtype."""
-    if device_type == "cpu" and dtype in (torch.float16, torch.bfloat16) and not native_half_gemm(dtype):
+    if device_type == "cpu" and dtype in HALF_DTYPES and not native_half_gemm(dtype):
         return torch.float32
     return dtype
 
@@ -293,10 +301,7 @@ def forward_runs_(out, x, A, B, scales, keys, weights, ranks, starts: torch.Tens
         # calls and re-faulted it (per sequence, T = 1024, N = 16 / 64, both threads, 2026-12-02, three
         # alternating runs each: 1.33-1.41x the base in place against 1.33-2.10x with the temporary, whose
         # runs took up to 200,000 page faults more)
-        start = 0
-        for run, end in enumerate(ends.tolist()):
-            out[start:end].addmm_(hidden[start:end], B_run[run])
-            start = end
+        grouped_addmm_(out, hidden, B_run, ends)
     else:
         out.add_(grouped_matmul(hidden, B_run, ends))
 

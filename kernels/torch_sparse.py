@@ -47,7 +47,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .plan import slot_scales
+from .plan import cast, slot_scales
 from .validation import lowest_rank
 
 __all__ = ["DTYPES", "forward_", "backward"]
@@ -86,14 +86,9 @@ def _row_pointers(T: int, per_row: int, index: torch.dtype, device: torch.device
 
 @functools.lru_cache(maxsize=16)
 def _zeros(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The sampled product's input values: read (beta = 0 multiplies them), never written; cached per
-    size. Each torch op costs several microseconds more right after the base GEMM than warm, so the sparse
-    pass saves the ones it can (here a fill, below casts and slices that would be no-ops)."""
+    """The sampled product's input values: read (beta = 0 multiplies them), never written; cached per size
+    (one fill less per call, like the no-op casts `plan.cast` skips and the slices k <= N needs none of)."""
     return torch.zeros(n, dtype=dtype, device=device)
-
-
-def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 class _Routing:
@@ -144,8 +139,8 @@ def _stacks(A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype, B_dtype: torch
     """A_cat (N·r_max, d_in) in dtype and B_cat (N·r_max, d_out) in B_dtype (default dtype): views when B
     holds its rows contiguously and no cast is needed."""
     N, r_max, d_in = A.shape
-    B_cat = _cast(B.transpose(1, 2).reshape(N * r_max, B.shape[1]), dtype if B_dtype is None else B_dtype)
-    return _cast(A.reshape(N * r_max, d_in), dtype), B_cat
+    B_cat = cast(B.transpose(1, 2).reshape(N * r_max, B.shape[1]), dtype if B_dtype is None else B_dtype)
+    return cast(A.reshape(N * r_max, d_in), dtype), B_cat
 
 
 def _slot_groups(keys: torch.Tensor, weights: torch.Tensor, num_adapters: int):
@@ -171,11 +166,11 @@ def forward_(out, x, A, B, scales, keys, weights, ranks) -> None:
     dtype = _compute_dtype(x.dtype)
     in_place = out.dtype == dtype and EXPAND_IN_PLACE.get(out.device.type, False)
     A_cat, B_cat = _stacks(A, B, dtype, B_dtype=dtype if in_place else out.dtype)
-    x = _cast(x, dtype)
+    x = cast(x, dtype)
     for _, group, gate in _slot_groups(keys, weights, N):
         routing = _Routing(group, N, r_max)
         hidden = routing.sample(x, A_cat)                                                  # (T, k, r_max)
-        coefficient = _cast(gate, dtype) * slot_scales(group, scales, dtype)               # (T, k)
+        coefficient = cast(gate, dtype) * slot_scales(group, scales, dtype)                # (T, k)
         hidden = hidden.mul_(coefficient.unsqueeze(2))
         keep = routing.rank_mask(ranks)
         if keep is not None:   # where, not a product: the padding past a rank is ignored whatever it holds
@@ -207,7 +202,7 @@ def backward(grad, x, A, B, scales, keys, weights, ranks, need_x: bool, need_wei
                 h = torch.where(keep, h, 0.0)
             dweights[:, slots] = (h * g).sum(-1) * scale
         if need_x:
-            gated = g * (_cast(gate, dtype) * scale).unsqueeze(2)
+            gated = g * (cast(gate, dtype) * scale).unsqueeze(2)
             spread = routing.spread(gated, A_cat)
             dx = spread if dx is None else dx.add_(spread)
     if need_x and dx is None:                                # k = 0
