@@ -33,8 +33,8 @@ Backward (adapters frozen), the same pattern:
 On a CPU the products are MKL's / ATen's kernels (fp32 and fp64; other dtypes run in fp32: `DTYPES`).
 CPU, d = 576, r = 8, top-2, 2026-12-02, pinned side by side, one thread: forward 1.2-1.35x the base GEMM at
 T = 1024, N = 16 (the sorted pass 1.6-2.3x), 2.2x at T = 64, N = 64 (sorted 4.2-4.7x). Backward, in the 12
-cases of benchmarks/kernel_backward.py on both threads: 1.4-5.6x less time than the per-slot sorted one,
-within 0.03-0.09x of the cpu backend's at T = 1024 (README).
+cases of benchmarks/kernel_backward.py on both threads: 1.2-5.6x less time than the per-slot sorted one,
+0.03-0.16x of the base behind the cpu backend's at T = 1024 (two runs; README).
 On CUDA the same calls reach cuSPARSE (the SDDMM) and ATen's embedding bag; not yet timed there, so the CUDA
 cost model does not pick this pass.
 """
