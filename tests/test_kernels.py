@@ -201,6 +201,30 @@ def test_torch_runs_pass_multiplies_each_run_by_its_own_adapters(dtype, d_out):
     assert_gradients_match(case, "torch-runs", dtype)            # backward: the per-slot sorted primitives
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_torch_runs_pass_in_equal_chunks(dtype):
+    """Sequences of one length (40 tokens; the first two share their adapters, so their runs merge): every run
+    is a whole number of 40-token chunks, and the pass runs as batched products on (chunks, 40, d) views,
+    into out in place, also where out is a strided view; ragged runs take the grouped path."""
+    from adaptermix.kernels import torch_backend
+
+    pairs = [[3, 0], [3, 0], [5, -1], [2, 2]]
+    idx = torch.cat([torch.tensor(pair).repeat(40, 1) for pair in pairs])
+    case = make_case(160, 40, 48, 6, 8, 2, dtype=dtype, seed=5, idx=idx)
+    starts = torch_backend.token_runs(torch_backend.slot_keys(idx, 6))
+    assert starts.tolist() == [0, 80, 120] and torch_backend.chunk_length(starts, 160, 8) == 40
+    assert torch_backend.chunk_length(torch.tensor([0, 7, 8, 20, 25]), 34, 8) == 0      # per_sequence_case
+    assert torch_backend.chunk_length(torch.tensor([0, 80]), 160, 8) == 80
+    expected = reference_of(case)
+    assert_close_to(run(case, "torch-runs", base=case["base"]), expected, dtype)
+    wide = torch.zeros(160, 53, dtype=dtype)
+    out = wide[:, 2:50]                                              # rows 53 apart: a strided view of wide
+    out.copy_(case["base"])
+    run(case, "torch-runs", out=out)
+    assert_close_to(out, expected, dtype)
+    assert torch.equal(wide[:, :2], torch.zeros(160, 2, dtype=dtype))    # nothing written outside the view
+
+
 def test_torch_adapter_census_and_token_changes():
     """The census counts each adapter's pairs and ignores empty slots; it skips looking only where the stack
     is narrower than d and pairs are at least 4N. token_changes marks where a routing row differs."""
