@@ -222,7 +222,7 @@ def test_torch_runs_pass_in_equal_chunks(dtype):
     out.copy_(case["base"])
     run(case, "torch-runs", out=out)
     assert_close_to(out, expected, dtype)
-    assert torch.equal(wide[:, :2], torch.zeros(160, 2, dtype=dtype))    # nothing written outside the view
+    assert not wide[:, :2].any() and not wide[:, 50:].any()          # nothing written outside the view
 
 
 def test_torch_adapter_census_and_token_changes():
