@@ -225,6 +225,31 @@ def test_torch_runs_pass_in_equal_chunks(dtype):
     assert not wide[:, :2].any() and not wide[:, 50:].any()          # nothing written outside the view
 
 
+def test_few_runs_reads_a_prefix_first_and_agrees_with_the_full_count():
+    """few_runs returns token_runs' starts exactly when that many runs pay, whether it decides on the host
+    prefix (routing changing token to token; a batch no longer than the prefix) or counts on the device."""
+    from adaptermix.kernels import torch_backend
+
+    gen = torch.Generator().manual_seed(7)
+
+    def layout(lengths, k=2, N=9):
+        pairs = [torch.randperm(N, generator=gen)[:k] for _ in lengths]
+        return torch.cat([pair.repeat(n, 1) for pair, n in zip(pairs, lengths)])
+
+    cases = [layout([1] * 64), layout([64]), layout([16] * 4), layout([4] * 16), layout([1024]),
+             layout([64] * 16), layout([100] + [1] * 924), layout([16] * 64), layout([500, 3, 200, 321]),
+             layout([31] * 33 + [1]), layout([32] * 32), layout([300, 300, 300, 124], k=1),
+             layout([32, 32]), layout([20, 20, 24])]          # T = 64: two runs pay, three do not
+    for idx in cases:
+        keys = torch_backend.slot_keys(idx, 9)
+        starts = torch_backend.token_runs(keys)
+        pays = torch_backend.runs_pay(starts.numel(), idx.shape[0], 8)
+        found = torch_backend.few_runs(keys, 8)
+        assert (found is not None) == pays, (idx.shape, starts.numel())
+        if pays:
+            assert found.tolist() == starts.tolist()
+
+
 def test_torch_adapter_census_and_token_changes():
     """The census counts each adapter's pairs and ignores empty slots; it skips looking only where the stack
     is narrower than d and pairs are at least 4N. token_changes marks where a routing row differs."""
