@@ -214,9 +214,12 @@ def few_runs(keys: torch.Tensor, r_max: int) -> torch.Tensor | None:
         return None
     rows = min(T, max(most + 2, HEAD_ROWS))
     head = keys[:rows].tolist()
-    boundaries = [t for t in range(1, rows) if head[t] != head[t - 1]]
-    if len(boundaries) >= most:
-        return None
+    boundaries = []
+    for t in range(1, rows):
+        if head[t] != head[t - 1]:
+            boundaries.append(t)
+            if len(boundaries) >= most:
+                return None
     if rows == T:
         return torch.tensor([0] + boundaries, device=keys.device)
     changes = token_changes(keys)
