@@ -37,6 +37,13 @@ cases of benchmarks/kernel_backward.py on both threads: 1.2-5.6x less time than 
 0.03-0.16x of the base behind the cpu backend's at T = 1024 (two runs; README).
 On CUDA the same calls reach cuSPARSE (the SDDMM) and ATen's embedding bag; not yet timed there, so the CUDA
 cost model does not pick this pass.
+
+R breaks torch's own CSR invariants: a row's columns are in slot order, not sorted, and repeat where a token
+names an adapter twice or has an empty slot (check_invariants=True refuses such a matrix). The CPU kernels
+used here (ATen's SDDMM loop, MKL's SpMM) and the embedding bag compute entry by entry and do not need
+either property; tests/test_kernels.py checks this pass against the reference on every shape (duplicates,
+empty slots, k > N), so a torch whose kernels came to rely on the invariants would fail there. cuSPARSE
+documents sorted, distinct columns: the CUDA tests of this pass (GPU_CASES) have not yet run on a GPU.
 """
 
 from __future__ import annotations
