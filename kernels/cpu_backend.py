@@ -13,7 +13,9 @@ so threads follow torch.set_num_threads. Without a compiler `available()` is Fal
 torch backend. float32 / float64 only. B is read by rows (N, r_max, d_out): pass it as the transposed view
 of such a tensor (as the composer stores it), or a contiguous (N, d_out, r_max) B is transposed per call.
 
-Backward (adapters frozen): dx is the same kernel with the factors swapped; d(weights) is one more kernel.
+Backward (adapters frozen): one more pass in the forward's order: per pair, B[e]'s rank dots with dy serve
+both d(weights) (with A[e]'s dots with x) and dx (axpys of A[e]'s rows); either gradient alone skips the
+other's work.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ __all__ = ["DTYPES", "available", "ready", "build_error", "forward_", "backward"
 SOURCE = Path(__file__).with_name("cpu_mixture.cpp")
 DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 _ERRORS = {1: "idx holds an adapter id outside [-1, N)", 2: "ranks hold a value outside [0, r_max]",
-           3: "r_max above 1024 (k * r_max for the gate gradient) is not supported by the CPU kernel"}
+           3: "r_max above 1024 is not supported by the CPU kernel"}
 
 _lock = threading.Lock()
 _state: dict = {"lib": None, "error": None}
@@ -72,10 +74,10 @@ def _build() -> ctypes.CDLL:
         mixture = getattr(lib, f"am_mixture_{suffix}")
         mixture.argtypes = [ptr, i64, ptr, i64, ptr, i64, i64, ptr, i64, i64, ptr, ptr, ptr, ptr,
                             i64, i64, i64, ctypes.c_int, i64, i64]
-        gate = getattr(lib, f"am_gate_grad_{suffix}")
-        gate.argtypes = [ptr, ptr, i64, ptr, i64, ptr, i64, i64, ptr, i64, i64, ptr, ptr, ptr,
-                         i64, i64, i64, ctypes.c_int, i64, i64]
-        mixture.restype = gate.restype = ctypes.c_int
+        fused = getattr(lib, f"am_backward_{suffix}")
+        fused.argtypes = [ptr, i64, ptr, ptr, i64, ptr, i64, ptr, i64, i64, ptr, i64, i64, ptr, ptr, ptr, ptr,
+                          i64, i64, i64, ctypes.c_int, i64, i64]
+        mixture.restype = fused.restype = ctypes.c_int
     return lib
 
 
@@ -146,23 +148,21 @@ def forward_(out, x, A, B, scales, idx, weights, ranks) -> None:
 
 
 def backward(grad, x, A, B, scales, idx, weights, ranks, need_x: bool, need_weights: bool):
-    """(dx or None, dweights or None) for frozen adapters."""
+    """(dx or None, dweights or None) for frozen adapters: one fused pass (kernels/cpu_mixture.cpp, backward)."""
     grad, x, A, B_rows = _rows(grad.to(x.dtype)), _rows(x), _rows(A), _rows(B.transpose(1, 2))
     scales, idx, coef, ranks = _small(scales, idx, weights, ranks, x.dtype)
-    dx = dweights = None
-    if need_x:
-        dx = torch.zeros_like(x)
-        if idx.numel():
-            _mixture_call(dx, grad, B_rows, A, scales, idx, coef, ranks)                # dx += c (B[e]ᵀ g) A[e]
-    if need_weights:
-        dweights = torch.zeros(idx.shape, dtype=x.dtype)
-        if idx.numel():
-            T, k = idx.shape
-            N, r_max, d_in = A.shape
-            fn = getattr(_library(), f"am_gate_grad_{DTYPES[x.dtype]}")
-            _check(fn(dweights.data_ptr(), x.data_ptr(), x.stride(0), grad.data_ptr(), grad.stride(0),
-                      A.data_ptr(), A.stride(0), A.stride(1), B_rows.data_ptr(), B_rows.stride(0),
-                      B_rows.stride(1), scales.data_ptr(), idx.data_ptr(), ranks.data_ptr(), T, k, N, r_max,
-                      d_in, B_rows.shape[2]))
-        dweights = dweights.to(weights.dtype)
-    return dx, dweights
+    dx = torch.zeros_like(x) if need_x else None
+    dweights = torch.empty(idx.shape, dtype=x.dtype) if need_weights else None
+    if idx.numel() and (need_x or need_weights):
+        T, k = idx.shape
+        N, r_max, d_in = A.shape
+        fn = getattr(_library(), f"am_backward_{DTYPES[x.dtype]}")
+        _check(fn(None if dx is None else dx.data_ptr(), 0 if dx is None else dx.stride(0),
+                  None if dweights is None else dweights.data_ptr(), x.data_ptr(), x.stride(0), grad.data_ptr(),
+                  grad.stride(0), A.data_ptr(), A.stride(0), A.stride(1), B_rows.data_ptr(), B_rows.stride(0),
+                  B_rows.stride(1), scales.data_ptr(), idx.data_ptr(), coef.data_ptr(), ranks.data_ptr(), T, k, N,
+                  r_max, d_in, B_rows.shape[2]))
+    elif need_weights:
+        dweights.zero_()
+    return dx, (None if dweights is None else dweights.to(weights.dtype))
+

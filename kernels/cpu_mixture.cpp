@@ -9,8 +9,8 @@
 //           y[t] += h[:ranks[e]] @ Q[e, :ranks[e]]             # expand: ranks[e] axpys of length d_q
 //
 // Forward: x = layer input, P = A (N, r_max, d_in), Q = B's rows (N, r_max, d_out).
-// Backward dx: x = grad, P = B's rows, Q = A (the same kernel with the factors swapped).
-// Gate gradient: dw[t, j] = scales[e] * <P[e] @ x[t], R[e] @ g[t]>, the two shrinks of the backward.
+// Backward (adapters frozen, `backward`): one pass in the same order, per pair hg = B[e] rows @ dy[t], then
+// dw[t, j] = scales[e] * <A[e] rows @ x[t], hg> and dx[t] += coef[t, j] * scales[e] * hg @ A[e] rows.
 //
 // Each thread takes a range of tokens and sorts its (token, slot) pairs by adapter (counting sort): an
 // adapter's factors are read from memory once per thread and stay in cache while its pairs stream by
@@ -21,9 +21,9 @@
 // vector loaded feeds two FMAs, each x or y vector four, and nothing spills (8-10% faster than the earlier
 // four-by-four loops, which needed more registers than AVX2 has; AMD EPYC, 2026-12-02).
 //
-// Design limits: float and double only (half types take the torch backend); rows of x, y, P, Q and R are
-// contiguous (the launcher makes them so); r_max <= 1024 (k * r_max for the gate gradient); scratch per
-// thread: its pairs' order (T * k / threads integers) and N + 1 counters, never (T, k, r, d) nor (T, k, d).
+// Design limits: float and double only (half types take the torch backend); rows of x, y, dy and the
+// factors are contiguous (the launcher makes them so); r_max <= 1024; scratch per thread: its pairs' order
+// (T * k / threads integers) and N + 1 counters, never (T, k, r, d) nor (T, k, d).
 // Bad ids or ranks return an error code before anything is written (never an out-of-bounds read).
 
 #include <omp.h>
@@ -33,7 +33,7 @@
 
 namespace {
 
-constexpr int kMaxRows = 1024;   // rank rows of one adapter (k x rank for the gate gradient)
+constexpr int kMaxRows = 1024;   // rank rows of one adapter
 constexpr int kTile = 4;         // tokens of one adapter whose shrink and expand run together
 
 // Register-blocked micro-kernels on 32-byte vectors (GCC / Clang vector extensions: AVX2 registers on x86,
@@ -170,22 +170,39 @@ inline int check_entries(const int64_t* idx, const int32_t* ranks, int64_t entri
 // Enough work to be worth waking the thread pool (about 20 us of one core).
 inline bool parallel_worth(int64_t T, int64_t k, int64_t r, int64_t d) { return T * k * r * d > (1 << 18); }
 
-// The (slot, rank) rows of token t, slot by slot: P rows and Q rows of its adapters (entries already
-// checked). Returns their count.
-template <typename S>
-inline int token_rows(int64_t t, const int64_t* idx, const int32_t* ranks, int64_t k, const S* P,
-                      int64_t p_adapter, int64_t p_row, const S* Q, int64_t q_adapter, int64_t q_row,
-                      const S** p_rows, const S** q_rows) {
-  int n = 0;
-  for (int64_t j = 0; j < k; ++j) {
-    const int64_t e = idx[t * k + j];
-    if (e < 0) continue;
-    for (int r = 0; r < ranks[e]; ++r, ++n) {
-      p_rows[n] = P + e * p_adapter + r * p_row;
-      q_rows[n] = Q + e * q_adapter + r * q_row;
+// Tokens [t0, t1)'s (token, slot) pairs sorted by adapter (a counting sort: order holds the pair ids
+// p = t * k + j, adapter e's at positions start[e] .. start[e + 1]; empty slots left out), then for each
+// adapter e with pairs, tiles of up to kTile distinct tokens: body(e, m, tokens, coefs, first, order) for
+// each, with tokens[u] for u < m,
+// coefs[u] = the sum of coef[p] * scales[e] over token u's pairs (a token routed twice to e is one tile
+// entry, so no tile writes one row twice), its pairs at positions first[u] .. first[u + 1] of order.
+template <typename S, typename Body>
+inline void for_each_tile(int64_t t0, int64_t t1, const int64_t* idx, int64_t k, int64_t N, const S* coef,
+                          const S* scales, Body body) {
+  std::vector<int64_t> start(N + 1, 0);
+  for (int64_t p = t0 * k; p < t1 * k; ++p)
+    if (idx[p] >= 0) ++start[idx[p] + 1];
+  for (int64_t e = 0; e < N; ++e) start[e + 1] += start[e];
+  std::vector<int64_t> order(start[N]);
+  std::vector<int64_t> fill(start.begin(), start.end() - 1);
+  for (int64_t p = t0 * k; p < t1 * k; ++p)
+    if (idx[p] >= 0) order[fill[idx[p]]++] = p;
+  for (int64_t e = 0; e < N; ++e) {
+    int64_t s = start[e];
+    while (s < start[e + 1]) {
+      int64_t tokens[kTile], first[kTile + 1];
+      S coefs[kTile];
+      int m = 0;
+      for (; m < kTile && s < start[e + 1]; ++m) {
+        tokens[m] = order[s] / k;
+        coefs[m] = 0;
+        first[m] = s;
+        for (; s < start[e + 1] && order[s] / k == tokens[m]; ++s) coefs[m] += coef[order[s]] * scales[e];
+      }
+      first[m] = s;
+      body(e, m, tokens, coefs, first, order);
     }
   }
-  return n;
 }
 
 // One thread's share: tokens [t0, t1). Its (token, slot) pairs are sorted by adapter (a counting sort), and
@@ -196,45 +213,77 @@ void mixture_tokens(int64_t t0, int64_t t1, S* y, int64_t y_row, const S* x, int
                     int64_t p_adapter, int64_t p_row, const S* Q, int64_t q_adapter, int64_t q_row,
                     const S* scales, const int64_t* idx, const S* coef, const int32_t* ranks, int64_t k,
                     int64_t N, int64_t d_p, int64_t d_q) {
-  std::vector<int64_t> start(N + 1, 0);
-  for (int64_t p = t0 * k; p < t1 * k; ++p)
-    if (idx[p] >= 0) ++start[idx[p] + 1];
-  for (int64_t e = 0; e < N; ++e) start[e + 1] += start[e];
-  std::vector<int64_t> order(start[N]);
-  std::vector<int64_t> fill(start.begin(), start.end() - 1);
-  for (int64_t p = t0 * k; p < t1 * k; ++p)
-    if (idx[p] >= 0) order[fill[idx[p]]++] = p;
   const S* p_rows[kMaxRows];
   const S* q_rows[kMaxRows];
   S h[kTile * kMaxRows];
-  for (int64_t e = 0; e < N; ++e) {
-    if (start[e] == start[e + 1]) continue;
+  for_each_tile(t0, t1, idx, k, N, coef, scales, [&](int64_t e, int m, const int64_t* tokens, const S* coefs,
+                                                     const int64_t*, const std::vector<int64_t>&) {
     const int rank = ranks[e];
     for (int r = 0; r < rank; ++r) {
       p_rows[r] = P + e * p_adapter + r * p_row;
       q_rows[r] = Q + e * q_adapter + r * q_row;
     }
-    // Tiles of up to kTile distinct tokens; a token routed twice to e (duplicate slots) is one entry with the
-    // summed coefficient, so no tile writes one row of y twice.
-    int64_t s = start[e];
-    while (s < start[e + 1]) {
-      const S* xs[kTile];
-      S* ys[kTile];
-      S coefs[kTile];
-      int m = 0;
-      for (; m < kTile && s < start[e + 1]; ++m) {
-        const int64_t token = order[s] / k;
-        xs[m] = x + token * x_row;
-        ys[m] = y + token * y_row;
-        coefs[m] = 0;
-        for (; s < start[e + 1] && order[s] / k == token; ++s) coefs[m] += coef[order[s]] * scales[e];
-      }
-      dot_tile(xs, m, p_rows, rank, d_p, h, kMaxRows);
-      for (int u = 0; u < m; ++u)
-        for (int r = 0; r < rank; ++r) h[u * kMaxRows + r] *= coefs[u];
-      axpy_tile(h, kMaxRows, m, q_rows, rank, d_q, ys);
+    const S* xs[kTile];
+    S* ys[kTile];
+    for (int u = 0; u < m; ++u) {
+      xs[u] = x + tokens[u] * x_row;
+      ys[u] = y + tokens[u] * y_row;
     }
-  }
+    dot_tile(xs, m, p_rows, rank, d_p, h, kMaxRows);
+    for (int u = 0; u < m; ++u)
+      for (int r = 0; r < rank; ++r) h[u * kMaxRows + r] *= coefs[u];
+    axpy_tile(h, kMaxRows, m, q_rows, rank, d_q, ys);
+  });
+}
+
+// One thread's share of the backward (adapters frozen), tokens [t0, t1), in the forward's order (pairs sorted
+// by adapter, tiles of up to kTile tokens):
+//   hg = B[e] rows @ g[t]                      (rank dots over d_out)
+//   dw[t, j] = scales[e] * <A[e] rows @ x[t], hg>           (when dw is wanted: rank dots over d_in)
+//   dx[t] += coef[t, j] * scales[e] * hg @ A[e] rows        (when dx is wanted: rank axpys over d_in)
+// so B[e]'s dots with g serve both gradients. A duplicate slot (one token routed twice to e) is one tile
+// entry: its dx coefficient is the sum, and each of its slots gets the same dw. dw of empty slots is 0.
+template <typename S>
+void backward_tokens(int64_t t0, int64_t t1, S* dx, int64_t dx_row, S* dw, const S* x, int64_t x_row,
+                     const S* g, int64_t g_row, const S* A, int64_t a_adapter, int64_t a_row, const S* Br,
+                     int64_t b_adapter, int64_t b_row, const S* scales, const int64_t* idx, const S* coef,
+                     const int32_t* ranks, int64_t k, int64_t N, int64_t d_in, int64_t d_out) {
+  if (dw != nullptr)
+    for (int64_t p = t0 * k; p < t1 * k; ++p) dw[p] = 0;
+  const S* a_rows[kMaxRows];
+  const S* b_rows[kMaxRows];
+  S hg[kTile * kMaxRows];
+  S hx[kTile * kMaxRows];
+  for_each_tile(t0, t1, idx, k, N, coef, scales, [&](int64_t e, int m, const int64_t* tokens, const S* coefs,
+                                                     const int64_t* first, const std::vector<int64_t>& order) {
+    const int rank = ranks[e];
+    for (int r = 0; r < rank; ++r) {
+      a_rows[r] = A + e * a_adapter + r * a_row;
+      b_rows[r] = Br + e * b_adapter + r * b_row;
+    }
+    const S* xs[kTile];
+    const S* gs[kTile];
+    S* dxs[kTile];
+    for (int u = 0; u < m; ++u) {
+      xs[u] = x + tokens[u] * x_row;
+      gs[u] = g + tokens[u] * g_row;
+      dxs[u] = dx == nullptr ? nullptr : dx + tokens[u] * dx_row;
+    }
+    dot_tile(gs, m, b_rows, rank, d_out, hg, kMaxRows);
+    if (dw != nullptr) {
+      dot_tile(xs, m, a_rows, rank, d_in, hx, kMaxRows);
+      for (int u = 0; u < m; ++u) {
+        S value = 0;
+        for (int r = 0; r < rank; ++r) value += hx[u * kMaxRows + r] * hg[u * kMaxRows + r];
+        for (int64_t q = first[u]; q < first[u + 1]; ++q) dw[order[q]] = value * scales[e];
+      }
+    }
+    if (dx != nullptr) {
+      for (int u = 0; u < m; ++u)
+        for (int r = 0; r < rank; ++r) hg[u * kMaxRows + r] *= coefs[u];
+      axpy_tile(hg, kMaxRows, m, a_rows, rank, d_in, dxs);
+    }
+  });
 }
 
 template <typename S>
@@ -254,32 +303,18 @@ int mixture(S* y, int64_t y_row, const S* x, int64_t x_row, const S* P, int64_t 
 }
 
 template <typename S>
-int gate_grad(S* dw, const S* x, int64_t x_row, const S* g, int64_t g_row, const S* P, int64_t p_adapter,
-              int64_t p_row, const S* R, int64_t r_adapter, int64_t r_row, const S* scales, const int64_t* idx,
-              const int32_t* ranks, int64_t T, int64_t k, int64_t N, int r_max, int64_t d_p, int64_t d_r) {
-  if (k * r_max > kMaxRows) return 3;
+int backward(S* dx, int64_t dx_row, S* dw, const S* x, int64_t x_row, const S* g, int64_t g_row, const S* A,
+             int64_t a_adapter, int64_t a_row, const S* Br, int64_t b_adapter, int64_t b_row, const S* scales,
+             const int64_t* idx, const S* coef, const int32_t* ranks, int64_t T, int64_t k, int64_t N, int r_max,
+             int64_t d_in, int64_t d_out) {
+  if (r_max > kMaxRows) return 3;
   const int status = check_entries(idx, ranks, T * k, N, r_max);
   if (status) return status;
-#pragma omp parallel for schedule(static) if (parallel_worth(T, k, r_max, d_p + d_r))
-  for (int64_t t = 0; t < T; ++t) {
-    const S* p_rows[kMaxRows];
-    const S* r_rows[kMaxRows];
-    S hx[kMaxRows], hg[kMaxRows];
-    for (int64_t j = 0; j < k; ++j) dw[t * k + j] = 0;
-    const int n = token_rows<S>(t, idx, ranks, k, P, p_adapter, p_row, R, r_adapter, r_row, p_rows, r_rows);
-    if (n == 0) continue;
-    const S* xt = x + t * x_row;
-    const S* gt = g + t * g_row;
-    dot_tile(&xt, 1, p_rows, n, d_p, hx, kMaxRows);
-    dot_tile(&gt, 1, r_rows, n, d_r, hg, kMaxRows);
-    int i = 0;
-    for (int64_t j = 0; j < k; ++j) {            // rows come slot by slot, ranks[e] each
-      const int64_t e = idx[t * k + j];
-      if (e < 0) continue;
-      S value = 0;
-      for (int r = 0; r < ranks[e]; ++r, ++i) value += hx[i] * hg[i];
-      dw[t * k + j] = value * scales[e];
-    }
+#pragma omp parallel if (parallel_worth(T, k, r_max, 2 * d_in + d_out))
+  {
+    const int64_t threads = omp_get_num_threads(), me = omp_get_thread_num();
+    backward_tokens(T * me / threads, T * (me + 1) / threads, dx, dx_row, dw, x, x_row, g, g_row, A, a_adapter,
+                    a_row, Br, b_adapter, b_row, scales, idx, coef, ranks, k, N, d_in, d_out);
   }
   return 0;
 }
@@ -295,13 +330,13 @@ int gate_grad(S* dw, const S* x, int64_t x_row, const S* g, int64_t g_row, const
     return mixture<S>(y, y_row, x, x_row, P, p_adapter, p_row, Q, q_adapter, q_row, scales, idx, coef, ranks,  \
                       T, k, N, r_max, d_p, d_q);                                                               \
   }                                                                                                            \
-  extern "C" int am_gate_grad_##suffix(S* dw, const S* x, int64_t x_row, const S* g, int64_t g_row,           \
-                                       const S* P, int64_t p_adapter, int64_t p_row, const S* R,               \
-                                       int64_t r_adapter, int64_t r_row, const S* scales, const int64_t* idx,  \
-                                       const int32_t* ranks, int64_t T, int64_t k, int64_t N, int r_max,       \
-                                       int64_t d_p, int64_t d_r) {                                             \
-    return gate_grad<S>(dw, x, x_row, g, g_row, P, p_adapter, p_row, R, r_adapter, r_row, scales, idx, ranks,  \
-                        T, k, N, r_max, d_p, d_r);                                                             \
+  extern "C" int am_backward_##suffix(S* dx, int64_t dx_row, S* dw, const S* x, int64_t x_row, const S* g,    \
+                                      int64_t g_row, const S* A, int64_t a_adapter, int64_t a_row,             \
+                                      const S* Br, int64_t b_adapter, int64_t b_row, const S* scales,          \
+                                      const int64_t* idx, const S* coef, const int32_t* ranks, int64_t T,      \
+                                      int64_t k, int64_t N, int r_max, int64_t d_in, int64_t d_out) {          \
+    return backward<S>(dx, dx_row, dw, x, x_row, g, g_row, A, a_adapter, a_row, Br, b_adapter, b_row, scales,  \
+                       idx, coef, ranks, T, k, N, r_max, d_in, d_out);                                         \
   }
 
 AM_EXPORT(float, f32)

@@ -651,6 +651,25 @@ def test_cpu_backend_splits_tokens_across_threads(threads):
         torch.set_num_threads(saved)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_backward_gives_each_gradient_alone_as_together(backend):
+    """dx alone and d(weights) alone (the fused CPU pass skips the other's work) equal the pair computed
+    together, which the reference checks elsewhere; an empty slot's d(weights) is exactly 0."""
+    from adaptermix.kernels.mixture import mixture_backward
+
+    case = make_case(301, 200, 150, 9, 8, 3, dtype=torch.float64, seed=6)
+    case["idx"][::5, 2] = case["idx"][::5, 0]                                  # duplicates within a token
+    grad = torch.randn(case["base"].shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    args = (grad, case["x"], case["A"], case["B"], case["scales"], case["idx"], case["weights"], case["ranks"],
+            backend)
+    dx, dweights = mixture_backward(*args, True, True)
+    dx_alone, none = mixture_backward(*args, True, False)
+    none_too, dweights_alone = mixture_backward(*args, False, True)
+    assert none is None and none_too is None
+    assert torch.equal(dx_alone, dx) and torch.equal(dweights_alone, dweights)
+    assert (dweights[case["idx"] < 0] == 0).all() and (case["idx"] < 0).any()
+
+
 @pytest.mark.parametrize("bad", [6, -2])
 def test_cpu_kernel_refuses_bad_ids_even_unvalidated(bad):
     """validate=False skips the host checks; the kernel still never reads outside the stacks."""
