@@ -8,6 +8,25 @@ import torch
 
 from adaptermix.kernels import configs, cpu_backend, lora_mixture, lora_mixture_reference
 
+@pytest.fixture(autouse=True)
+def poisoned_allocations():
+    """Every tensor the op allocates without initialising (torch.empty and kin: scratch, plans, results)
+    starts as NaN (floats) or the dtype's largest value (integers), so a kernel that reads what it never
+    wrote fails here instead of passing on zeroed memory. (torch fills only in deterministic mode; warn_only
+    keeps ops without a deterministic version running.)"""
+    import warnings
+
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.utils.deterministic.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have a deterministic implementation.*")
+        yield
+    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+    torch.utils.deterministic.fill_uninitialized_memory = saved[2]
+
+
 # Relative tolerance (max |err| / max |ref|) by dtype: one helper for every comparison.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
@@ -151,7 +170,8 @@ def test_forward_matches_float64_reference(shape, backend, dtype):
 @pytest.mark.parametrize("backend, dtype", [("torch", torch.float64), ("torch", torch.float32),
                                             ("triton-plan", torch.float32), ("triton-fused", torch.float32),
                                             ("triton-fused", torch.float16), ("torch", torch.bfloat16),
-                                            ("cpu", torch.float64), ("cpu", torch.float32)])
+                                            ("cpu", torch.float64), ("cpu", torch.float32),
+                                            ("torch-sorted", torch.float64), ("torch-sorted", torch.float32)])
 def test_backward_matches_autograd_through_the_reference(shape, backend, dtype):
     case = build(shape, dtype, seed=1)
     grad = torch.randn(case["base"].shape, generator=torch.Generator().manual_seed(2)).to(dtype)
