@@ -173,9 +173,9 @@ inline bool parallel_worth(int64_t T, int64_t k, int64_t r, int64_t d) { return 
 // Tokens [t0, t1)'s (token, slot) pairs sorted by adapter (a counting sort: order holds the pair ids
 // p = t * k + j, adapter e's at positions start[e] .. start[e + 1]; empty slots left out), then for each
 // adapter e with pairs, tiles of up to kTile distinct tokens: body(e, m, tokens, coefs, first, order) for
-// each, with tokens[u] for u < m,
-// coefs[u] = the sum of coef[p] * scales[e] over token u's pairs (a token routed twice to e is one tile
-// entry, so no tile writes one row twice), its pairs at positions first[u] .. first[u + 1] of order.
+// each, with, for u < m, tokens[u], coefs[u] = the sum of coef[p] * scales[e] over token u's pairs (a token
+// routed twice to e is one tile entry, so no tile writes one row twice) and first[u] .. first[u + 1], the
+// positions of its pairs in order.
 template <typename S, typename Body>
 inline void for_each_tile(int64_t t0, int64_t t1, const int64_t* idx, int64_t k, int64_t N, const S* coef,
                           const S* scales, Body body) {
