@@ -153,8 +153,8 @@ TORCH_COST = {"cpu": {"sparse_fixed": 0.8e7, "sparse_per_entry_feature": 8.0, "d
                       "sorted_fixed": 1.0e7, "sorted_per_pair_feature": 150.0,
                       "native_half_flop": 0.25},
               "cuda": {"dense_subset_fixed": 0.0, "sorted_fixed": 5.0e7, "sorted_per_pair_feature": 200.0}}
-# The segmented pass per device where dense does not run: sparse where it has been timed (the CPU, every
-# dtype: half types in float32), sorted elsewhere (torch_backend.segmented_pass).
+# The segmented pass per device where dense does not run: sparse on the CPU (every dtype: half types in
+# float32; it runs nowhere else: torch_backend.segmented_pass), sorted elsewhere.
 TORCH_SEGMENTED_PASS = {"cpu": "sparse", "cuda": "sorted"}
 # Where the cost model does not pick dense and tokens come in G runs of identical routing rows (one adapter
 # set per sequence), the runs pass replaces the segmented one while G·r_max·TORCH_RUN_TOKENS_PER_RANK <= T: its

@@ -138,18 +138,20 @@ def adapter_census(keys: torch.Tensor, num_adapters: int, r_max: int, d: int) ->
     return int(torch.count_nonzero(counts)), counts
 
 
-def segmented_pass(device_type: str, dtype: torch.dtype) -> str:
-    """The pass that runs where dense does not (configs.TORCH_SEGMENTED_PASS). The sparse pass computes in
-    float32 where torch.sparse does not take the dtype (half types): on a CPU that is still the faster pass
-    (half GEMMs are slow there: `compute_dtype`), elsewhere such dtypes take 'sorted'. A pinned 'sparse' or
-    'sorted' wins, forward and backward."""
+def segmented_pass(device_type: str) -> str:
+    """The pass that runs where dense does not (configs.TORCH_SEGMENTED_PASS; a pinned 'sparse' or 'sorted'
+    wins, forward and backward). The sparse pass runs on a CPU only, any dtype (half types in float32): its
+    routing matrix has unsorted and repeated columns, which torch's CPU kernels take entry by entry (tested on
+    every shape) and cuSPARSE leaves undefined (its CSR format wants sorted, distinct columns; pytorch#60277),
+    so elsewhere the table cannot choose it and a pin of it is refused."""
     pinned = configs.pinned_torch_strategy()
+    if pinned == "sparse" and device_type != "cpu":
+        raise ValueError(f"the torch backend's sparse pass runs on the CPU only (x is on {device_type}): its "
+                         "routing matrix has unsorted, repeated columns, which cuSPARSE does not define")
     if pinned in ("sparse", "sorted"):
         return pinned
-    segmented = TORCH_SEGMENTED_PASS[device_type]
-    if segmented == "sparse" and dtype not in torch_sparse.DTYPES and device_type != "cpu":
-        return "sorted"
-    return segmented
+    segmented = TORCH_SEGMENTED_PASS.get(device_type, "sorted")
+    return segmented if device_type == "cpu" else "sorted"
 
 
 def prefer_dense(T: int, d_in: int, d_out: int, used_rank: int, k: int, r_max: int, device_type: str,
@@ -419,7 +421,7 @@ def forward_(out, x, A, B, scales, idx, weights, ranks) -> None:
         return
     keys = slot_keys(idx, N)
     pinned = configs.pinned_torch_strategy()
-    segmented = segmented_pass(x.device.type, x.dtype)
+    segmented = segmented_pass(x.device.type)
     d_in, d_out, device_type = x.shape[1], B.shape[1], x.device.type
     dtype = x.dtype
     if pinned == "dense" or pinned is None and dense_may_win(T, d_in, d_out, N, k, r_max, device_type, segmented,
@@ -456,7 +458,7 @@ def backward(grad, x, A, B, scales, idx, weights, ranks, need_x: bool, need_weig
     or 'sorted' strategy wins), else one slot at a time over the sorted primitives."""
     N = A.shape[0]
     keys = slot_keys(idx, N)
-    if segmented_pass(x.device.type, x.dtype) == "sparse":
+    if segmented_pass(x.device.type) == "sparse":
         return torch_sparse.backward(grad, x, A, B, scales, keys, weights, ranks, need_x, need_weights)
     acc = accumulator_dtype(x.dtype)
     dx = torch.zeros(x.shape, dtype=acc, device=x.device) if need_x else None

@@ -16,8 +16,7 @@ The SDDMM is torch.sparse.sampled_addmm on R as a CSR tensor. The SpMM is an emb
 a bag of k·r_max rows of the right factor, summed with its values as per-sample weights: F.embedding_bag,
 mode="sum", over R's columns viewed (T, k·r_max)) for the backward's dx, which it makes afresh, and for the
 forward wherever out does not have the compute dtype (half types: the bag runs in out's dtype, so no
-mixed-dtype add) or lies off a CPU; else, on a CPU (`EXPAND_IN_PLACE`), the forward runs torch.sparse's CSR
-addmm into out, in place. On a CPU the bag is 1.6-1.8x faster than the CSR product (0.42-0.48 against 0.73-0.85 ms at
+mixed-dtype add); else (`EXPAND_IN_PLACE`) the forward runs torch.sparse's CSR addmm into out, in place. On a CPU the bag is 1.6-1.8x faster than the CSR product (0.42-0.48 against 0.73-0.85 ms at
 T = 1024, top-2, N = 16 and 64, d = 576, r = 8, one thread; 0.23-0.28 against 0.46-0.49 ms on two; AMD EPYC,
 2026-12-02), but it returns a new
 (T, d) tensor: in the forward, adding that into out cost more than it saved wherever glibc handed the
@@ -35,15 +34,14 @@ CPU, d = 576, r = 8, top-2, 2026-12-02, pinned side by side, one thread: forward
 T = 1024, N = 16 (the sorted pass 1.6-2.3x), 2.2x at T = 64, N = 64 (sorted 4.2-4.7x). Backward, in the 12
 cases of benchmarks/kernel_backward.py on both threads: 1.2-5.6x less time than the per-slot sorted one,
 0.03-0.16x of the base behind the cpu backend's at T = 1024 (two runs; README).
-On CUDA the same calls reach cuSPARSE (the SDDMM) and ATen's embedding bag; not yet timed there, so the CUDA
-cost model does not pick this pass.
-
-R breaks torch's own CSR invariants: a row's columns are in slot order, not sorted, and repeat where a token
-names an adapter twice or has an empty slot (check_invariants=True refuses such a matrix). The CPU kernels
-used here (ATen's SDDMM loop, MKL's SpMM) and the embedding bag compute entry by entry and do not need
-either property; tests/test_kernels.py checks this pass against the reference on every shape (duplicates,
-empty slots, k > N), so a torch whose kernels came to rely on the invariants would fail there. cuSPARSE
-documents sorted, distinct columns: the CUDA tests of this pass (GPU_CASES) have not yet run on a GPU.
+The pass runs on a CPU only (torch_backend.segmented_pass refuses it elsewhere). R breaks torch's own CSR
+invariants: a row's columns are in slot order, not sorted, and repeat where a token names an adapter twice
+or has an empty slot (check_invariants=True refuses such a matrix). The CPU kernels used here (ATen's SDDMM
+loop, MKL's SpMM) and the embedding bag compute entry by entry and need neither property;
+tests/test_kernels.py checks this pass against the reference on every shape (duplicates, empty slots,
+k > N), so a torch whose kernels came to rely on the invariants would fail there. cuSPARSE's CSR format
+wants sorted, distinct columns (pytorch#60277: repeated ones are undefined there), so on CUDA this matrix
+would need sorting and merging first; the torch backend runs its sorted pass there instead.
 """
 
 from __future__ import annotations
@@ -60,9 +58,9 @@ from .validation import lowest_rank
 __all__ = ["DTYPES", "forward_", "backward"]
 
 DTYPES = (torch.float32, torch.float64)   # what torch.sparse.sampled_addmm takes; others run in float32
-# Devices whose forward expand is the CSR product into out, in place; elsewhere (CUDA: a caching allocator,
-# no page faults) the embedding bag, whose result is added into out.
-EXPAND_IN_PLACE = {"cpu": True}
+# The forward's expand where out has the compute dtype: the CSR product into out, in place (True), or the
+# embedding bag added into out (False: what a half-precision out takes anyway); a switch the tests turn.
+EXPAND_IN_PLACE = True
 
 
 @functools.cache
@@ -166,12 +164,12 @@ def _slot_groups(keys: torch.Tensor, weights: torch.Tensor, num_adapters: int):
 
 def forward_(out, x, A, B, scales, keys, weights, ranks) -> None:
     """out += mixture, in place (keys: plan.slot_keys). The expand is the CSR product into out where out
-    has the compute dtype on an `EXPAND_IN_PLACE` device, else the embedding bag in out's dtype, added in
+    has the compute dtype (`EXPAND_IN_PLACE`), else the embedding bag in out's dtype, added in
     that dtype: a half-precision out never takes a mixed-dtype add (float32 into bf16 ran at ~1.5 ms for
     T = 1024, d = 576 on the CPU, against 0.18-0.24 ms for the whole bf16 bag)."""
     N, r_max, _ = A.shape
     dtype = _compute_dtype(x.dtype)
-    in_place = out.dtype == dtype and EXPAND_IN_PLACE.get(out.device.type, False)
+    in_place = out.dtype == dtype and EXPAND_IN_PLACE
     A_cat, B_cat = _stacks(A, B, dtype, B_dtype=dtype if in_place else out.dtype)
     x = cast(x, dtype)
     for _, group, gate in _slot_groups(keys, weights, N):

@@ -315,9 +315,12 @@ def test_torch_strategy_by_shape(monkeypatch):
     assert strategy_of(32, sequences) == "runs"                              # 16 used: n·r = 128 > d
     assert strategy_of(32, top2) == "sparse"
     assert strategy_of(32, top2, dtype=torch.float16) == "sparse"            # on the CPU, in float32
-    monkeypatch.setitem(configs.TORCH_SEGMENTED_PASS, "cuda", "sparse")      # elsewhere half types sort
-    assert torch_backend.segmented_pass("cuda", torch.bfloat16) == "sorted"
-    assert torch_backend.segmented_pass("cuda", torch.float32) == "sparse"
+    # the sparse pass stays on the CPU (cuSPARSE leaves its routing matrix undefined): off it, the table
+    # cannot choose it and a pin is refused by name
+    monkeypatch.setitem(configs.TORCH_SEGMENTED_PASS, "cuda", "sparse")
+    assert torch_backend.segmented_pass("cuda") == "sorted" and torch_backend.segmented_pass("cpu") == "sparse"
+    with configs.pin_torch_strategy("sparse"), pytest.raises(ValueError, match="sparse pass runs on the CPU"):
+        torch_backend.segmented_pass("cuda")
     # half types on a CPU: natively where oneDNN runs their GEMMs natively, else in float32
     monkeypatch.setattr(torch_backend, "native_half_gemm", lambda dtype: dtype == torch.bfloat16)
     assert torch_backend.compute_dtype("cpu", torch.bfloat16) == torch.bfloat16
@@ -349,7 +352,7 @@ def test_torch_sparse_pass_forward_and_backward(dtype, in_place, monkeypatch):
     slot groups), empty slots, ranks 1..r_max with poisoned padding, d not a multiple of anything."""
     from adaptermix.kernels import torch_sparse
 
-    monkeypatch.setitem(torch_sparse.EXPAND_IN_PLACE, "cpu", in_place)
+    monkeypatch.setattr(torch_sparse, "EXPAND_IN_PLACE", in_place)
     case = make_case(29, 37, 23, 3, 6, 5, dtype=dtype, seed=7, ranks=[1, 6, 4])
     expected = reference_of(case)
     assert_close_to(run(case, "torch-sparse", base=case["base"]), expected, dtype)
@@ -722,8 +725,7 @@ GPU_CASES = [("triton-plan", torch.float32), ("triton-plan", torch.float16), ("t
              ("triton-bgmv", torch.float32), ("triton-bgmv", torch.bfloat16), ("triton-fused", torch.float32),
              ("triton-fused", torch.float16), ("triton-fused", torch.bfloat16), ("triton-cluster", torch.float32),
              ("triton-cluster", torch.bfloat16), ("torch", torch.float32), ("torch", torch.bfloat16),
-             ("torch-runs", torch.bfloat16), ("torch-sorted", torch.bfloat16),   # bf16: torch._grouped_mm on CUDA
-             ("torch-sparse", torch.float32), ("torch-sparse", torch.bfloat16)]  # cuSPARSE (bf16 runs in fp32)
+             ("torch-runs", torch.bfloat16), ("torch-sorted", torch.bfloat16)]   # bf16: torch._grouped_mm on CUDA
 
 
 def on_cuda(case):
