@@ -55,10 +55,8 @@ GRIDS = {
     "cpu": dict(dtype=torch.float32, d=576, r=8, tokens=(64, 1024, 4096), adapters=(4, 64, 512), slots=(1, 2, 8),
                 sequences=16),
     "cuda": dict(dtype=torch.bfloat16, d=4096, r=16, tokens=(256, 1024, 8192), adapters=(4, 128, 1024),
-                 slots=(1, 2, 8),
-                 sequences=32),
+                 slots=(1, 2, 8), sequences=32),
 }
-CONTRAST = ("dense_two_gemm", "gather_einsum")
 
 
 def cpu_peak_bytes(fn) -> int:
