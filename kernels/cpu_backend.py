@@ -21,6 +21,7 @@ other's work.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -108,6 +109,12 @@ def _library() -> ctypes.CDLL:
     return _state["lib"]
 
 
+@functools.cache
+def _function(name: str, dtype: torch.dtype):
+    """The kernel `name` for dtype from the built library (cached: one lookup per process)."""
+    return getattr(_library(), f"{name}_{DTYPES[dtype]}")
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """t with a unit stride along its last dimension."""
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -122,16 +129,20 @@ def _mixture_call(y, x, P, Q, scales, idx, coef, ranks) -> None:
     """y += sum_j coef[t, j] scales[e] (P[e] @ x[t]) @ Q[e]; y, x, P, Q of one dtype with unit-stride rows."""
     T, k = idx.shape
     N, r_max, d_p = P.shape
-    fn = getattr(_library(), f"am_mixture_{DTYPES[x.dtype]}")
+    fn = _function("am_mixture", x.dtype)
     _check(fn(y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), P.data_ptr(), P.stride(0), P.stride(1),
               Q.data_ptr(), Q.stride(0), Q.stride(1), scales.data_ptr(), idx.data_ptr(), coef.data_ptr(),
               ranks.data_ptr(), T, k, N, r_max, d_p, Q.shape[2]))
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype, contiguous; t itself where it already is (attribute checks cost less than the calls)."""
+    return t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous()
+
+
 def _small(scales, idx, weights, ranks, dtype):
     """The per-entry arrays in the kernel's types, contiguous."""
-    return (scales.to(dtype).contiguous(), idx.long().contiguous(), weights.to(dtype).contiguous(),
-            ranks.to(torch.int32).contiguous())
+    return _as(scales, dtype), _as(idx, torch.int64), _as(weights, dtype), _as(ranks, torch.int32)
 
 
 def forward_(out, x, A, B, scales, idx, weights, ranks) -> None:
@@ -156,7 +167,7 @@ def backward(grad, x, A, B, scales, idx, weights, ranks, need_x: bool, need_weig
     if idx.numel() and (need_x or need_weights):
         T, k = idx.shape
         N, r_max, d_in = A.shape
-        fn = getattr(_library(), f"am_backward_{DTYPES[x.dtype]}")
+        fn = _function("am_backward", x.dtype)
         _check(fn(None if dx is None else dx.data_ptr(), 0 if dx is None else dx.stride(0),
                   None if dweights is None else dweights.data_ptr(), x.data_ptr(), x.stride(0), grad.data_ptr(),
                   grad.stride(0), A.data_ptr(), A.stride(0), A.stride(1), B_rows.data_ptr(), B_rows.stride(0),

@@ -22,6 +22,7 @@ Entries past an adapter's rank are ignored; they must be finite.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 
@@ -36,7 +37,9 @@ _PRIMITIVES = {"torch": "adaptermix.kernels.torch_backend", "triton": "adaptermi
                "cpu": "adaptermix.kernels.cpu_backend"}
 
 
+@functools.cache
 def _primitives(backend: str):
+    """The backend's module, imported on first use (cached: importlib's lookup cost ~1 us a call)."""
     return importlib.import_module(_PRIMITIVES[backend])
 
 
