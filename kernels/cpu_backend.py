@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from .plan import cast
+
 __all__ = ["DTYPES", "available", "ready", "build_error", "forward_", "backward"]
 
 SOURCE = Path(__file__).with_name("cpu_mixture.cpp")
@@ -136,8 +138,9 @@ def _mixture_call(y, x, P, Q, scales, idx, coef, ranks) -> None:
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """t in dtype, contiguous; t itself where it already is (attribute checks cost less than the calls)."""
-    return t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous()
+    """t in dtype (`plan.cast`: no call where it already is), contiguous."""
+    t = cast(t, dtype)
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def _small(scales, idx, weights, ranks, dtype):

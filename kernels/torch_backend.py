@@ -151,7 +151,7 @@ def segmented_pass(device_type: str) -> str:
     if pinned in ("sparse", "sorted"):
         return pinned
     segmented = TORCH_SEGMENTED_PASS.get(device_type, "sorted")
-    return segmented if device_type == "cpu" else "sorted"
+    return "sorted" if segmented == "sparse" and device_type != "cpu" else segmented
 
 
 def prefer_dense(T: int, d_in: int, d_out: int, used_rank: int, k: int, r_max: int, device_type: str,

@@ -16,10 +16,10 @@ The SDDMM is torch.sparse.sampled_addmm on R as a CSR tensor. The SpMM is an emb
 a bag of k·r_max rows of the right factor, summed with its values as per-sample weights: F.embedding_bag,
 mode="sum", over R's columns viewed (T, k·r_max)) for the backward's dx, which it makes afresh, and for the
 forward wherever out does not have the compute dtype (half types: the bag runs in out's dtype, so no
-mixed-dtype add); else (`EXPAND_IN_PLACE`) the forward runs torch.sparse's CSR addmm into out, in place. On a CPU the bag is 1.6-1.8x faster than the CSR product (0.42-0.48 against 0.73-0.85 ms at
-T = 1024, top-2, N = 16 and 64, d = 576, r = 8, one thread; 0.23-0.28 against 0.46-0.49 ms on two; AMD EPYC,
-2026-12-02), but it returns a new
-(T, d) tensor: in the forward, adding that into out cost more than it saved wherever glibc handed the
+mixed-dtype add); else (`EXPAND_IN_PLACE`) the forward runs torch.sparse's CSR addmm into out, in place.
+On a CPU the bag is 1.6-1.8x faster than the CSR product (0.42-0.48 against 0.73-0.85 ms at T = 1024, top-2,
+N = 16 and 64, d = 576, r = 8, one thread; 0.23-0.28 against 0.46-0.49 ms on two; AMD EPYC, 2026-12-02),
+but it returns a new (T, d) tensor: in the forward, adding that into out cost more than it saved wherever glibc handed the
 temporary back to the OS between calls (~1,100 page faults per call in the layer benchmark, the layer
 1.65-1.78x the base GEMM against 1.42-1.46x for the in-place product, at T = 1024, N = 64, one thread; on
 two threads four full benchmark runs of each were within the noise of each other).
@@ -32,8 +32,8 @@ Backward (adapters frozen), the same pattern:
 On a CPU the products are MKL's / ATen's kernels (fp32 and fp64; other dtypes run in fp32: `DTYPES`).
 CPU, d = 576, r = 8, top-2, 2026-12-02, pinned side by side, one thread: forward 1.2-1.35x the base GEMM at
 T = 1024, N = 16 (the sorted pass 1.6-2.3x), 2.2x at T = 64, N = 64 (sorted 4.2-4.7x). Backward, in the 12
-cases of benchmarks/kernel_backward.py on both threads: 1.2-5.6x less time than the per-slot sorted one,
-0.03-0.16x of the base behind the cpu backend's at T = 1024 (two runs; README).
+cases of benchmarks/kernel_backward.py on both threads: less time than the per-slot sorted one in all,
+0.14-0.36x of the base behind the cpu backend's fused backward at T = 1024 (three runs; README).
 The pass runs on a CPU only (torch_backend.segmented_pass refuses it elsewhere). R breaks torch's own CSR
 invariants: a row's columns are in slot order, not sorted, and repeat where a token names an adapter twice
 or has an empty slot (check_invariants=True refuses such a matrix). The CPU kernels used here (ATen's SDDMM
