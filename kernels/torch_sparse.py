@@ -33,7 +33,7 @@ On a CPU the products are MKL's / ATen's kernels (fp32 and fp64; other dtypes ru
 CPU, d = 576, r = 8, top-2, 2026-12-02, pinned side by side, one thread: forward 1.2-1.35x the base GEMM at
 T = 1024, N = 16 (the sorted pass 1.6-2.3x), 2.2x at T = 64, N = 64 (sorted 4.2-4.7x). Backward, in the 12
 cases of benchmarks/kernel_backward.py on both threads: less time than the per-slot sorted one in all,
-0.14-0.36x of the base behind the cpu backend's fused backward at T = 1024 (three runs; README).
+0.10-0.36x of the base behind the cpu backend's fused backward at T = 1024 (four runs; README).
 The pass runs on a CPU only (torch_backend.segmented_pass refuses it elsewhere). R breaks torch's own CSR
 invariants: a row's columns are in slot order, not sorted, and repeat where a token names an adapter twice
 or has an empty slot (check_invariants=True refuses such a matrix). The CPU kernels used here (ATen's SDDMM
