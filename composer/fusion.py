@@ -12,6 +12,7 @@ adds cross terms B_i·A_j; its "cat" equals our "linear". Modules some adapters 
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 
 from ..library.adapter import LoraAdapter, LoraModule, linear_combination
 
@@ -55,7 +56,7 @@ def _merge_dense(method: str, deltas: list[torch.Tensor], weights: torch.Tensor,
 
 def fuse(source, names: list[str], weights: list[float] | None = None, *, method: str = "linear",
          rank: int | None = None, density: float = 0.5, majority_sign_method: str = "total",
-         name: str | None = None, seed: int = 0) -> LoraAdapter:
+         name: str | None = None, seed: int = 0, progress: bool = False) -> LoraAdapter:
     """Fuse adapters `names` of a library (or a dict name -> LoraAdapter) into one new LoraAdapter.
 
     Args:
@@ -63,6 +64,7 @@ def fuse(source, names: list[str], weights: list[float] | None = None, *, method
         method: one of FUSION_METHODS.
         rank: target rank for svd / ties / dare / magnitude_prune (default: the largest input rank).
         density: fraction kept by ties / dare / magnitude_prune; seed: for DARE's random drop.
+        progress: a progress bar over the modules.
     """
     if method not in FUSION_METHODS:
         raise ValueError(f"unknown fusion method {method!r}; choose one of {FUSION_METHODS}")
@@ -80,7 +82,7 @@ def fuse(source, names: list[str], weights: list[float] | None = None, *, method
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        for module in modules:
+        for module in tqdm(modules, desc=f"fuse ({method})", disable=not progress, leave=False):
             present = [(w, a.modules[module]) for w, a in zip(weights, adapters) if module in a.modules]
             if method in ("linear", "cat", "svd"):
                 merged = linear_combination(present, dtype)
@@ -92,6 +94,8 @@ def fuse(source, names: list[str], weights: list[float] | None = None, *, method
                 fused[module] = _from_dense(dense, rank, dtype)
     finally:
         torch.random.set_rng_state(generator_state)
+    if hasattr(source, "base_model"):  # a library: its members passed its base check, the fusion carries its base
+        bases = {source.base_model.name}
     description = f"{method} fusion of " + ", ".join(f"{n} ({w:g})" for n, w in zip(names, weights))
     return LoraAdapter(name=name or "fused_" + "_".join(names)[:100], base_model=bases.pop() if len(bases) == 1 else "",
                        modules=fused, description=description, source=f"fuse({method})",
