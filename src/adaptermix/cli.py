@@ -149,7 +149,8 @@ def _run(argv: list[str]) -> int:
     if command == "serve":  # its own parser and options
         return importlib.import_module("adaptermix.serving.cli").main(argv[argv.index("serve") + 1:])
     rest, overrides = split_overrides(argv)
-    args = parser(command if command in COMMANDS else None, overrides).parse_args(rest)
+    wants_help = any(a in ("-h", "--help") for a in rest)   # the options block composes the config: only then
+    args = parser(command if command in COMMANDS and wants_help else None, overrides).parse_args(rest)
     spec = COMMANDS[args.command]
     valid = options(spec.sections, overrides)
     overrides = check_overrides(args.command, overrides + _flag_overrides(spec, args), valid)

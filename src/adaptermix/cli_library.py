@@ -30,7 +30,9 @@ def _missing_library(path: str) -> LibraryError:
                         f"`adaptermix build {path} CHECKPOINTS... base_model=MODEL`")
 
 
-def open_library(path: str, cfg, *, writable: bool = True):
+def open_library(path: str, cfg, *, writable: bool = True, encoder: bool = True):
+    """An AdapterLibrary with the configured settings; encoder=False for commands that embed no text (the
+    sentence encoder is then never loaded)."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
@@ -39,7 +41,8 @@ def open_library(path: str, cfg, *, writable: bool = True):
     if not (Path(path) / CATALOG).is_file():
         raise _missing_library(path)
     settings = OmegaConf.to_container(cfg.library, resolve=True) if cfg is not None and "library" in cfg else {}
-    encoder = instantiate(settings.pop("encoder")) if "encoder" in settings else None
+    encoder_cfg = settings.pop("encoder", None)
+    encoder = instantiate(encoder_cfg) if encoder and encoder_cfg else None
     known = set(LibraryConfig.__dataclass_fields__)
     config = LibraryConfig(**{k: v for k, v in settings.items() if k in known})
     return AdapterLibrary.open(path, encoder=encoder, config=config, recover=writable)
@@ -97,13 +100,22 @@ def search(args, cfg) -> int:
 
 
 def verify(args, cfg) -> int:
-    with open_library(args.library, cfg, writable=False) as lib:
-        problems = lib.verify(deep=cfg.verify.deep)
-        count = len(lib)
+    if cfg.verify.deep:
+        with open_library(args.library, cfg, writable=False, encoder=False) as lib:
+            problems, count = lib.verify(deep=True), len(lib)
+    else:  # the catalog, files and hashes alone: no torch
+        from adaptermix.library.maintenance import verify_storage
+
+        catalog, _ = _catalog(args.library)
+        problems, count = verify_storage(Path(args.library), catalog), catalog.count()
     if args.json:
-        print(json.dumps({"adapters": count, "problems": problems}, indent=2))
+        print(json.dumps({"adapters": count, "deep": bool(cfg.verify.deep), "problems": problems}, indent=2))
+    elif problems:
+        print("\n".join(problems))
     else:
-        print("\n".join(problems) if problems else f"ok: {count} adapter(s), no problems")
+        scope = "every adapter loaded and re-hashed" if cfg.verify.deep else \
+            "catalog, files and hashes; verify.deep=true also loads every adapter"
+        print(f"ok: {count} adapter(s), no problems ({scope})")
     return 1 if problems else 0
 
 
@@ -239,13 +251,13 @@ def describe(args, cfg) -> int:
 
 
 def export(args, cfg) -> int:
-    with open_library(args.library, cfg, writable=False) as lib:
+    with open_library(args.library, cfg, writable=False, encoder=False) as lib:
         print(f"wrote {lib.get(args.name).save_peft(args.out)}")
     return 0
 
 
 def remove(args, cfg) -> int:
-    with open_library(args.library, cfg) as lib:
+    with open_library(args.library, cfg, encoder=False) as lib:
         lib.remove(args.name)
     print(f"removed {args.name}")
     return 0
