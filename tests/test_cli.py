@@ -228,3 +228,20 @@ def test_fuse_adds_to_the_library_or_writes_peft(tmp_path, lib, capsys):
     assert code == 1 and "nope" in err
     code, _, err = cli(capsys, "fuse", lib, "sql", "celsius", "--method", "avg")
     assert code == 1 and "unknown fusion method" in err
+
+
+def test_every_option_of_every_router_has_a_meaning():
+    from adaptermix.cli_options import options, router_names
+
+    for router in router_names():
+        for command, spec in COMMANDS.items():
+            blank = [k for k, o in options(spec.sections, [f"router={router}"]).items() if not o.meaning]
+            assert not blank, (router, command, blank)
+
+
+def test_serve_dispatches_lazily_and_fails_clearly_when_missing(capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("adaptermix.serving.cli") is None:
+        assert main(["serve", "--help"]) == 1
+        assert "serve" in capsys.readouterr().err

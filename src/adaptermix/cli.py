@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 from dataclasses import dataclass, field
 
 from adaptermix.cli_options import (UsageError, check_overrides, format_options, load_config, options,
                                     split_overrides)
+from adaptermix.library.errors import LibraryError
 
 __all__ = ["main", "COMMANDS", "load_config"]
 
@@ -146,7 +148,9 @@ def _compose(overrides: list[str]):
 
 def _run(argv: list[str]) -> int:
     command = _command_of(argv)
-    if command == "serve":  # its own parser and options
+    if command == "serve":  # its own parser and options (adaptermix.serving)
+        if importlib.util.find_spec("adaptermix.serving.cli") is None:
+            raise LibraryError("`adaptermix serve` is not part of this installation (no adaptermix.serving.cli)")
         return importlib.import_module("adaptermix.serving.cli").main(argv[argv.index("serve") + 1:])
     rest, overrides = split_overrides(argv)
     wants_help = any(a in ("-h", "--help") for a in rest)   # the options block composes the config: only then
