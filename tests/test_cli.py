@@ -199,7 +199,7 @@ def test_route_and_generate_match_peft_on_the_chosen_adapter(lib, checkpoints, l
         expected = _peft_answer(llama_folder, checkpoints[name], row["prompt"], 5)
         assert len(expected.split()) == 5 and row["answer"] == expected
 
-    code, out, _ = cli(capsys, "route", lib, "tell me something nice", "router=retrieval",
+    code, out, _ = cli(capsys, "route", lib, "tell me something nice", "--router", "retrieval",
                        "router.min_similarity=0.99")
     assert code == 0 and "note:" in out and "no adapter (base model)" in out and "adapters: none" in out
 

@@ -149,15 +149,16 @@ def _compose(overrides: list[str]):
 def _run(argv: list[str]) -> int:
     command = _command_of(argv)
     if command == "serve":  # its own parser and options (adaptermix.serving)
-        if importlib.util.find_spec("adaptermix.serving.cli") is None:
-            raise LibraryError("`adaptermix serve` is not part of this installation (no adaptermix.serving.cli)")
-        return importlib.import_module("adaptermix.serving.cli").main(argv[argv.index("serve") + 1:])
+        module, function = COMMANDS["serve"].run.split(":")
+        if importlib.util.find_spec(f"adaptermix.{module}") is None:
+            raise LibraryError(f"`adaptermix serve` is not part of this installation (no adaptermix.{module})")
+        return getattr(importlib.import_module(f"adaptermix.{module}"), function)(argv[argv.index("serve") + 1:])
     rest, overrides = split_overrides(argv)
     wants_help = any(a in ("-h", "--help") for a in rest)   # the options block composes the config: only then
     args = parser(command if command in COMMANDS and wants_help else None, overrides).parse_args(rest)
     spec = COMMANDS[args.command]
-    valid = options(spec.sections, overrides)
-    overrides = check_overrides(args.command, overrides + _flag_overrides(spec, args), valid)
+    overrides = overrides + _flag_overrides(spec, args)     # `--router NAME` decides which router keys are valid
+    overrides = check_overrides(args.command, overrides, options(spec.sections, overrides))
     cfg = _compose(overrides) if spec.sections else None
     module, function = spec.run.split(":")
     return getattr(importlib.import_module(f"adaptermix.{module}"), function)(args, cfg)

@@ -94,9 +94,12 @@ def routing_summaries(trace, mask: torch.Tensor, router: str, groups: int, gener
 def _print(prompt: str, summary: dict) -> None:
     print(f"> {prompt}")
     print(f"  router:   {summary['router']}")
-    shown = ", ".join(f"{a['name']} {a['weight']:.2f}" for a in summary["adapters"][:4]) or "none"
-    print(f"  adapters: {shown}  (mean routing weight; decisions: "
-          + ", ".join(f"{a['name']} {a['decisions']:.0%}" for a in summary["adapters"][:4]) + ")")
+    top = summary["adapters"][:4]
+    if top:
+        print("  adapters: " + ", ".join(f"{a['name']} {a['weight']:.2f}" for a in top) + "  (mean routing weight;"
+              " decisions: " + ", ".join(f"{a['name']} {a['decisions']:.0%}" for a in top) + ")")
+    else:
+        print("  adapters: none (the base model answers)")
     print("  layers:   " + " | ".join(f"{g['layers']} {g['adapter']}" for g in summary["layers"]))
     for note in summary["notes"]:
         print(f"  note:     {note}")
