@@ -98,7 +98,8 @@ def main() -> None:
             if method in REFERENCE:  # (DARE's random draws differ between the paths: never compared)
                 cpu = time.process_time()
                 reference, reference_s = reference_fuse(adapters, method, rank)
-                rows[method].update(reference_s=round(reference_s, 2), reference_cpu_s=round(time.process_time() - cpu, 2),
+                rows[method].update(reference_s=round(reference_s, 2),
+                                    reference_cpu_s=round(time.process_time() - cpu, 2),
                                     **{k: round(v, 5) for k, v in closeness(adapters, fast, reference, method).items()})
                 rows[method]["speedup_cpu"] = round(rows[method]["reference_cpu_s"] / rows[method]["batched_cpu_s"], 1)
             print(label, method, rows[method], flush=True)

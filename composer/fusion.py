@@ -191,7 +191,8 @@ def _fuse_dense(method: str, adapters, weights, modules, *, rank, density, major
             chunk = names[start:start + step]
             factors = [adapters[i].modules[m] for m in chunk for i in present]               # (G·n) modules
             if len({f.rank for f in factors}) == 1:     # one batched GEMM, then the scales, in place
-                deltas = torch.bmm(torch.stack([f.B.float() for f in factors]), torch.stack([f.A.float() for f in factors]))
+                deltas = torch.bmm(torch.stack([f.B.float() for f in factors]),
+                                   torch.stack([f.A.float() for f in factors]))
                 deltas.mul_(torch.tensor([f.scale for f in factors]).view(-1, 1, 1))
             else:
                 deltas = torch.stack([f.scale * (f.B.float() @ f.A.float()) for f in factors])

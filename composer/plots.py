@@ -47,8 +47,8 @@ def prompt_grid(path, shares: torch.Tensor, columns: list[str], labels: list[str
     image = ax.imshow(shares.float().numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(columns)), columns, rotation=60, ha="right")
     ax.set_yticks(range(len(labels)), labels, fontsize=8)
-    for (row, column), value in zip(torch.cartesian_prod(torch.arange(shares.shape[0]), torch.arange(shares.shape[1])).tolist(),
-                                    shares.flatten().tolist()):
+    for index, value in enumerate(shares.flatten().tolist()):
+        row, column = divmod(index, shares.shape[1])
         if value >= 0.05:
             ax.text(column, row, f"{value:.0%}", ha="center", va="center", fontsize=7,
                     color="black" if value > 0.6 else "white")

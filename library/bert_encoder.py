@@ -77,7 +77,8 @@ class BertSentenceEncoder:
         q, k, v = (split(self._linear(x, f"{prefix}.attention.self.{n}")) for n in ("query", "key", "value"))
         scores = q @ k.transpose(-1, -2) / math.sqrt(d // self.heads) + bias             # (B, h, L, L)
         context = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, L, d)
-        x = self._norm(self._linear(context, f"{prefix}.attention.output.dense") + x, f"{prefix}.attention.output.LayerNorm")
+        x = self._norm(self._linear(context, f"{prefix}.attention.output.dense") + x,
+                       f"{prefix}.attention.output.LayerNorm")
         hidden = F.gelu(self._linear(x, f"{prefix}.intermediate.dense"))
         return self._norm(self._linear(hidden, f"{prefix}.output.dense") + x, f"{prefix}.output.LayerNorm")
 
