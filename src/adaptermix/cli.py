@@ -7,9 +7,11 @@
 
 Defaults come from the Hydra configs in `adaptermix.conf`; `key=value` arguments override them, and
 `adaptermix COMMAND --help` lists every key a command reads. Exit codes: 0 success, 1 failure, 2 misuse,
-130 interrupted. The commands' work lives in `cli_library` and `cli_routing`, imported only when run, so
-`--help`, `list` and `show` never import torch.
+130 interrupted. Your own adapters, step by step: docs/YOUR_ADAPTERS.md.
 """
+
+# The commands' work lives in cli_library and cli_routing, imported only when run: --help, list and show
+# never import torch.
 
 from __future__ import annotations
 
