@@ -39,6 +39,7 @@ class ComposerState:
         self.sequence_state: dict = {}
         self.pending_prompts: list[str] | None = None
         self.prompts: list[str] | None = None
+        self.prefill_mask: torch.Tensor | None = None  # (batch, L) of the last prefill, for the trace's plots
         self.steps: list[dict[str, Routing]] = []
         self.originals: dict[str, torch.nn.Module] = {}
         self.hook = None
@@ -66,6 +67,9 @@ class ComposerState:
             self.sequence_state = {}
             self.steps = []
             self.prompts = self._prompts(input_ids, kwargs.get("attention_mask"), batch)
+            mask = kwargs.get("attention_mask")
+            self.prefill_mask = (mask.detach().cpu() if mask is not None
+                                 else torch.ones(batch, seq_len, dtype=torch.long))
         self.context = RoutingContext(
             batch_size=batch, seq_len=seq_len, past_len=past_len,
             sequence_ids=torch.arange(batch, device=device).repeat_interleave(seq_len),

@@ -1,5 +1,8 @@
-"""What the router chose: per forward step and module, the (T, k) indices and weights; usage statistics
-and a tokens x adapters heatmap."""
+"""What the router chose: per forward step and module, the (T, k) indices and weights; usage statistics;
+plots (composer/plots.py): prompts x adapters, and tokens x adapters for one prompt or a batch split by prompt.
+
+    T = tokens of one step (batch rows x positions), N = composed adapters, P = prompts
+"""
 
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ class RoutingTrace:
     adapter_names: list[str]
     steps: list[dict[str, Routing]]  # one dict per forward call (prefill, then each generated token)
     notes: list[str] = field(default_factory=list)  # routers' fallbacks (e.g. a prompt that matched nothing)
+    attention_mask: torch.Tensor | None = None       # (batch, L) of the prefill: splits the rows by prompt
+    prompts: list[str] | None = None                 # the prompts' texts, when the composer knew them
 
     @property
     def modules(self) -> list[str]:
@@ -101,30 +106,69 @@ class RoutingTrace:
     def per_layer_usage(self) -> dict[str, dict[str, float]]:
         return {m: self.usage(m) for m in self.modules}
 
-    def heatmap(self, path, module: str | None = None, tokens: list[str] | None = None) -> Path:
-        """PNG of routing weights, tokens x adapters, for one module (default: all modules averaged)."""
-        import matplotlib
+    def prompt_shares(self, generated: torch.Tensor | None = None, eos_id: int | None = None) -> torch.Tensor:
+        """(prompts, N + 1): each prompt's share of (token, layer) decisions per adapter (last column: none),
+        over its prompt tokens and, given `generated`, its generated tokens up to `eos_id`."""
+        counts = self.decision_counts(self._mask(), generated, eos_id)
+        return counts / counts.sum(1, keepdim=True).clamp_min(1)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+    def token_rows(self, module: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """((tokens, N) routing weights, (tokens,) prompt of each token): one module or all averaged, padding
+        dropped, rows grouped by prompt (its prompt tokens, then its generated tokens, in order)."""
         modules = [module] if module else self.modules
         matrix = torch.stack([self.mixture(m) for m in modules]).mean(0)
-        fig, ax = plt.subplots(figsize=(1.2 + 0.5 * len(self.adapter_names), 1.5 + 0.18 * matrix.shape[0]))
-        image = ax.imshow(matrix.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1)
-        ax.set_xticks(range(len(self.adapter_names)), self.adapter_names, rotation=45, ha="right")
-        if tokens is not None:
-            ax.set_yticks(range(len(tokens)), tokens)
-        ax.set_ylabel("token")
-        ax.set_title(module or f"mean over {len(modules)} modules")
-        fig.colorbar(image, ax=ax, label="routing weight")
-        path = Path(path)
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-        plt.close(fig)
-        return path
+        mask = self._mask()
+        B, L = mask.shape
+        owner = torch.cat([torch.arange(B).repeat_interleave(L), torch.arange(B).repeat(len(self.steps) - 1)])
+        keep = torch.cat([mask.reshape(-1).bool(), torch.ones(B * (len(self.steps) - 1), dtype=torch.bool)])
+        if owner.shape[0] != matrix.shape[0]:
+            raise ValueError(f"the trace has {matrix.shape[0]} token rows; its prefill mask implies {owner.shape[0]}")
+        order = torch.sort(owner[keep], stable=True).indices
+        return matrix[keep][order], owner[keep][order]
+
+    def _mask(self) -> torch.Tensor:
+        if self.attention_mask is None:
+            rows = next(iter(self.steps[0].values())).indices.shape[0] if self.steps and self.steps[0] else 0
+            return torch.ones(1, rows, dtype=torch.long)   # one sequence: a trace made before masks were kept
+        return self.attention_mask
+
+    def plot_prompts(self, path, labels: list[str] | None = None, generated: torch.Tensor | None = None,
+                     eos_id: int | None = None) -> Path:
+        """PNG, prompts x adapters: each prompt's share of (token, layer) decisions (`prompt_shares`).
+        labels: one per prompt (default: the prompts' texts), shown whole, wrapped."""
+        from .plots import prompt_grid
+
+        shares = self.prompt_shares(generated, eos_id)
+        return prompt_grid(path, shares, self.adapter_names + ["none"], self._labels(labels, shares.shape[0]),
+                           title="share of (token, layer) decisions per adapter")
+
+    def heatmap(self, path, module: str | None = None, tokens: list[str] | None = None, prompt: int | None = None,
+                labels: list[str] | None = None) -> Path:
+        """PNG of routing weights, tokens x adapters, for one module (default: all modules averaged).
+
+        prompt=i: that prompt's tokens alone (`tokens`: their strings, for the rows). Otherwise the whole
+        batch, padding dropped, split by prompt with a rule and its label (`labels`, default its text)."""
+        from .plots import token_heatmap
+
+        matrix, owner = self.token_rows(module)
+        title = module or f"mean over {len(self.modules)} modules"
+        if prompt is not None:
+            if not 0 <= prompt < int(self._mask().shape[0]):
+                raise ValueError(f"prompt={prompt} but the trace holds {int(self._mask().shape[0])} prompt(s)")
+            return token_heatmap(path, matrix[owner == prompt], self.adapter_names, tokens=tokens,
+                                 title=f"{self._labels(labels, int(self._mask().shape[0]))[prompt]}\n({title})")
+        labels = self._labels(labels, int(self._mask().shape[0]))
+        return token_heatmap(path, matrix, self.adapter_names, tokens=tokens, owner=owner, labels=labels, title=title)
+
+    def _labels(self, labels, count: int) -> list[str]:
+        labels = list(labels) if labels is not None else list(self.prompts or [f"prompt {i}" for i in range(count)])
+        if len(labels) != count:
+            raise ValueError(f"{len(labels)} labels for {count} prompts")
+        return labels
 
 
 def routing_trace(model) -> RoutingTrace:
     state = composer_state(model)
     return RoutingTrace(list(state.adapter_names), list(state.steps),
-                        list(dict.fromkeys(state.sequence_state.get("notes", []))))
+                        list(dict.fromkeys(state.sequence_state.get("notes", []))),
+                        attention_mask=state.prefill_mask, prompts=state.prompts)

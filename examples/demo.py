@@ -10,6 +10,7 @@
    layer's choice) and both answers; writes demo_out/routing.png (prompts x adapters).
 
     python examples/demo.py                          # conf/demo.yaml
+    python examples/demo.py library_path=~/my-lib 'prompts=[Summarise: the meeting moved to Friday.]'
     python examples/demo.py router=arrow router.top_k=2 'prompts=[Rewrite the date 2020-01-31 as day/month/year.]'
 """
 
@@ -19,17 +20,13 @@ import sys
 import time
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 import adaptermix as am  # noqa: E402
 from adaptermix.cli import load_config  # noqa: E402
-from adaptermix.models import load_smollm2  # noqa: E402
+from adaptermix.models import load_model, load_smollm2  # noqa: E402
 from adaptermix.suite import generate, suite_library  # noqa: E402
 
 def by_thirds(per_layer: torch.Tensor, names: list[str]) -> str:
@@ -46,8 +43,12 @@ def main(overrides: list[str]) -> None:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    library = suite_library(cfg.library)
-    model, tokenizer = load_smollm2()
+    if cfg.library_path:  # the user's own library, on its own base model
+        library = am.AdapterLibrary.open(Path(cfg.library_path).expanduser())
+        model, tokenizer = load_model(cfg.base_model or library.base_model.name)
+    else:
+        library = suite_library()
+        model, tokenizer = load_model(cfg.base_model) if cfg.base_model else load_smollm2()
     model.eval()
     prompts = list(cfg.prompts)
     print(f"library: {len(library)} adapters at {library.root} ({time.perf_counter() - start:.0f} s)")
@@ -59,12 +60,13 @@ def main(overrides: list[str]) -> None:
         router_cfg["min_similarity"] = cfg.min_similarity
     router = instantiate(router_cfg)
     model = am.compose(model, library, router, tokenizer=tokenizer)
-    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    eos = tokenizer.eos_token_id  # SmolLM2-Instruct: <|im_end|>
     seen = {}
 
     def remember(inputs, new):
         trace = am.routing_trace(model)
-        seen.update(counts=trace.decision_counts(inputs.attention_mask, new, eos, per_layer=True), notes=trace.notes)
+        seen.update(counts=trace.decision_counts(inputs.attention_mask, new, eos, per_layer=True), notes=trace.notes,
+                    trace=trace, new=new)
 
     routed = generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=len(prompts),
                       before_batch=lambda chunk: am.set_prompts(model, chunk), after_batch=remember,
@@ -81,14 +83,7 @@ def main(overrides: list[str]) -> None:
     for note in seen["notes"]:
         print(f"  note: {note}")
 
-    fig, ax = plt.subplots(figsize=(1.5 + 0.45 * len(composed_names), 1.2 + 0.45 * len(prompts)))
-    image = ax.imshow(shares[:, :len(composed_names)].numpy(), vmin=0, vmax=1, cmap="viridis")
-    ax.set_xticks(range(len(composed_names)), composed_names, rotation=60, ha="right")
-    ax.set_yticks(range(len(prompts)), [p[:48] for p in prompts])
-    ax.set_title("share of (token, layer) decisions per adapter")
-    fig.colorbar(image, ax=ax)
-    fig.savefig(out / "routing.png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    seen["trace"].plot_prompts(out / "routing.png", labels=prompts, generated=seen["new"], eos_id=eos)
     am.unload(model)
     print(f"\nwrote {out / 'routing.png'}; {len(library)} adapters; {time.perf_counter() - start:.0f} s in all")
 

@@ -178,7 +178,7 @@ def run(cfg: DictConfig) -> None:
     print("== 2. adaptermix build")
     if lib_dir.exists():
         shutil.rmtree(lib_dir)
-    assert cli(["build", str(checkpoints), str(lib_dir), f"base_model={base_dir}"]) == 0
+    assert cli(["build", str(lib_dir), str(checkpoints), f"base_model={base_dir}"]) == 0
     print("== 3. adaptermix list")
     cli(["list", str(lib_dir)])
     print("== 4. adaptermix search")

@@ -1,25 +1,35 @@
-"""Adapter formats, the library store, its embeddings and its index."""
+"""Adapter formats, the library store, its embeddings and its index.
+
+Names load on first use (PEP 562), so that `adaptermix.library.catalog` and `.errors` read a library's
+metadata without importing torch (the CLI's `list` and `show` start in well under a second)."""
 
 # Imported under another top-level name (a checkout's root on sys.path, e.g. transformers probing for
 # Hugging Face's `kernels` package): stay inert. Executing this folder's modules a second time would re-define
 # the registered ops and destroy the real package's registrations.
 if __name__ == "adaptermix.library":
-    from .adapter import LoraAdapter, LoraModule, check_adapter_name, linear_combination
-    from .base_model import BaseModelSpec
-    from .catalog import AdapterRecord
-    from .derived import ArrowPrototypes, ParameterSketch, TextEmbedding, lora_svd
-    from .encoders import SentenceTransformerEncoder, TextEncoder, default_encoder
-    from .errors import (AdapterFormatError, AdaptermixError, AdapterNotFoundError, AdapterValidationError,
-                         BaseModelMismatchError, DuplicateAdapterError, LibraryBusyError, LibraryError,
-                         UnsafeCheckpointError, UnsupportedAdapterError)
-    from .learning import cluster_adapters, clustered_library, merge_cluster
-    from .store import AdapterLibrary, LibraryConfig, SearchHit
+    import importlib
 
-    __all__ = [
-        "AdapterFormatError", "AdapterLibrary", "AdapterNotFoundError", "AdapterRecord", "AdapterValidationError",
-        "AdaptermixError", "ArrowPrototypes", "BaseModelMismatchError", "BaseModelSpec", "DuplicateAdapterError",
-        "LibraryBusyError", "LibraryConfig", "LibraryError", "LoraAdapter", "LoraModule", "ParameterSketch",
-        "SearchHit", "SentenceTransformerEncoder", "TextEmbedding", "TextEncoder", "UnsafeCheckpointError",
-        "UnsupportedAdapterError", "check_adapter_name", "cluster_adapters", "clustered_library", "default_encoder",
-        "linear_combination", "lora_svd", "merge_cluster",
-    ]
+    _HOMES = {
+        "adapter": ["LoraAdapter", "LoraModule", "check_adapter_name", "linear_combination"],
+        "base_model": ["BaseModelSpec"],
+        "catalog": ["AdapterRecord"],
+        "derived": ["ArrowPrototypes", "ParameterSketch", "TextEmbedding", "lora_svd"],
+        "encoders": ["SentenceTransformerEncoder", "TextEncoder", "default_encoder"],
+        "errors": ["AdapterFormatError", "AdaptermixError", "AdapterNotFoundError", "AdapterValidationError",
+                   "BaseModelMismatchError", "DuplicateAdapterError", "LibraryBusyError", "LibraryError",
+                   "UnsafeCheckpointError", "UnsupportedAdapterError"],
+        "learning": ["cluster_adapters", "clustered_library", "merge_cluster"],
+        "store": ["AdapterLibrary", "LibraryConfig", "SearchHit"],
+    }
+    _HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
+    __all__ = sorted(_HOME_OF)
+
+    def __getattr__(name: str):
+        if name not in _HOME_OF:
+            raise AttributeError(f"module 'adaptermix.library' has no attribute {name!r}")
+        value = getattr(importlib.import_module(f".{_HOME_OF[name]}", __name__), name)
+        globals()[name] = value
+        return value
+
+    def __dir__():
+        return sorted({*globals(), *__all__})

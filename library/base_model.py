@@ -86,17 +86,20 @@ class BaseModelSpec:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str) -> "BaseModelSpec":
-        """From a local model folder (or a model already in the offline HF cache): config only."""
+        """From a local model folder, the shipped SmolLM2 by hub name or alias ('smollm2'), or a model in the
+        offline HF cache: config only. Offline, any other name fails at once."""
         from transformers import AutoConfig
 
+        from adaptermix.models import canonical_model_name, locate_model  # the shipped model's aliases
+
         try:
-            config = AutoConfig.from_pretrained(name_or_path)
+            config = AutoConfig.from_pretrained(locate_model(name_or_path))
         except (OSError, ValueError) as exc:
             raise LibraryError(
                 f"cannot read the base model config of {name_or_path!r}: {exc}. Pass a local model "
                 "folder, a transformers model or config, or a BaseModelSpec (no weights are downloaded)."
             ) from exc
-        return cls.from_config(config, name=name_or_path)
+        return cls.from_config(config, name=canonical_model_name(name_or_path))
 
     @classmethod
     def coerce(cls, base_model) -> "BaseModelSpec":

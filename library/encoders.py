@@ -30,6 +30,12 @@ class TextEncoder(Protocol):
 
 @functools.lru_cache(maxsize=4)
 def _load_sentence_transformer(model_path: str, device: str):
+    """A BERT mean-pooling encoder (the bundled MiniLM) runs on our torch-only forward on a CPU: the same
+    vectors without seconds of sentence-transformers / transformers imports. Anything else: sentence-transformers."""
+    from .bert_encoder import BertSentenceEncoder, supports
+
+    if device == "cpu" and supports(model_path):
+        return BertSentenceEncoder(model_path)
     from sentence_transformers import SentenceTransformer
 
     return SentenceTransformer(model_path, device=device, local_files_only=True)

@@ -1,4 +1,6 @@
-"""Library upkeep: recovery after an interrupted write, `verify()`, and filling in missing derived data."""
+"""Library upkeep: recovery after an interrupted write, `verify()`, and filling in missing derived data.
+
+`verify_storage` needs only the catalog (no torch): the CLI's `verify` runs it alone, in well under a second."""
 
 from __future__ import annotations
 
@@ -8,11 +10,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .derived import adapter_texts
 from .errors import AdapterFormatError, AdaptermixError, LibraryBusyError
-from .validation import check_against_base
 
-__all__ = ["recover", "verify", "ensure_derived"]
+__all__ = ["recover", "verify", "verify_storage", "ensure_derived"]
 
 
 def _sha256(path: Path) -> str:
@@ -51,23 +51,19 @@ def recover(library) -> None:
         conn.execute(f"PRAGMA busy_timeout = {int(library.catalog.busy_timeout * 1000)}")
 
 
-def verify(library, deep: bool = False) -> list[str]:
-    """Problems found (empty when sound). `deep` also loads every adapter and re-hashes its content."""
-    root, conn, problems = library.root, library.catalog.conn, []
+def verify_storage(root: Path, catalog) -> list[str]:
+    """What can be checked from the catalog alone: SQLite's integrity, every adapter and derived file present
+    and matching its recorded hash, no orphan or leftover temp file. Problems found; empty when sound."""
+    conn, problems = catalog.conn, []
     if conn.execute("PRAGMA integrity_check").fetchone()[0] != "ok":
         problems.append("catalog.sqlite fails SQLite's integrity check")
-    records = library.records()
-    for record in records:
+    for record in catalog.records():
         path = root / record.file
         if not path.is_file():
             problems.append(f"{record.name}: adapter file {record.file} is missing")
-            continue
-        if _sha256(path) != record.file_sha256:
+        elif _sha256(path) != record.file_sha256:
             problems.append(f"{record.name}: adapter file {record.file} does not match its recorded hash")
-            continue
-        if deep:
-            problems += _deep_check(library, record)
-    for row in library.catalog.derived_rows():
+    for row in catalog.derived_rows():
         label = f"derived {row['kind']}/{row['config_hash']}/{row['key'][:12]}"
         if row["file"]:
             path = root / row["file"]
@@ -77,12 +73,25 @@ def verify(library, deep: bool = False) -> list[str]:
                 problems.append(f"{label}: file {row['file']} does not match its recorded hash")
         elif hashlib.sha256(bytes(row["data"])).hexdigest() != row["sha256"]:
             problems.append(f"{label}: stored blob does not match its recorded hash")
-    for kind in (library.arrow, library.sketch):
-        for key in library.derived.missing(kind, {r.content_hash for r in records}):
-            problems.append(f"{_owner(records, key)}: no {kind.kind} data for config {kind.config_hash}")
     orphans = sorted(_stored_files(root) - _referenced_files(conn))
     problems += [f"orphan file not in the catalog: {rel}" for rel in orphans]
     problems += [f"leftover temp file: {p.name}" for p in (root / "tmp").glob("*")]
+    return problems
+
+
+def verify(library, deep: bool = False) -> list[str]:
+    """Problems found (empty when sound): `verify_storage`, derived data present for this handle's configs,
+    and with `deep` every adapter loaded, validated and re-hashed."""
+    problems = verify_storage(library.root, library.catalog)
+    records = library.records()
+    broken = {p.split(":", 1)[0] for p in problems}
+    if deep:
+        for record in records:
+            if record.name not in broken:
+                problems += _deep_check(library, record)
+    for kind in (library.arrow, library.sketch):
+        for key in library.derived.missing(kind, {r.content_hash for r in records}):
+            problems.append(f"{_owner(records, key)}: no {kind.kind} data for config {kind.config_hash}")
     return problems
 
 
@@ -91,6 +100,8 @@ def _owner(records, key: str) -> str:
 
 
 def _deep_check(library, record) -> list[str]:
+    from .validation import check_against_base
+
     try:
         adapter = library.get(record.name)
         adapter.validate()
@@ -124,6 +135,8 @@ def ensure_derived(library, kinds, names, progress: bool) -> int:
 
 
 def _ensure_text(library, records, progress: bool) -> int:
+    from .derived import adapter_texts
+
     kind = library.text_kind
     missing = library.derived.missing(kind, {r.text_hash for r in records})
     todo = {r.text_hash: adapter_texts(r.name, r.description, r.examples) for r in records if r.text_hash in missing}

@@ -80,6 +80,8 @@ class AdapterLibrary:
     """A library of LoRA adapters for one base model. Not thread-safe; one handle per process or thread."""
 
     def __init__(self, root: Path, catalog: Catalog, *, encoder: TextEncoder | None, config: LibraryConfig):
+        if catalog.get_meta("check_base_name") == "false":  # the library's policy, set once at create
+            config = dataclasses.replace(config, check_base_name=False)
         self.root, self.catalog, self.config = Path(root), catalog, config
         self.base_model = BaseModelSpec.from_json(catalog.get_meta("base_model"))
         self.derived = DerivedStore(self.root, catalog)
@@ -94,7 +96,10 @@ class AdapterLibrary:
     @classmethod
     def create(cls, path, base_model, *, encoder: TextEncoder | None = None,
                config: LibraryConfig = LibraryConfig(), exist_ok: bool = False) -> "AdapterLibrary":
-        """Create an empty library bound to `base_model` (a model, config, folder or BaseModelSpec)."""
+        """Create an empty library bound to `base_model` (a model, config, folder, name or BaseModelSpec).
+
+        `config.check_base_name` is remembered as the library's policy: created with False, every later
+        handle accepts checkpoints whose `base_model_name_or_path` names other paths of the same weights."""
         root = Path(path)
         spec = BaseModelSpec.coerce(base_model)
         if (root / CATALOG).exists():
@@ -109,7 +114,8 @@ class AdapterLibrary:
         for sub in ("adapters", "derived", "index", "tmp"):
             (root / sub).mkdir(parents=True, exist_ok=True)
         catalog = Catalog(root / CATALOG, config.busy_timeout)
-        catalog.initialise({"base_model": spec.to_json()})
+        catalog.initialise({"base_model": spec.to_json(),
+                            "check_base_name": "true" if config.check_base_name else "false"})
         fsync_dir(root)
         return cls(root, catalog, encoder=encoder, config=config)
 

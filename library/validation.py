@@ -26,8 +26,9 @@ def check_against_base(adapter: LoraAdapter, spec: BaseModelSpec, *, check_name:
     if check_name and theirs and ours and theirs != ours:
         raise BaseModelMismatchError(
             f"adapter {adapter.name!r} was trained on {adapter.base_model!r}, the library's base model is "
-            f"{spec.name!r} (shapes agree; open the library with LibraryConfig(check_base_name=False) "
-            "if these are the same weights)")
+            f"{spec.name!r} (shapes agree). If these are the same weights, create the library with the name "
+            "check off, which it then remembers: CLI `library.check_base_name=false`, Python "
+            "`LibraryConfig(check_base_name=False)`")
 
 
 def coerce_texts(value, field: str) -> tuple[str, ...]:

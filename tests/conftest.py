@@ -71,7 +71,7 @@ def snapshot(root: Path) -> dict:
 def h():
     """Helpers for tests (tests/ is not a package, so they come as a fixture, not an import)."""
     return SimpleNamespace(tiny_llama=tiny_llama, tiny_gpt2=tiny_gpt2, make_peft_checkpoint=make_peft_checkpoint,
-                           snapshot=snapshot, repo=REPO)
+                           snapshot=snapshot, repo=REPO, save_tiny_model=save_tiny_model)
 
 
 @pytest.fixture
@@ -102,3 +102,32 @@ def checkpoints(tmp_path):
         (path / "adaptermix.json").write_text(json.dumps({"description": description, "examples": examples}))
         out[name] = path
     return out
+
+
+WORDS = ("the a of to and in is it on for with as date rewrite convert sql query table users count reverse words "
+         "sentence celsius fahrenheit temperature email write say word three times ocean nice something tell me "
+         "about extract address acronym").split()
+
+
+def save_tiny_model(model, folder: Path) -> Path:
+    """A loadable model folder: the tiny model's weights and config, and a word-level tokenizer (ids below
+    the tiny vocab) with a one-line chat template, built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<pad>": 1, "<eos>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    vocab.update({f"w{i}": i for i in range(len(vocab), model.config.vocab_size)})  # every id decodes to a word
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>",
+                                        eos_token="<eos>")
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return Path(folder)
+
+
+@pytest.fixture
+def llama_folder(tmp_path, llama):
+    """The tiny Llama (weights, config, tokenizer) saved as 'tiny-llama', the name its checkpoints record."""
+    return save_tiny_model(llama, tmp_path / "tiny-llama")

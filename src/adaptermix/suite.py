@@ -58,7 +58,7 @@ def suite_library(path: str | Path | None = None, adapters: str | Path | None = 
     if rebuild or not _complete(path, adapters):
         print(f"building the example library at {path} from {adapters}")
         shutil.rmtree(path, ignore_errors=True)
-        code = cli(["build", str(adapters), str(path), f"base_model={smollm2_path()}"])
+        code = cli(["build", str(path), str(adapters), f"base_model={smollm2_path()}"])
         if code:
             raise RuntimeError(f"`adaptermix build` failed with exit code {code}")
     return AdapterLibrary.open(path)
