@@ -1,0 +1,237 @@
+"""engine=vllm: adaptermix routes, vLLM generates.
+
+vLLM serves one LoRA per request, with its own kernels, tensor parallelism and continuous batching. In front of
+it, per request:
+
+    decision = router(request)                    # zero-shot (model="auto"), a named adapter, the base model,
+                                                  #   or an explicit mixture {name: weight}
+    ()                          -> model = the base model's served name
+    (name,), weight 1           -> model = name    (the library adapter, exported once as a PEFT folder)
+    k adapters, or a weight != 1 -> model = "mix-<hash>": one LoRA by rank concatenation (composer's
+                                   fuse(method="cat")): A = [A_1; ...; A_k], B = [w_1 s_1 B_1, ..., w_k s_k B_k],
+                                   so B·A = Σ w_i·s_i·B_i·A_i exactly, rank Σ r_i (<= --max-lora-rank)
+    loaded through POST /v1/load_lora_adapter on first use, kept in a LoraCache keyed by (names, weights
+    rounded to `weight_decimals`), the least recently used unloaded (/v1/unload_lora_adapter) beyond capacity;
+    then POST /v1/completions (stream) with that model, its events passed on as EngineChunks.
+
+What it cannot do: a routing that changes per token (Arrow's per-token choice, token-level routers) has no
+single LoRA; those routers stay on the embedded engine (docs/DEPLOY.md). A vLLM that is not running, dies or
+cannot be reached gives EngineUnavailableError (503) with the reason; this process stays up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+from pathlib import Path
+
+from .engine import (AUTO, BadRequestError, Engine, EngineChunk, EngineRequest, EngineUnavailableError,
+                     RoutingDecision, UnknownModelError)
+from .lora_cache import LoraCache
+from .vllm_server import VLLMRequestError, VLLMServer, VLLMServerConfig, VLLMUnavailable
+
+__all__ = ["VLLMEngine", "lora_key"]
+
+
+def lora_key(decision: RoutingDecision, decimals: int) -> tuple[tuple[str, float], ...]:
+    """The cache key of a decision's LoRA: (name, rounded weight) pairs, sorted by name, zero weights dropped."""
+    pairs = {}
+    for name, weight in zip(decision.adapters, decision.weights):
+        pairs[name] = pairs.get(name, 0.0) + weight
+    return tuple(sorted((n, round(w, decimals)) for n, w in pairs.items() if round(w, decimals) != 0))
+
+
+class VLLMEngine(Engine):
+    """Args:
+        library: the AdapterLibrary (read only).
+        router: the request router: `router.route(request) -> RoutingDecision` (serving/routing.py). It runs
+            on the event loop's thread, as the library's exports do: the library's SQLite connection belongs
+            to the thread that opened it.
+        model_path: the base model's folder, as vLLM loads it (default: the converted SmolLM2).
+        base_model_name: the name clients use for the base model (default: the folder's name).
+        server: how to start or reach vLLM (VLLMServerConfig).
+        work_dir: where the PEFT exports and the server log go (default: a temporary folder, removed by stop).
+        weight_decimals: mixture weights are rounded to this many decimals for the cache key and the fused LoRA.
+        cache_size: LoRAs kept loaded in vLLM (default: the server's max_cpu_loras, else max_loras).
+    """
+
+    name = "vllm"
+
+    def __init__(self, library, router, *, model_path: str | Path | None = None, base_model_name: str | None = None,
+                 server: VLLMServerConfig | None = None, work_dir: str | Path | None = None,
+                 weight_decimals: int = 3, cache_size: int | None = None):
+        from transformers import AutoTokenizer
+
+        if model_path is None:
+            from adaptermix.models import smollm2_path
+            model_path = smollm2_path()
+        self.library, self.router = library, router
+        self.model_path = Path(model_path)
+        self._base_name = base_model_name or self.model_path.name
+        self.config = server or VLLMServerConfig()
+        self.weight_decimals = weight_decimals
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self._own_work_dir = work_dir is None
+        self.work_dir = Path(work_dir) if work_dir is not None else None
+        self.server: VLLMServer | None = None
+        self.cache = LoraCache(cache_size or self.config.max_cpu_loras or self.config.max_loras, self._unload)
+        self.running = 0
+        self.requests = 0
+
+    # -- the Engine interface ------------------------------------------------------------------------
+
+    @property
+    def base_model_name(self) -> str:
+        return self._base_name
+
+    @property
+    def max_context(self) -> int:
+        return self.config.max_model_len
+
+    def models(self) -> list[str]:
+        return [self._base_name, AUTO, *self.library.names()]
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    async def start(self) -> None:
+        if self.work_dir is None:
+            self.work_dir = Path(tempfile.mkdtemp(prefix="adaptermix-vllm-"))
+        (self.work_dir / "peft").mkdir(parents=True, exist_ok=True)
+        self.server = VLLMServer(self.model_path, self._base_name, self.config, self.work_dir)
+        try:
+            await self.server.start()
+        except VLLMUnavailable as error:
+            raise EngineUnavailableError(f"vLLM did not start: {error}") from error
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop()
+        self.cache.clear()
+        if self._own_work_dir and self.work_dir is not None:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+            self.work_dir = None
+
+    def health(self) -> dict:
+        if self.server is None:
+            return {"status": "unavailable", "engine": self.name, "reason": "not started"}
+        try:
+            if self.server.state == "ok":
+                self.server.check_alive()
+        except VLLMUnavailable:
+            pass
+        status = {"ok": "ok", "starting": "starting"}.get(self.server.state, "unavailable")
+        return {"status": status, "engine": self.name, "url": self.server.url, "reason": self.server.reason,
+                "loras_loaded": len(self.cache)}
+
+    def metrics(self) -> dict[str, float]:
+        return {"running": self.running, "vllm_loras_loaded": len(self.cache), "vllm_lora_loads": self.cache.loads,
+                "vllm_lora_cache_hits": self.cache.hits, "vllm_lora_evictions": self.cache.evictions,
+                "vllm_up": float(self.health()["status"] == "ok")}
+
+    async def generate(self, request: EngineRequest):
+        if self.server is None:
+            raise EngineUnavailableError("the vLLM engine is not started")
+        self._check_length(request)
+        decision = await self._route(request)
+        self.requests += 1
+        self.running += 1
+        try:
+            key = lora_key(decision, self.weight_decimals)
+            if not key:
+                async for chunk in self._stream(request, self._base_name, decision):
+                    yield chunk
+                return
+            async with self.cache.use(key, self._load) as lora_name:
+                async for chunk in self._stream(request, lora_name, decision):
+                    yield chunk
+        except VLLMUnavailable as error:
+            self.cache.clear()
+            raise EngineUnavailableError(str(error)) from error
+        finally:
+            self.running -= 1
+
+    # -- routing and LoRAs ---------------------------------------------------------------------------
+
+    def _check_length(self, request: EngineRequest) -> None:
+        prompt_tokens = self.count_tokens(request.prompt)
+        if prompt_tokens >= self.max_context:
+            raise BadRequestError(f"the prompt has {prompt_tokens} tokens; the context is {self.max_context}",
+                                  param="prompt")
+        if prompt_tokens + request.sampling.max_tokens > self.max_context:
+            raise BadRequestError(f"max_tokens={request.sampling.max_tokens} plus the prompt's {prompt_tokens} tokens "
+                                  f"exceed the context of {self.max_context}", param="max_tokens")
+
+    async def _route(self, request: EngineRequest) -> RoutingDecision:
+        return self.router.route(request)
+
+    async def _load(self, key) -> str:
+        """Export the key's LoRA as a PEFT folder (once) and register it with vLLM; its name there."""
+        names, weights = [n for n, _ in key], [w for _, w in key]
+        if len(key) == 1 and weights[0] == 1.0:
+            lora_name = names[0]
+            folder = self.work_dir / "peft" / lora_name
+            if not folder.exists():
+                self._export_adapter(lora_name, folder)
+        else:
+            lora_name = "mix-" + hashlib.sha256(repr(key).encode()).hexdigest()[:16]
+            folder = self.work_dir / "peft" / lora_name
+            if not folder.exists():
+                self._export_mixture(names, weights, lora_name, folder)
+        try:
+            await self.server.load_lora(lora_name, folder)
+        except VLLMRequestError as error:
+            if "already" not in error.message.lower():          # loaded by an earlier run (attached server)
+                raise EngineUnavailableError(f"vLLM refused LoRA {lora_name!r}: {error.message}") from error
+        return lora_name
+
+    def _export_adapter(self, name: str, folder: Path) -> None:
+        self.library.get(name).save_peft(folder)
+
+    def _export_mixture(self, names: list[str], weights: list[float], lora_name: str, folder: Path) -> None:
+        from adaptermix.composer import fuse
+
+        ranks = sum(self.library.get(n).max_rank for n in names)
+        if ranks > self.config.max_lora_rank:
+            raise BadRequestError(f"a mixture of {len(names)} adapters has rank {ranks}, above vLLM's "
+                                  f"--max-lora-rank {self.config.max_lora_rank}: name fewer adapters or raise "
+                                  f"max_lora_rank", param="adapters")
+        fuse(self.library, names, weights, method="cat", name=lora_name).save_peft(folder)
+
+    async def _unload(self, lora_name: str) -> None:
+        await self.server.unload_lora(lora_name)
+        if lora_name.startswith("mix-") and self.work_dir is not None:
+            shutil.rmtree(self.work_dir / "peft" / lora_name, ignore_errors=True)
+
+    # -- completions ---------------------------------------------------------------------------------
+
+    def _body(self, request: EngineRequest, model: str) -> dict:
+        s = request.sampling
+        body = {"model": model, "prompt": request.prompt, "max_tokens": s.max_tokens, "temperature": s.temperature,
+                "top_p": s.top_p, "stream": True, "stream_options": {"include_usage": True},
+                "add_special_tokens": False}      # the prompt is already templated, as the embedded engine sees it
+        if s.stop:
+            body["stop"] = list(s.stop)
+        if s.seed is not None:
+            body["seed"] = s.seed
+        return body
+
+    async def _stream(self, request: EngineRequest, model: str, decision: RoutingDecision):
+        routing, finish, usage = decision, None, {}
+        try:
+            async for event in self.server.stream_completion(self._body(request, model)):
+                usage = event.get("usage") or usage
+                for choice in event.get("choices") or []:
+                    finish = choice.get("finish_reason") or finish
+                    if choice.get("text"):
+                        yield EngineChunk(text=choice["text"], routing=routing)
+                        routing = None
+        except VLLMRequestError as error:
+            if error.status == 404:
+                raise UnknownModelError(f"vLLM does not know {model!r}: {error.message}") from error
+            if error.status < 500:
+                raise BadRequestError(f"vLLM refused the request: {error.message}") from error
+            raise EngineUnavailableError(f"vLLM failed: {error.message}") from error
+        yield EngineChunk(routing=routing, finish_reason=finish or "stop", prompt_tokens=usage.get("prompt_tokens", 0),
+                          completion_tokens=usage.get("completion_tokens", 0))
