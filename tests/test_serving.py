@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import adaptermix as am
-from adaptermix.serving.engine import AUTO, BadRequestError, EngineRequest, UnknownModelError
+from adaptermix.serving.engine import AUTO, BadRequestError, EngineRequest, SamplingParams, UnknownModelError
 from adaptermix.serving.routing import RequestRouter
 
 SPECS = {
@@ -94,3 +94,71 @@ def test_routing_unknown_model(served):
     with pytest.raises(UnknownModelError, match=r"'gpt-4'.*'auto', 'reverse'") as caught:
         router.decide(request("gpt-4", "x"))
     assert caught.value.param == "model"
+
+
+# -- the embedded engine ---------------------------------------------------------------------------------
+
+class AsciiTokenizer:
+    """One token per ASCII character (ids 3..127; 2 = end of sequence), like an HF tokenizer to the engine."""
+
+    eos_token_id, pad_token_id, chat_template = 2, 0, None
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [min(max(ord(c), 3), 127) for c in text]}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids if i >= 3)
+
+
+def make_engine(library, h, router=None, **kw):
+    from adaptermix.serving.embedded import EmbeddedEngine
+
+    model = h.tiny_llama()
+    model.generation_config.eos_token_id = 2
+    return EmbeddedEngine(model, AsciiTokenizer(), library, router or am.RetrievalRouter(),
+                          router_label="retrieval", base_model_name=BASE, **kw)
+
+
+def reference_greedy(library, h, decision, prompt: str, max_tokens: int) -> str:
+    """The unbatched composed model (HF generate, batch 1) with the decision as a fixed mixture."""
+    model = h.tiny_llama()
+    if decision.adapters:
+        model = am.compose(model, library, am.FixedRouter(dict(zip(decision.adapters, decision.weights))),
+                           adapters=list(decision.adapters))
+    ids = torch.tensor([AsciiTokenizer()(prompt)["input_ids"]])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False,
+                             eos_token_id=2, pad_token_id=0)
+    return AsciiTokenizer().decode(out[0, ids.shape[1]:].tolist())
+
+
+async def collect(engine, req):
+    chunks = [chunk async for chunk in engine.generate(req)]
+    return "".join(c.text for c in chunks), chunks
+
+
+def test_batched_greedy_equals_unbatched(served, h):
+    import asyncio
+
+    cases = [("convert 30 C to F", AUTO, None), ("count the orders in the table", AUTO, None),
+             ("reverse: a b c", "reverse", None), ("hello there", BASE, None),
+             ("mix these two", AUTO, {"sql": 0.3, "celsius": 0.7}), ("a much longer prompt " * 2, "sql", None)]
+    engine = make_engine(served, h, max_batch_size=4, max_wait_ms=50)
+
+    async def run():
+        await engine.start()
+        try:
+            return await asyncio.gather(*[
+                collect(engine, EngineRequest(f"r{i}", p, p, m, a, SamplingParams(
+                    max_tokens=6 + i, temperature=0.0))) for i, (p, m, a) in enumerate(cases)])
+        finally:
+            await engine.stop()
+
+    results = asyncio.run(run())
+    assert engine.counters["forward_passes"] < sum(6 + i for i in range(len(cases)))   # rows shared passes
+    assert sum(len(text) for text, _ in results) > 20        # the model did speak
+    for i, ((prompt, _, _), (text, chunks)) in enumerate(zip(cases, results)):
+        decision = chunks[0].routing
+        assert decision is not None and all(c.routing is None for c in chunks[1:])
+        assert chunks[-1].finish_reason in ("stop", "length")
+        assert text == reference_greedy(served, h, decision, prompt, 6 + i), (i, decision)
