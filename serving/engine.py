@@ -147,6 +147,14 @@ class Engine(ABC):
     def health(self) -> dict:
         """{"status": "ok" | "starting" | "unavailable", ...details}."""
 
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        """Chat messages [{"role", "content"}] as one prompt, ready for the assistant's turn: the base model's
+        chat template where the engine has a tokenizer with one (`self.tokenizer`), else "role: content" lines."""
+        tokenizer = getattr(self, "tokenizer", None)
+        if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+
     def metrics(self) -> dict[str, float]:
         """Engine gauges for /metrics (e.g. queue length, running sequences); names without prefix."""
         return {}

@@ -162,3 +162,218 @@ def test_batched_greedy_equals_unbatched(served, h):
         assert decision is not None and all(c.routing is None for c in chunks[1:])
         assert chunks[-1].finish_reason in ("stop", "length")
         assert text == reference_greedy(served, h, decision, prompt, 6 + i), (i, decision)
+
+
+# -- the HTTP server ---------------------------------------------------------------------------------------
+
+class Server:
+    """The app under a real uvicorn server on 127.0.0.1 and a free port, in a background thread."""
+
+    def __init__(self, app):
+        import socket
+        import threading
+
+        import uvicorn
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.app = app
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(served, h):
+    from adaptermix.serving.app import create_app
+
+    engine = make_engine(served, h, max_batch_size=4, max_wait_ms=20)
+    with Server(create_app(engine, default_max_tokens=8)) as running:
+        yield running
+
+
+@pytest.fixture
+def http(server):
+    import httpx
+
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        yield client
+
+
+def chat_body(text="convert 30 C to F", **kw):
+    return {"model": AUTO, "messages": [{"role": "user", "content": text}], "max_tokens": 6, "temperature": 0, **kw}
+
+
+def test_models_health_metrics(http):
+    listed = http.get("/v1/models").json()
+    assert [m["id"] for m in listed["data"]] == [BASE, AUTO, "reverse", "celsius", "sql"]
+    assert [m["kind"] for m in listed["data"]][:3] == ["base", "router", "adapter"]
+    assert http.get("/health").json()["status"] == "ok"
+    http.post("/v1/chat/completions", json=chat_body())
+    text = http.get("/metrics").text
+    for name in ("adaptermix_requests_total{endpoint=\"/v1/chat/completions\",status=\"200\"}",
+                 "adaptermix_tokens_total{kind=\"completion\"}", "adaptermix_routing_choices_total{adapter=\"celsius\"}",
+                 "adaptermix_request_latency_seconds_count", "adaptermix_engine_queue_length"):
+        assert name in text, name
+
+
+def test_chat_and_completion_schema(http):
+    reply = http.post("/v1/chat/completions", json=chat_body())
+    assert reply.status_code == 200
+    body = reply.json()
+    assert body["object"] == "chat.completion" and body["choices"][0]["message"]["role"] == "assistant"
+    assert body["adaptermix"]["adapters"] == ["celsius"] and body["adaptermix"]["router"] == "retrieval"
+    assert json.loads(reply.headers["x-adaptermix-routing"]) == body["adaptermix"]
+    usage = body["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] and usage["completion_tokens"] <= 6
+    text = http.post("/v1/completions", json={"model": "sql", "prompt": "count rows", "max_tokens": 5,
+                                              "temperature": 0}).json()
+    assert text["object"] == "text_completion" and text["adaptermix"]["adapters"] == ["sql"]
+    mixed = http.post("/v1/completions", json={"model": AUTO, "prompt": "x", "max_tokens": 3,
+                                               "adapters": {"sql": 1, "reverse": 0.5}}).json()
+    assert mixed["adaptermix"] == {"adapters": ["sql", "reverse"], "weights": [1.0, 0.5], "router": "explicit",
+                                   "note": "explicit mixture from `adapters`", "per_token": False}
+    base = http.post("/v1/completions", json={"model": BASE, "prompt": "x", "max_tokens": 3}).json()
+    assert base["adaptermix"]["adapters"] == []
+
+
+def test_seeded_sampling_repeats(http):
+    body = chat_body(temperature=1.0, top_p=0.9, seed=7, max_tokens=8)
+    first, second = (http.post("/v1/chat/completions", json=body).json() for _ in range(2))
+    assert first["choices"][0]["message"]["content"] == second["choices"][0]["message"]["content"]
+
+
+def read_sse(response):
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            events.append(line[len("data: "):])
+    return events
+
+
+def test_streaming_equals_whole(http):
+    whole = http.post("/v1/chat/completions", json=chat_body(max_tokens=8)).json()
+    with http.stream("POST", "/v1/chat/completions", json=chat_body(max_tokens=8, stream=True,
+                                                                    stream_options={"include_usage": True})) as reply:
+        assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/event-stream")
+        assert json.loads(reply.headers["x-adaptermix-routing"])["adapters"] == ["celsius"]
+        events = read_sse(reply)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all(c["object"] == "chat.completion.chunk" and c["adaptermix"]["adapters"] == ["celsius"] for c in chunks)
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == whole["choices"][0]["message"]["content"]
+    assert chunks[-2]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+    assert chunks[-1]["usage"] == whole["usage"]
+
+
+BAD = [
+    # (what, method kwargs, status, param, words in the message)
+    ("unknown model", {"json": chat_body(model="gpt-4")}, 404, "model", "available"),
+    ("unknown adapter", {"json": chat_body(adapters={"nope": 1})}, 404, "adapters", "'reverse', 'celsius', 'sql'"),
+    ("malformed JSON", {"content": b'{"model": "auto", "messages": [', "headers": {"content-type": "application/json"}},
+     400, None, "malformed JSON"),
+    ("missing field", {"json": {"model": AUTO}}, 400, "messages", "Field required"),
+    ("bad role", {"json": {"model": AUTO, "messages": [{"role": "wizard", "content": "x"}]}}, 400,
+     "messages.0.role", "invalid"),
+    ("temperature", {"json": chat_body(temperature=5)}, 400, "temperature", "less than or equal"),
+    ("weight not a number", {"json": chat_body(adapters={"sql": "heavy"})}, 400, "adapters.sql", "valid"),
+    ("weight NaN", {"content": b'{"model": "auto", "prompt": "x", "adapters": {"sql": NaN}}',
+                    "headers": {"content-type": "application/json"}, "url": "/v1/completions"}, 400, "adapters.sql",
+     "finite"),
+    ("weight Infinity", {"content": b'{"model": "auto", "prompt": "x", "adapters": {"sql": Infinity}}',
+                         "headers": {"content-type": "application/json"}, "url": "/v1/completions"}, 400,
+     "adapters.sql", "finite"),
+    ("negative weight", {"json": chat_body(adapters={"sql": -1, "reverse": 1})}, 400, "adapters.sql", ">= 0"),
+    ("all-zero weights", {"json": chat_body(adapters={"sql": 0})}, 400, "adapters", "all 0"),
+    ("empty messages", {"json": chat_body() | {"messages": []}}, 400, "messages", "at least one"),
+    ("max_tokens beyond context", {"json": chat_body(max_tokens=60)}, 400, "max_tokens", "context"),
+    ("prompt beyond context", {"json": chat_body(text="y" * 80)}, 400, "messages", "context holds 64"),
+    ("completion prompt beyond context", {"json": {"model": AUTO, "prompt": "y" * 70}, "url": "/v1/completions"},
+     400, "prompt", "context"),
+    ("empty prompt", {"json": {"model": AUTO, "prompt": ""}, "url": "/v1/completions"}, 400, "prompt", "empty"),
+    ("n > 1", {"json": chat_body(n=2)}, 400, "n", "less than or equal"),
+]
+
+
+@pytest.mark.parametrize("what, kwargs, status, param, words", BAD, ids=[b[0] for b in BAD])
+def test_bad_input(http, what, kwargs, status, param, words):
+    kwargs = dict(kwargs)
+    reply = http.post(kwargs.pop("url", "/v1/chat/completions"), **kwargs)
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert error["param"] == param and words in error["message"], error
+    assert set(error) == {"message", "type", "param", "code"}
+    after = http.post("/v1/chat/completions", json=chat_body(max_tokens=2))          # later requests unaffected
+    assert after.status_code == 200 and after.json()["adaptermix"]["adapters"] == ["celsius"]
+
+
+def test_disconnect_mid_stream_drops_the_sequence(server, http):
+    import time
+
+    import httpx
+
+    engine = server.app.state.engine
+    body = {"model": "sql", "prompt": "go", "max_tokens": 50, "temperature": 0, "stream": True}
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        with client.stream("POST", "/v1/completions", json=body) as reply:
+            next(reply.iter_lines())
+            assert engine.health()["running"] == 1
+    deadline = time.monotonic() + 10                     # the connection is closed: the row leaves the batch
+    while engine.health()["running"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.health()["running"] == 0 and len(engine._batch) == 0
+    after = http.post("/v1/completions", json=body | {"stream": False, "max_tokens": 50}).json()
+    assert after["usage"]["completion_tokens"] <= 50 and after["adaptermix"]["adapters"] == ["sql"]
+
+
+def test_api_key(served, h):
+    import httpx
+
+    from adaptermix.serving.app import create_app
+
+    with Server(create_app(make_engine(served, h), api_key="sesame")) as keyed:
+        with httpx.Client(base_url=keyed.url) as client:
+            missing = client.get("/v1/models")
+            wrong = client.get("/v1/models", headers={"Authorization": "Bearer nope"})
+            right = client.get("/v1/models", headers={"Authorization": "Bearer sesame"})
+            health = client.get("/health")
+    assert missing.status_code == wrong.status_code == 401
+    assert missing.json()["error"]["code"] == "invalid_api_key" and "missing" in missing.json()["error"]["message"]
+    assert right.status_code == 200 and health.status_code == 200
+
+
+def test_openai_client(server):
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    assert {m.id for m in client.models.list()} == {BASE, AUTO, "reverse", "celsius", "sql"}
+    reply = client.chat.completions.create(model=AUTO, messages=[{"role": "user", "content": "convert 30 C to F"}],
+                                           max_tokens=5, temperature=0, extra_body={})
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.model_extra["adaptermix"]["adapters"] == ["celsius"]
+    streamed = client.chat.completions.create(model=AUTO, messages=[{"role": "user", "content": "convert 30 C to F"}],
+                                              max_tokens=5, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == reply.choices[0].message.content
+    mixed = client.completions.create(model=AUTO, prompt="x", max_tokens=3, extra_body={"adapters": {"sql": 1.0}})
+    assert mixed.model_extra["adaptermix"]["router"] == "explicit"
+    with pytest.raises(openai.NotFoundError, match="available"):
+        client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.chat.completions.create(model=AUTO, messages=[{"role": "user", "content": "x"}], max_tokens=1000)
