@@ -116,7 +116,7 @@ def make_engine(library, h, router=None, **kw):
     model = h.tiny_llama()
     model.generation_config.eos_token_id = 2
     return EmbeddedEngine(model, AsciiTokenizer(), library, router or am.RetrievalRouter(),
-                          router_label="retrieval", base_model_name=BASE, **kw)
+                          router_label=None if router else "retrieval", base_model_name=BASE, **kw)
 
 
 def reference_greedy(library, h, decision, prompt: str, max_tokens: int) -> str:
@@ -377,3 +377,34 @@ def test_openai_client(server):
         client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "x"}])
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         client.chat.completions.create(model=AUTO, messages=[{"role": "user", "content": "x"}], max_tokens=1000)
+
+
+def test_per_token_router_in_a_mixed_batch(served, h):
+    """Arrow rows route each token inside the batch (next to fixed-routed rows) exactly as Arrow alone does;
+    the decision reported is the prompt's share of routing weight."""
+    import asyncio
+
+    prompt = "convert 30 C to F"
+    engine = make_engine(served, h, router=am.ArrowRouter(top_k=2), max_batch_size=4, max_wait_ms=50)
+
+    async def run():
+        await engine.start()
+        try:
+            return await asyncio.gather(*[collect(engine, EngineRequest(f"r{i}", p, p, m, None, SamplingParams(
+                max_tokens=8, temperature=0.0))) for i, (p, m) in enumerate([(prompt, AUTO), ("sql rows", "sql"),
+                                                                              ("hi", BASE)])])
+        finally:
+            await engine.stop()
+
+    (text, chunks), *_ = asyncio.run(run())
+    decision = chunks[0].routing
+    assert decision.per_token and decision.router == "arrow" and sum(decision.weights) == pytest.approx(1.0)
+    reference = am.compose(h.tiny_llama(), served, am.ArrowRouter(top_k=2))
+    ids = torch.tensor([AsciiTokenizer()(prompt)["input_ids"]])
+    with torch.no_grad():
+        out = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                                 eos_token_id=2, pad_token_id=0)
+    assert text == AsciiTokenizer().decode(out[0, ids.shape[1]:].tolist())
+    prefill = am.RoutingTrace(served.names(), am.routing_trace(reference).steps[:1])
+    expected = {n: w for n, w in prefill.usage().items() if w >= 1e-3}
+    assert dict(zip(decision.adapters, decision.weights)) == pytest.approx(expected, abs=1e-5)
