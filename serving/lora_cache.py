@@ -46,6 +46,10 @@ class LoraCache:
         """Least to most recently used."""
         return list(self._entries)
 
+    def names(self) -> list[str]:
+        """The loaded LoRAs' names (in the server), least to most recently used."""
+        return [e.loading.result() for e in self._entries.values() if e.loading.done() and not e.loading.exception()]
+
     @asynccontextmanager
     async def use(self, key: Hashable, load: Callable[[Hashable], Awaitable[str]]):
         entry = self._entries.get(key)

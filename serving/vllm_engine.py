@@ -3,7 +3,7 @@
 vLLM serves one LoRA per request, with its own kernels, tensor parallelism and continuous batching. In front of
 it, per request:
 
-    decision = router(request)                    # zero-shot (model="auto"), a named adapter, the base model,
+    decision = RequestRouter.decide(request)      # zero-shot (model="auto"), a named adapter, the base model,
                                                   #   or an explicit mixture {name: weight}
     ()                          -> model = the base model's served name
     (name,), weight 1           -> model = name    (the library adapter, exported once as a PEFT folder)
@@ -26,9 +26,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .engine import (AUTO, BadRequestError, Engine, EngineChunk, EngineRequest, EngineUnavailableError,
+from .engine import (BadRequestError, Engine, EngineChunk, EngineRequest, EngineUnavailableError,
                      RoutingDecision, UnknownModelError)
 from .lora_cache import LoraCache
+from .routing import RequestRouter
 from .vllm_server import VLLMRequestError, VLLMServer, VLLMServerConfig, VLLMUnavailable
 
 __all__ = ["VLLMEngine", "lora_key"]
@@ -45,30 +46,38 @@ def lora_key(decision: RoutingDecision, decimals: int) -> tuple[tuple[str, float
 class VLLMEngine(Engine):
     """Args:
         library: the AdapterLibrary (read only).
-        router: the request router: `router.route(request) -> RoutingDecision` (serving/routing.py). It runs
-            on the event loop's thread, as the library's exports do: the library's SQLite connection belongs
-            to the thread that opened it.
-        model_path: the base model's folder, as vLLM loads it (default: the converted SmolLM2).
-        base_model_name: the name clients use for the base model (default: the folder's name).
+        router: the zero-shot router for `model="auto"`: a text router or fixed (serving/routing.py's
+            RequestRouter decides per request); per-token routers (arrow, moe_gate) stay on the embedded engine.
+        router_label: the router's name in decisions; base_model_name: the model name that serves no adapter
+            (default: the library's base model's folder name); adapter_names: the servable adapters.
+        model_path: the base model's folder as vLLM loads it (default: the library's base model).
         server: how to start or reach vLLM (VLLMServerConfig).
         work_dir: where the PEFT exports and the server log go (default: a temporary folder, removed by stop).
         weight_decimals: mixture weights are rounded to this many decimals for the cache key and the fused LoRA.
         cache_size: LoRAs kept loaded in vLLM (default: the server's max_cpu_loras, else max_loras).
+    Routing and the PEFT exports run on the event loop's thread: the library's SQLite connection belongs to the
+    thread that opened it (a text router's decision takes milliseconds, an export tens of them, once per LoRA).
     """
 
     name = "vllm"
 
-    def __init__(self, library, router, *, model_path: str | Path | None = None, base_model_name: str | None = None,
+    def __init__(self, library, router, *, router_label: str | None = None, base_model_name: str | None = None,
+                 adapter_names: list[str] | None = None, model_path: str | Path | None = None,
                  server: VLLMServerConfig | None = None, work_dir: str | Path | None = None,
                  weight_decimals: int = 3, cache_size: int | None = None):
         from transformers import AutoTokenizer
 
-        if model_path is None:
-            from adaptermix.models import smollm2_path
-            model_path = smollm2_path()
-        self.library, self.router = library, router
-        self.model_path = Path(model_path)
+        self.model_path = Path(model_path or library.base_model.name)
+        if not (self.model_path / "config.json").is_file():
+            raise FileNotFoundError(f"vLLM loads the base model from a local folder; {self.model_path} is not one "
+                                    f"(pass model_path=)")
         self._base_name = base_model_name or self.model_path.name
+        self.library = library
+        self.request_router = RequestRouter(router, library, base_model_name=self._base_name,
+                                            adapter_names=adapter_names, label=router_label)
+        if self.request_router.per_token:
+            raise ValueError(f"router {self.request_router.label!r} routes every token; vLLM serves one LoRA per "
+                             f"request: use engine=embedded for per-token routers, or a text router here")
         self.config = server or VLLMServerConfig()
         self.weight_decimals = weight_decimals
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
@@ -90,7 +99,7 @@ class VLLMEngine(Engine):
         return self.config.max_model_len
 
     def models(self) -> list[str]:
-        return [self._base_name, AUTO, *self.library.names()]
+        return self.request_router.models()
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False).input_ids)
@@ -133,8 +142,12 @@ class VLLMEngine(Engine):
     async def generate(self, request: EngineRequest):
         if self.server is None:
             raise EngineUnavailableError("the vLLM engine is not started")
+        try:
+            self.server.check_alive()
+        except VLLMUnavailable as error:
+            raise EngineUnavailableError(str(error)) from error
         self._check_length(request)
-        decision = await self._route(request)
+        decision = self.request_router.decide(request)
         self.requests += 1
         self.running += 1
         try:
@@ -163,22 +176,22 @@ class VLLMEngine(Engine):
             raise BadRequestError(f"max_tokens={request.sampling.max_tokens} plus the prompt's {prompt_tokens} tokens "
                                   f"exceed the context of {self.max_context}", param="max_tokens")
 
-    async def _route(self, request: EngineRequest) -> RoutingDecision:
-        return self.router.route(request)
+    @staticmethod
+    def lora_name(key) -> str:
+        """The LoRA's name in vLLM: the adapter's own for one adapter at weight 1, else "mix-<hash of the key>"."""
+        if len(key) == 1 and key[0][1] == 1.0:
+            return key[0][0]
+        return "mix-" + hashlib.sha256(repr(key).encode()).hexdigest()[:16]
 
     async def _load(self, key) -> str:
         """Export the key's LoRA as a PEFT folder (once) and register it with vLLM; its name there."""
         names, weights = [n for n, _ in key], [w for _, w in key]
-        if len(key) == 1 and weights[0] == 1.0:
-            lora_name = names[0]
-            folder = self.work_dir / "peft" / lora_name
-            if not folder.exists():
-                self._export_adapter(lora_name, folder)
-        else:
-            lora_name = "mix-" + hashlib.sha256(repr(key).encode()).hexdigest()[:16]
-            folder = self.work_dir / "peft" / lora_name
-            if not folder.exists():
-                self._export_mixture(names, weights, lora_name, folder)
+        lora_name = self.lora_name(key)
+        folder = self.work_dir / "peft" / lora_name
+        if not folder.exists() and lora_name == names[0]:
+            self._export_adapter(lora_name, folder)
+        elif not folder.exists():
+            self._export_mixture(names, weights, lora_name, folder)
         try:
             await self.server.load_lora(lora_name, folder)
         except VLLMRequestError as error:
