@@ -53,38 +53,43 @@ class LoraCache:
     @asynccontextmanager
     async def use(self, key: Hashable, load: Callable[[Hashable], Awaitable[str]]):
         entry = self._entries.get(key)
-        if entry is None:
+        loader = entry is None
+        if loader:
             entry = self._entries[key] = _Entry(asyncio.get_running_loop().create_future())
-            entry.users += 1
             self.loads += 1
-            try:
-                if key in self._unloading:
-                    await asyncio.shield(self._unloading[key])
-                name = await load(key)
-            except BaseException as error:
-                entry.loading.set_exception(error if isinstance(error, Exception) else RuntimeError("cancelled"))
-                entry.loading.exception()            # retrieved here: waiters re-raise it themselves
-                self._entries.pop(key, None)
-                raise
-            entry.loading.set_result(name)
-            await self._evict()
         else:
-            entry.users += 1
             self.hits += 1
             self._entries.move_to_end(key)
-            try:
-                name = await asyncio.shield(entry.loading)
-            except BaseException:
-                entry.users -= 1
-                raise
+        entry.users += 1
         try:
+            if loader:
+                name = await self._load(key, entry, load)
+                await self._evict()
+            else:
+                name = await asyncio.shield(entry.loading)
             yield name
         finally:
             entry.users -= 1
 
+    async def _load(self, key, entry: _Entry, load) -> str:
+        try:
+            if key in self._unloading:
+                await asyncio.shield(self._unloading[key])
+            name = await load(key)
+        except BaseException as error:
+            entry.loading.set_exception(error if isinstance(error, Exception) else RuntimeError("load cancelled"))
+            entry.loading.exception()            # marked retrieved: each waiter re-raises it itself
+            if self._entries.get(key) is entry:
+                del self._entries[key]
+            raise
+        entry.loading.set_result(name)
+        return name
+
     async def _evict(self) -> None:
-        idle = [k for k, e in self._entries.items() if e.users == 0 and e.loading.done()]
-        for key in idle[:max(0, len(self._entries) - self.capacity)]:
+        while len(self._entries) > self.capacity:     # one at a time: other requests run while we await
+            key = next((k for k, e in self._entries.items() if e.users == 0 and e.loading.done()), None)
+            if key is None:
+                return
             entry = self._entries.pop(key)
             self.evictions += 1
             done = self._unloading[key] = asyncio.get_running_loop().create_future()
