@@ -408,3 +408,44 @@ def test_per_token_router_in_a_mixed_batch(served, h):
     prefill = am.RoutingTrace(served.names(), am.routing_trace(reference).steps[:1])
     expected = {n: w for n, w in prefill.usage().items() if w >= 1e-3}
     assert dict(zip(decision.adapters, decision.weights)) == pytest.approx(expected, abs=1e-5)
+
+
+# -- the command -------------------------------------------------------------------------------------------
+
+def tiny_model_folder(h, path):
+    """The tiny Llama saved with a one-character-per-token HF tokenizer: a base model folder to serve."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(i): i for i in range(3, 128)} | {"<pad>": 0, "<s>": 1, "</s>": 2}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="?"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    core.decoder = decoders.Fuse()
+    PreTrainedTokenizerFast(tokenizer_object=core, eos_token="</s>", pad_token="<pad>").save_pretrained(path)
+    h.tiny_llama().save_pretrained(path)
+    return path
+
+
+def test_serve_command(served, h, tmp_path, capsys):
+    import httpx
+    from omegaconf import OmegaConf
+
+    from adaptermix.cli import main as adaptermix
+    from adaptermix.serving.cli import build_app, load_serve_config
+
+    assert adaptermix(["serve", "--help"]) == 0 and "conf/serve.yaml" in capsys.readouterr().out
+    assert adaptermix(["serve", str(tmp_path / "nothing")]) == 1 and "no adapter library" in capsys.readouterr().err
+    assert adaptermix(["serve", str(served.root), "no_such_key=1"]) == 2
+    folder = tiny_model_folder(h, tmp_path / "base")
+    cfg, label = load_serve_config([f"model={folder}", "max_batch_size=2", "api_key=sesame", "port=0"])
+    demo = OmegaConf.to_container(OmegaConf.load(h.repo / "conf" / "demo.yaml").defaults)
+    assert label == next(d["router"] for d in demo if isinstance(d, dict) and "router" in d)   # the project default
+    assert (cfg.host, cfg.max_batch_size, cfg.router.min_similarity) == ("127.0.0.1", 2, None)
+    with Server(build_app(str(served.root), cfg, label)) as running:
+        assert running.app.state.engine.max_batch_size == 2
+        with httpx.Client(base_url=running.url, headers={"Authorization": "Bearer sesame"}, timeout=60) as client:
+            assert httpx.get(running.url + "/v1/models").status_code == 401
+            reply = client.post("/v1/chat/completions", json=chat_body()).json()
+    assert reply["adaptermix"]["router"] == label and reply["adaptermix"]["adapters"] == ["celsius"]
+    arrow, arrow_label = load_serve_config(["router=arrow", "router.top_k=1"])
+    assert arrow_label == "arrow" and arrow.router.top_k == 1

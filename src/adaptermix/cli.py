@@ -90,6 +90,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:   # the server's own CLI (serving/cli.py), imported only when asked for
+        from adaptermix.serving.cli import main as serve
+
+        return serve(argv[1:])
     args, extra = parser().parse_known_args(argv)
     bad = [a for a in extra if "=" not in a]
     if bad:
