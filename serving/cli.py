@@ -78,7 +78,22 @@ def _embedded(cfg, library, router, label):
                           max_context=cfg.max_context, backend=cfg.backend)
 
 
-ENGINES = {"embedded": _embedded}   # name -> builder(cfg, library, router, router label) -> Engine
+def _vllm(cfg, library, router, label):
+    """adaptermix routes, a vLLM server generates (serving/vllm_engine.py, docs/DEPLOY.md)."""
+    from omegaconf import OmegaConf
+
+    from .vllm_engine import VLLMEngine
+    from .vllm_server import VLLMServerConfig
+
+    settings = OmegaConf.to_container(cfg.vllm, resolve=True)
+    cache_size, work_dir = settings.pop("cache_size"), settings.pop("work_dir")
+    settings["extra_args"] = tuple(settings.get("extra_args") or ())
+    return VLLMEngine(library, router, router_label=label, adapter_names=list(cfg.adapters) if cfg.adapters else None,
+                      model_path=cfg.model, server=VLLMServerConfig(**settings), cache_size=cache_size,
+                      work_dir=work_dir)
+
+
+ENGINES = {"embedded": _embedded, "vllm": _vllm}   # name -> builder(cfg, library, router, router label) -> Engine
 
 
 def build_app(library_path: str, cfg, label: str):

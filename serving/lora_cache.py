@@ -101,6 +101,10 @@ class LoraCache:
                 done.set_result(None)
                 self._unloading.pop(key, None)
 
+    def forget(self, key: Hashable) -> None:
+        """Drop a key without unloading it (the server no longer has it); the next use loads it again."""
+        self._entries.pop(key, None)
+
     def clear(self) -> None:
         """Forget everything (the server went away: what it held is gone with it)."""
         self._entries.clear()

@@ -6,7 +6,7 @@ it, per request:
     decision = RequestRouter.decide(request)      # zero-shot (model="auto"), a named adapter, the base model,
                                                   #   or an explicit mixture {name: weight}
     ()                          -> model = the base model's served name
-    (name,), weight 1           -> model = name    (the library adapter, exported once as a PEFT folder)
+    (name,), weight 1           -> model = name    (the library adapter, exported at construction)
     k adapters, or a weight != 1 -> model = "mix-<hash>": one LoRA by rank concatenation (composer's
                                    fuse(method="cat")): A = [A_1; ...; A_k], B = [w_1 s_1 B_1, ..., w_k s_k B_k],
                                    so B·A = Σ w_i·s_i·B_i·A_i exactly, rank Σ r_i (<= --max-lora-rank)
@@ -14,8 +14,7 @@ it, per request:
     rounded to `weight_decimals`), the least recently used unloaded (/v1/unload_lora_adapter) beyond capacity;
     then POST /v1/completions (stream) with that model, its events passed on as EngineChunks.
 
-What it cannot do: a routing that changes per token (Arrow's per-token choice, token-level routers) has no
-single LoRA; those routers stay on the embedded engine (docs/DEPLOY.md). A vLLM that is not running, dies or
+What it cannot do: a routing that changes per token (Arrow, the learned MoE gate) has no single LoRA; those routers stay on the embedded engine (docs/DEPLOY.md). A vLLM that is not running, dies or
 cannot be reached gives EngineUnavailableError (503) with the reason; this process stays up.
 """
 
@@ -26,6 +25,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
+from ..library.adapter import LoraAdapter
 from .engine import (BadRequestError, Engine, EngineChunk, EngineRequest, EngineUnavailableError,
                      RoutingDecision, UnknownModelError)
 from .lora_cache import LoraCache
@@ -33,6 +35,10 @@ from .routing import RequestRouter
 from .vllm_server import VLLMRequestError, VLLMServer, VLLMServerConfig, VLLMUnavailable
 
 __all__ = ["VLLMEngine", "lora_key"]
+
+
+class _Forgotten(Exception):
+    """vLLM answered 404 for a LoRA our cache holds: it was unloaded by someone else."""
 
 
 def lora_key(decision: RoutingDecision, decimals: int) -> tuple[tuple[str, float], ...]:
@@ -53,10 +59,12 @@ class VLLMEngine(Engine):
         model_path: the base model's folder as vLLM loads it (default: the library's base model).
         server: how to start or reach vLLM (VLLMServerConfig).
         work_dir: where the PEFT exports and the server log go (default: a temporary folder, removed by stop).
+            The servable adapters are exported there at construction; mixtures on first use.
         weight_decimals: mixture weights are rounded to this many decimals for the cache key and the fused LoRA.
         cache_size: LoRAs kept loaded in vLLM (default: the server's max_cpu_loras, else max_loras).
-    Routing and the PEFT exports run on the event loop's thread: the library's SQLite connection belongs to the
-    thread that opened it (a text router's decision takes milliseconds, an export tens of them, once per LoRA).
+    Serving never reads the library (its SQLite connection belongs to the thread that opened it): the adapters
+    are exported here, and mixtures are fused from those exports on the event loop's thread (milliseconds, once
+    per mixture), as the router's decisions are.
     """
 
     name = "vllm"
@@ -82,7 +90,9 @@ class VLLMEngine(Engine):
         self.weight_decimals = weight_decimals
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self._own_work_dir = work_dir is None
-        self.work_dir = Path(work_dir) if work_dir is not None else None
+        self.work_dir = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="adaptermix-vllm-"))
+        self.exports: dict[str, Path] = {}                   # adapter name -> its PEFT folder
+        self._export_library(self.request_router.adapter_names)
         self.server: VLLMServer | None = None
         self.cache = LoraCache(cache_size or self.config.max_cpu_loras or self.config.max_loras, self._unload)
         self.running = 0
@@ -105,9 +115,6 @@ class VLLMEngine(Engine):
         return len(self.tokenizer(text, add_special_tokens=False).input_ids)
 
     async def start(self) -> None:
-        if self.work_dir is None:
-            self.work_dir = Path(tempfile.mkdtemp(prefix="adaptermix-vllm-"))
-        (self.work_dir / "peft").mkdir(parents=True, exist_ok=True)
         self.server = VLLMServer(self.model_path, self._base_name, self.config, self.work_dir)
         try:
             await self.server.start()
@@ -118,9 +125,8 @@ class VLLMEngine(Engine):
         if self.server is not None:
             await self.server.stop()
         self.cache.clear()
-        if self._own_work_dir and self.work_dir is not None:
+        if self._own_work_dir:
             shutil.rmtree(self.work_dir, ignore_errors=True)
-            self.work_dir = None
 
     def health(self) -> dict:
         if self.server is None:
@@ -156,9 +162,17 @@ class VLLMEngine(Engine):
                 async for chunk in self._stream(request, self._base_name, decision):
                     yield chunk
                 return
-            async with self.cache.use(key, self._load) as lora_name:
-                async for chunk in self._stream(request, lora_name, decision):
-                    yield chunk
+            for attempt in range(2):
+                async with self.cache.use(key, self._load) as lora_name:
+                    try:
+                        async for chunk in self._stream(request, lora_name, decision):
+                            yield chunk
+                        return
+                    except _Forgotten as error:     # unloaded behind our back (another replica, a restart)
+                        if attempt:
+                            raise UnknownModelError(f"vLLM does not know {lora_name!r} even after loading it: "
+                                                    f"{error}") from error
+                        self.cache.forget(key)
         except VLLMUnavailable as error:
             self.cache.clear()
             raise EngineUnavailableError(str(error)) from error
@@ -184,38 +198,45 @@ class VLLMEngine(Engine):
         return "mix-" + hashlib.sha256(repr(key).encode()).hexdigest()[:16]
 
     async def _load(self, key) -> str:
-        """Export the key's LoRA as a PEFT folder (once) and register it with vLLM; its name there."""
+        """Register the key's LoRA with vLLM (a mixture is fused and exported first); its name there."""
         names, weights = [n for n, _ in key], [w for _, w in key]
         lora_name = self.lora_name(key)
-        folder = self.work_dir / "peft" / lora_name
-        if not folder.exists() and lora_name == names[0]:
-            self._export_adapter(lora_name, folder)
-        elif not folder.exists():
-            self._export_mixture(names, weights, lora_name, folder)
+        folder = self.exports.get(lora_name) or self._export_mixture(names, weights, lora_name)
         try:
             await self.server.load_lora(lora_name, folder)
         except VLLMRequestError as error:
-            if "already" not in error.message.lower():          # loaded by an earlier run (attached server)
+            if "already" not in error.message.lower():          # loaded by another replica (attached server)
                 raise EngineUnavailableError(f"vLLM refused LoRA {lora_name!r}: {error.message}") from error
         return lora_name
 
-    def _export_adapter(self, name: str, folder: Path) -> None:
-        self.library.get(name).save_peft(folder)
+    def _export_library(self, names: list[str]) -> None:
+        """Every servable adapter as a PEFT folder, named by content (an existing export is reused), now: serving
+        never reads the library afterwards (its SQLite connection belongs to this thread)."""
+        for name, content in tqdm(list(zip(names, self.library.content_hashes(names))), desc="exporting adapters",
+                                  disable=len(names) < 50, leave=False):
+            folder = self.work_dir / "peft" / f"{name}-{content[:16]}"
+            if not (folder / "adapter_model.safetensors").is_file():
+                self.library.get(name).save_peft(folder)
+            self.exports[name] = folder
 
-    def _export_mixture(self, names: list[str], weights: list[float], lora_name: str, folder: Path) -> None:
+    def _export_mixture(self, names: list[str], weights: list[float], lora_name: str) -> Path:
         from adaptermix.composer import fuse
 
-        ranks = sum(self.library.get(n).max_rank for n in names)
-        if ranks > self.config.max_lora_rank:
-            raise BadRequestError(f"a mixture of {len(names)} adapters has rank {ranks}, above vLLM's "
+        adapters = {n: LoraAdapter.from_peft(self.exports[n]) for n in names}
+        rank = sum(a.max_rank for a in adapters.values())
+        if rank > self.config.max_lora_rank:
+            raise BadRequestError(f"a mixture of {len(names)} adapters has rank {rank}, above vLLM's "
                                   f"--max-lora-rank {self.config.max_lora_rank}: name fewer adapters or raise "
                                   f"max_lora_rank", param="adapters")
-        fuse(self.library, names, weights, method="cat", name=lora_name).save_peft(folder)
+        folder = self.work_dir / "mixtures" / lora_name
+        if not folder.exists():
+            fuse(adapters, names, weights, method="cat", name=lora_name).save_peft(folder)
+        return folder
 
     async def _unload(self, lora_name: str) -> None:
         await self.server.unload_lora(lora_name)
-        if lora_name.startswith("mix-") and self.work_dir is not None:
-            shutil.rmtree(self.work_dir / "peft" / lora_name, ignore_errors=True)
+        if lora_name not in self.exports:
+            shutil.rmtree(self.work_dir / "mixtures" / lora_name, ignore_errors=True)
 
     # -- completions ---------------------------------------------------------------------------------
 
@@ -231,6 +252,8 @@ class VLLMEngine(Engine):
         return body
 
     async def _stream(self, request: EngineRequest, model: str, decision: RoutingDecision):
+        """vLLM's events as EngineChunks. A LoRA that vLLM does not know (404 before any text) raises _Forgotten,
+        which `generate` answers by loading it again, once."""
         routing, finish, usage = decision, None, {}
         try:
             async for event in self.server.stream_completion(self._body(request, model)):
@@ -241,6 +264,8 @@ class VLLMEngine(Engine):
                         yield EngineChunk(text=choice["text"], routing=routing)
                         routing = None
         except VLLMRequestError as error:
+            if error.status == 404 and routing is not None and model != self._base_name:
+                raise _Forgotten(error.message) from error
             if error.status == 404:
                 raise UnknownModelError(f"vLLM does not know {model!r}: {error.message}") from error
             if error.status < 500:

@@ -10,6 +10,9 @@ import asyncio
 import json
 import os
 import signal
+import socket
+import threading
+import time
 import urllib.request
 
 import pytest
@@ -133,7 +136,7 @@ def test_mixture_lora_is_the_exact_weighted_sum(loop, vllm, library):
     answer, chunks = run_all(loop, vllm, [request(vllm, instruction(task, 3), adapters=mixture, max_tokens=2)])[0]
     name = vllm.lora_name(lora_key(chunks[0].routing, vllm.weight_decimals))
     assert name in vllm_lora_names(vllm)
-    fused = LoraAdapter.from_peft(vllm.work_dir / "peft" / name)
+    fused = LoraAdapter.from_peft(vllm.work_dir / "mixtures" / name)
     assert set(fused.modules) == set(library.get(task).modules)
     for module, m in fused.modules.items():
         expected = sum(w * library.get(n).modules[module].delta_weight() for n, w in mixture.items())
@@ -173,6 +176,51 @@ def test_attach_to_a_dead_url_is_unavailable(loop, library):
     with pytest.raises(EngineUnavailableError, match="did not answer /health"):
         run_all(loop, engine, [request(engine, "hello")])
     loop.run_until_complete(engine.stop())
+
+
+def test_serve_app_with_engine_vllm_over_http(loop, vllm, library):
+    """`adaptermix serve`'s app from conf/serve.yaml with engine=vllm, attached to this module's vLLM by URL,
+    under real uvicorn: the official openai client and plain HTTP get the direct engine's answers and the routing."""
+    import httpx
+    import openai
+    import uvicorn
+
+    from adaptermix.serving.cli import build_app, load_serve_config
+
+    cfg, label = load_serve_config(["engine=vllm", f"vllm.url={vllm.server.url}", "vllm.max_lora_rank=16"])
+    app = build_app(str(library.root), cfg, label)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.05)
+        text = instruction("date_mdy", 6)
+        prompt = chat_prompt(vllm.tokenizer, text)
+        direct = {m: run_all(loop, vllm, [request(vllm, text, m, a)])[0][0] for m, a in
+                  [("date_mdy", None), (AUTO, {"date_mdy": 0.6, "date_dmy": 0.4})]}
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        answer = client.completions.create(model="date_mdy", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0)
+        assert answer.choices[0].text == direct["date_mdy"]
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as http:
+            assert http.get("/health").json()["status"] == "ok"
+            body = {"model": AUTO, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
+                    "adapters": {"date_mdy": 0.6, "date_dmy": 0.4}}
+            reply = http.post("/v1/completions", json=body).json()
+            assert reply["choices"][0]["text"] == direct[AUTO]
+            assert reply["adaptermix"]["adapters"] == ["date_mdy", "date_dmy"] and reply["adaptermix"]["router"] == "explicit"
+            routed = http.post("/v1/completions", json={**body, "adapters": None}).json()
+            assert routed["adaptermix"]["router"] == label
+            missing = http.post("/v1/completions", json={**body, "model": "no_such_adapter"})
+            assert missing.status_code == 404 and "no_such_adapter" in missing.json()["error"]["message"]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
 
 
 def test_vllm_killed_mid_stream_gives_503_and_later_requests_clear_errors(loop, vllm):
