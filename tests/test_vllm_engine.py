@@ -168,6 +168,20 @@ def test_bad_requests_get_clear_errors_and_later_ones_work(loop, vllm):
     assert answer and chunks[-1].finish_reason in ("stop", "length")
 
 
+def test_serve_refuses_per_token_routers_and_a_missing_vllm_venv(loop, library, capsys):
+    """Clear errors without a vLLM: per-token routers stay on the embedded engine; no interpreter is a 503 reason."""
+    from adaptermix.cli import main as adaptermix
+
+    assert adaptermix(["serve", str(library.root), "engine=vllm", "router=arrow"]) == 1
+    assert "routes every token" in capsys.readouterr().err
+    engine = VLLMEngine(library, router(), server=VLLMServerConfig(python="/nonexistent/python"))
+    with pytest.raises(EngineUnavailableError, match="no vLLM interpreter at /nonexistent/python"):
+        loop.run_until_complete(engine.start())
+    assert engine.health()["status"] == "unavailable"
+    loop.run_until_complete(engine.stop())
+    assert not engine.work_dir.exists()       # its temporary exports are gone
+
+
 def test_attach_to_a_dead_url_is_unavailable(loop, library):
     engine = VLLMEngine(library, router(), server=VLLMServerConfig(url="http://127.0.0.1:9", startup_timeout_s=3))
     with pytest.raises(EngineUnavailableError, match="did not answer /health"):
