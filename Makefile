@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.adaptermix-installed
 
-.PHONY: demo test bench-search bench-kernels bench-compose bench-routing train-suite clean
+.PHONY: demo test bench-search bench-kernels bench-compose bench-routing bench-serve train-suite clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,9 @@ bench-routing: $(STAMP)   # the zero-shot routing evaluation (~16 min), then the
 	$(PY) benchmarks/evaluate_routing.py
 	$(PY) benchmarks/diagnose_routing.py
 	$(PY) benchmarks/router_cost.py
+
+bench-serve: $(STAMP)     # the server under load (~35 min with its 10-minute soak; docs/SERVING.md)
+	nice -n 10 $(PY) -P benchmarks/serve_load.py
 
 train-suite: $(STAMP)     # retrain the committed example adapters (~25 min on 2 cores)
 	$(PY) benchmarks/train_suite.py
