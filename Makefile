@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.adaptermix-installed
 VLLM_VENV  := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.vllm-installed
 
-.PHONY: vllm demo test bench-search bench-kernels bench-compose bench-routing train-suite clean
+.PHONY: vllm demo test bench-search bench-kernels bench-compose bench-routing bench-serve train-suite clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,9 @@ bench-routing: $(STAMP)   # the zero-shot routing evaluation (~16 min), then the
 	$(PY) benchmarks/evaluate_routing.py
 	$(PY) benchmarks/diagnose_routing.py
 	$(PY) benchmarks/router_cost.py
+
+bench-serve: $(STAMP)     # the server under load (~35 min with its 10-minute soak; docs/SERVING.md)
+	nice -n 10 $(PY) -P benchmarks/serve_load.py
 
 train-suite: $(STAMP)     # retrain the committed example adapters (~25 min on 2 cores)
 	$(PY) benchmarks/train_suite.py

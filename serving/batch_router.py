@@ -37,7 +37,8 @@ class BatchRouter(Router):
 
     def __init__(self, inner: Router | None = None):
         self.inner = inner
-        self._indices = self._weights = self._per_token = None
+        self._indices = self._weights = self._per_token = self._fixed = None
+        self._any_per_token = False
         self.prompt_shares: torch.Tensor | None = None   # (B, N) per-token rows' weight at the last prefill
 
     def prepare_adapters(self, library, adapters):
@@ -59,14 +60,21 @@ class BatchRouter(Router):
             self._indices[b, :len(row.indices)] = torch.tensor(row.indices, dtype=torch.long)
             self._weights[b, :len(row.weights)] = torch.tensor(row.weights)
         self._per_token = torch.tensor([row.per_token for row in rows], dtype=torch.bool)
+        self._any_per_token = bool(self._per_token.any())
+        self._fixed = None
         self.prompt_shares = torch.zeros(len(rows), len(self.adapter_names))
 
     def route(self, module: str, x: torch.Tensor, context: RoutingContext) -> Routing:
         if self._indices is None or self._indices.shape[0] != context.batch_size:
             raise ValueError(f"BatchRouter: assign one RowRouting per batch row ({context.batch_size}) first")
-        rows = context.sequence_ids.cpu()
-        indices, weights = self._indices[rows], self._weights[rows]                     # (T, K)
-        tokens = self._per_token[rows]                                                   # (T,)
+        if self._fixed is None or self._fixed[0] is not context:      # once per forward, not once per module
+            rows = context.sequence_ids.cpu()
+            self._fixed = (context, rows, self._per_token[rows], Routing(self._indices[rows].to(x.device),
+                                                                         self._weights[rows].to(x.device)))
+        _, rows, tokens, fixed = self._fixed                                             # tokens: (T,) per-token rows
+        if not self._any_per_token:
+            return fixed
+        indices, weights = fixed.indices.cpu(), fixed.weights.cpu()                      # (T, K)
         if bool(tokens.any()):
             routed = self.inner.route(module, x[tokens.to(x.device)], context)
             indices, weights = _widen(indices, routed.k), _widen(weights, routed.k)

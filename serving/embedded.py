@@ -42,11 +42,11 @@ MIN_SHARE = 1e-3   # per-token summaries leave out adapters with less of the pro
 @dataclass(eq=False)
 class _Sequence:
     request: EngineRequest
-    decision: RoutingDecision
-    row: RowRouting
+    decision: RoutingDecision | None     # None until the router decides (model="auto", at the prefill)
     prompt_ids: list[int]
     output: asyncio.Queue
     generator: torch.Generator | None
+    row: RowRouting | None = None
     generated: list[int] = field(default_factory=list)
     sent: str = ""                  # text already emitted
     next_token: int = 0             # the last sampled token: the next decode step's input
@@ -156,7 +156,7 @@ class EmbeddedEngine(Engine):
     async def generate(self, request: EngineRequest):
         if self._task is None or self._task.done():
             raise EngineUnavailableError("the embedded engine is not running")
-        decision = await asyncio.to_thread(self.request_router.decide, request)
+        decision = self.request_router.resolve(request)     # None: model="auto", routed with its batch
         prompt_ids = self._encode(request.prompt)
         if not prompt_ids:
             raise BadRequestError("the prompt is empty", param="prompt")
@@ -165,7 +165,7 @@ class EmbeddedEngine(Engine):
                                   f"({request.sampling.max_tokens}) exceeds the context of {self.max_context} tokens",
                                   param="max_tokens")
         seed = request.sampling.seed
-        sequence = _Sequence(request, decision, self._row_routing(decision), prompt_ids, asyncio.Queue(),
+        sequence = _Sequence(request, decision, prompt_ids, asyncio.Queue(),
                              torch.Generator().manual_seed(seed) if seed is not None else None)
         try:
             self._pending.put_nowait(sequence)
@@ -220,6 +220,7 @@ class EmbeddedEngine(Engine):
 
     @torch.no_grad()
     def _prefill(self, joiners: list[_Sequence]) -> list:
+        self._route(joiners)
         inputs = prefill_inputs([s.prompt_ids for s in joiners], self.pad_id)
         self.batch_router.assign([s.row for s in joiners])
         out = self.model(**inputs, **{self._cache_kwarg: DynamicCache()}, use_cache=True, logits_to_keep=1)
@@ -312,6 +313,16 @@ class EmbeddedEngine(Engine):
                            prompt_tokens=len(sequence.prompt_ids), completion_tokens=len(sequence.generated))
 
     # -- routing -----------------------------------------------------------------------------------------
+
+    def _route(self, joiners: list[_Sequence]) -> None:
+        """Decide the routing of the newcomers that asked for `auto`, in one batch; set every row's routing."""
+        unrouted = [s for s in joiners if s.decision is None]
+        if unrouted:
+            decisions = self.request_router.route_many([s.request.route_text for s in unrouted])
+            for sequence, decision in zip(unrouted, decisions):
+                sequence.decision = decision
+        for sequence in joiners:
+            sequence.row = self._row_routing(sequence.decision)
 
     def _row_routing(self, decision: RoutingDecision) -> RowRouting:
         if decision.per_token:

@@ -10,7 +10,7 @@ What `model` and `adapters` ask for:
                          zero weights are dropped. Served as sum_i w_i * s_i * B_i A_i.
     model=<base name>    no adapter (the base model alone).
     model=<adapter>      that adapter alone, weight 1.
-    model="auto"         the configured zero-shot router decides:
+    model="auto"         the configured zero-shot router decides (`route_many`: one batch of texts at a time):
         text routers (retrieval, dense + lexical, token_level): one decision per sequence from the user's text,
             made here without the model; token_level's decision is the prompt's, held for the generated tokens.
         per-token routers (arrow, moe_gate): the engine routes every token inside the model; the decision made
@@ -97,6 +97,12 @@ class RequestRouter:
         return [self.base_model_name, AUTO, *self.adapter_names]
 
     def decide(self, request: EngineRequest) -> RoutingDecision:
+        decision = self.resolve(request)
+        return decision if decision is not None else self.route_many([request.route_text])[0]
+
+    def resolve(self, request: EngineRequest) -> RoutingDecision | None:
+        """The decision where the request makes it (named adapter, base model, explicit mixture: validated,
+        ServingError otherwise), None where the router must decide (`model="auto"`: `route_many`)."""
         if request.model not in (AUTO, self.base_model_name) and request.model not in self.adapter_names:
             raise UnknownModelError(f"model {request.model!r} does not exist; available: {self.models()}",
                                     param="model")
@@ -108,22 +114,24 @@ class RequestRouter:
             return RoutingDecision((), (), router="none", note="base model requested")
         if request.model != AUTO:
             return RoutingDecision((request.model,), (1.0,), router="named")
-        return self.route(request.route_text)
+        return None
 
-    def route(self, text: str) -> RoutingDecision:
-        """The zero-shot router's decision for one user text (`model="auto"`)."""
+    def route_many(self, texts: list[str]) -> list[RoutingDecision]:
+        """The zero-shot router's decisions for user texts (`model="auto"`), in one batch (one encoder call)."""
         if isinstance(self.router, FixedRouter):
-            return RoutingDecision(tuple(self.router.weights), tuple(map(float, self.router.weights.values())),
-                                   router=self.label)
+            return [RoutingDecision(tuple(self.router.weights), tuple(map(float, self.router.weights.values())),
+                                    router=self.label) for _ in texts]
         if self.per_token:
-            return RoutingDecision((), (), router=self.label, per_token=True,
-                                   note=f"{self.label} routes every token; adapters and weights are the prompt's "
-                                        f"share of routing weight")
+            return [RoutingDecision((), (), router=self.label, per_token=True,
+                                    note=f"{self.label} routes every token; adapters and weights are the prompt's "
+                                         f"share of routing weight") for _ in texts]
         notes: list[str] = []
-        routing = self.router.routing_for_texts([text], notes)
-        chosen = [(self.adapter_names[int(i)], float(w))
-                  for i, w in zip(routing.indices[0].tolist(), routing.weights[0].tolist()) if i >= 0 and w > 0]
-        note = "; ".join(n.replace("sequence 0: ", "") for n in notes) or None
-        if note is None and not chosen:
-            note = f"{self.label}: no adapter chosen (base model)"
+        routing = self.router.routing_for_texts(list(texts), notes)
+        return [self._decision(row, routing.indices[row].tolist(), routing.weights[row].tolist(), notes)
+                for row in range(len(texts))]
+
+    def _decision(self, row: int, indices: list[int], weights: list[float], notes: list[str]) -> RoutingDecision:
+        chosen = [(self.adapter_names[i], float(w)) for i, w in zip(indices, weights) if i >= 0 and w > 0]
+        mine = [n.replace(f"sequence {row}: ", "") for n in notes if f"sequence {row}: " in n]
+        note = "; ".join(mine) or (None if chosen else f"{self.label}: no adapter chosen (base model)")
         return RoutingDecision(tuple(n for n, _ in chosen), tuple(w for _, w in chosen), router=self.label, note=note)

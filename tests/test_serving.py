@@ -50,6 +50,10 @@ def test_routing_modes(served):
         decision = router.decide(request(AUTO, text))
         assert decision.adapters == (expected,) and decision.router == "retrieval", (text, decision)
         assert decision.weights[0] == pytest.approx(1.0)
+    texts = ["convert 30 C to F please", "count the orders in the table", "reverse: dogs bark loudly"]
+    assert router.route_many(texts) == [router.decide(request(AUTO, t)) for t in texts]      # one batch, same
+    assert router.resolve(request(AUTO, "x")) is None and router.resolve(request("sql")) == named.__class__(
+        ("sql",), (1.0,), router="named")
     mixture = router.decide(request(AUTO, "anything", adapters={"sql": 0.25, "reverse": 0.75, "celsius": 0}))
     assert (mixture.adapters, mixture.weights, mixture.router) == (("sql", "reverse"), (0.25, 0.75), "explicit")
 
