@@ -10,9 +10,12 @@ side in one run (every server a subprocess started here, warmed up first):
     serial    adaptermix with max_batch_size=1: one request at a time
     peft      PEFT's mixed batch (adapter_names=) behind the same HTTP layer (benchmarks/peft_engine.py),
               batch-at-a-time, routed by the same router (model="auto")
-    <name>    any running OpenAI-compatible server given as url.<name>=http://host:port (e.g. the vLLM engine)
+    vllm      adaptermix with engine=vllm (its own vLLM server, `make vllm`), model="auto": routed here, one LoRA
+              per request in vLLM (not in the default rows: ask rows=...,vllm)
+    <name>    any running OpenAI-compatible server given as url.<name>=http://host:port
 Then a soak: C = 16 on the auto server for soak_s seconds, the server's RSS sampled every 5 s.
-Writes benchmarks/results/serve_load.json and docs/serve_load.png.
+Writes benchmarks/results/serve_load.json and docs/serve_load.png (out=NAME: benchmarks/results/NAME.json and
+docs/NAME.png).
 
     nice -n 10 python benchmarks/serve_load.py [concurrency=1,4,16] [rows=auto,named,single,serial,peft]
         [soak_s=600] [threads=1] [url.vllm=http://127.0.0.1:8001]
@@ -44,7 +47,7 @@ RESULTS = HERE / "results" / "serve_load.json"
 PLOT = HERE.parent / "docs" / "serve_load.png"
 SINGLE = "date_mdy"
 DEFAULTS = {"concurrency": "1,4,16", "rows": "auto,named,single,serial,peft", "soak_s": "600", "threads": "1",
-            "max_tokens": "16", "requests_per_client": "2", "min_requests": "8"}
+            "max_tokens": "16", "requests_per_client": "2", "min_requests": "8", "out": "serve_load"}
 
 
 # -- the servers -------------------------------------------------------------------------------------------
@@ -86,7 +89,9 @@ def serve(options: dict) -> None:
     kind, port = options["kind"], int(options["port"])
     overrides = [f"max_batch_size={options.get('max_batch_size', 16)}", "log_level=warning"]
     cfg, label = load_serve_config(overrides)
-    if kind == "embedded":
+    if kind in ("embedded", "vllm"):
+        if kind == "vllm":
+            cfg, label = load_serve_config([*overrides, "engine=vllm"])
         app = build_app(options["library"], cfg, label)
     else:
         from peft_engine import PeftEngine
@@ -257,13 +262,14 @@ def main(options: dict) -> None:
     servers = [("embedded", ["max_batch_size=16"], [r for r in ("auto", "named", "single") if r in wanted])]
     servers += [("embedded", ["max_batch_size=1"], ["serial"])] if "serial" in wanted else []
     servers += [("peft", ["max_batch_size=16"], ["peft"])] if "peft" in wanted else []
+    servers += [("vllm", [], ["vllm"])] if "vllm" in wanted else []
     soak_result = None
     for kind, extra, labels in servers:
         print(f"starting the {kind} server ({' '.join(extra)})", flush=True)
         process, url = start_server(kind, library, threads, extra)
         try:
             for label in labels:
-                how = "auto" if label in ("serial", "peft") else label
+                how = "auto" if label in ("serial", "peft", "vllm") else label
                 rows += measure(url, how, levels, options, label)
             if labels[0] == "auto" and float(options["soak_s"]) > 0:
                 print(f"soak: C=16 for {options['soak_s']} s", flush=True)
@@ -278,11 +284,12 @@ def main(options: dict) -> None:
             rows += measure(url, "auto", levels, options, key[len("url."):])
     result = {"machine": machine(), "options": options, "threads_per_server": threads, "rows": rows,
               "soak": soak_result, "targets": targets(rows, max(levels))}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=1))
-    plot(rows, PLOT)
+    results, png = RESULTS.with_name(options["out"] + ".json"), PLOT.with_name(options["out"] + ".png")
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(result, indent=1))
+    plot(rows, png)
     print(json.dumps(result["targets"], indent=1))
-    print(f"wrote {RESULTS} and {PLOT}")
+    print(f"wrote {results} and {png}")
 
 
 def targets(rows: list[dict], c: int) -> dict:
