@@ -190,12 +190,13 @@ class VLLMEngine(Engine):
             raise BadRequestError(f"max_tokens={request.sampling.max_tokens} plus the prompt's {prompt_tokens} tokens "
                                   f"exceed the context of {self.max_context}", param="max_tokens")
 
-    @staticmethod
-    def lora_name(key) -> str:
-        """The LoRA's name in vLLM: the adapter's own for one adapter at weight 1, else "mix-<hash of the key>"."""
+    def lora_name(self, key) -> str:
+        """The LoRA's name in vLLM: the adapter's own for one adapter at weight 1, else "mix-<hash>" of the weights
+        and the adapters' contents (replicas that share a library and a vLLM agree on it)."""
         if len(key) == 1 and key[0][1] == 1.0:
             return key[0][0]
-        return "mix-" + hashlib.sha256(repr(key).encode()).hexdigest()[:16]
+        contents = [(self.exports[name].name, weight) for name, weight in key]
+        return "mix-" + hashlib.sha256(repr(contents).encode()).hexdigest()[:16]
 
     async def _load(self, key) -> str:
         """Register the key's LoRA with vLLM (a mixture is fused and exported first); its name there."""
