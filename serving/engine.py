@@ -80,12 +80,15 @@ class RoutingDecision:
 
     note: why the decision is not the router's plain choice (a fallback to the base model below the
     router's threshold, an explicit mixture, ...), else None.
+    per_token: the router routes every token (arrow, moe_gate): adapters and weights summarise the prompt
+    (each adapter's share of routing weight over the prompt's tokens), not one mixture held for the sequence.
     """
 
     adapters: tuple[str, ...]
     weights: tuple[float, ...]
     router: str
     note: str | None = None
+    per_token: bool = False
 
     def __post_init__(self):
         if len(self.adapters) != len(self.weights):
@@ -93,7 +96,7 @@ class RoutingDecision:
 
     def as_dict(self) -> dict:
         return {"adapters": list(self.adapters), "weights": [round(w, 6) for w in self.weights],
-                "router": self.router, "note": self.note}
+                "router": self.router, "note": self.note, "per_token": self.per_token}
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,14 @@ class Engine(ABC):
     @abstractmethod
     def health(self) -> dict:
         """{"status": "ok" | "starting" | "unavailable", ...details}."""
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        """Chat messages [{"role", "content"}] as one prompt, ready for the assistant's turn: the base model's
+        chat template where the engine has a tokenizer with one (`self.tokenizer`), else "role: content" lines."""
+        tokenizer = getattr(self, "tokenizer", None)
+        if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
 
     def metrics(self) -> dict[str, float]:
         """Engine gauges for /metrics (e.g. queue length, running sequences); names without prefix."""
