@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import sys
 from dataclasses import dataclass, field
 
 from adaptermix.cli_options import (UsageError, check_overrides, format_options, load_config, options,
                                     split_overrides)
-from adaptermix.library.errors import LibraryError
 
 __all__ = ["main", "COMMANDS", "load_config"]
 
@@ -152,8 +150,6 @@ def _run(argv: list[str]) -> int:
     command = _command_of(argv)
     if command == "serve":  # its own parser and options (adaptermix.serving)
         module, function = COMMANDS["serve"].run.split(":")
-        if importlib.util.find_spec(f"adaptermix.{module}") is None:
-            raise LibraryError(f"`adaptermix serve` is not part of this installation (no adaptermix.{module})")
         return getattr(importlib.import_module(f"adaptermix.{module}"), function)(argv[argv.index("serve") + 1:])
     rest, overrides = split_overrides(argv)
     wants_help = any(a in ("-h", "--help") for a in rest)   # the options block composes the config: only then
