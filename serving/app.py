@@ -143,7 +143,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, default_max_tokens
                                   f"({prompt_tokens} of {engine.max_context} tokens): at most {room}",
                                   param="max_tokens")
         sampling = SamplingParams(max_tokens=max_tokens or min(default_max_tokens, room), temperature=body.temperature,
-                                  top_p=body.top_p, stop=body.stops(), seed=body.seed)
+                                  top_p=body.top_p, stop=body.stops(), seed=body.seed, ignore_eos=body.ignore_eos)
         request = EngineRequest(f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", prompt, route_text,
                                 body.model, body.adapters, sampling)
         started = time.perf_counter()

@@ -256,6 +256,12 @@ def test_chat_and_completion_schema(http):
     assert base["adaptermix"]["adapters"] == []
 
 
+def test_ignore_eos_generates_max_tokens(http):
+    body = {"model": "sql", "prompt": "count rows", "max_tokens": 9, "temperature": 0, "ignore_eos": True}
+    reply = http.post("/v1/completions", json=body).json()
+    assert reply["usage"]["completion_tokens"] == 9 and reply["choices"][0]["finish_reason"] == "length"
+
+
 def test_seeded_sampling_repeats(http):
     body = chat_body(temperature=1.0, top_p=0.9, seed=7, max_tokens=8)
     first, second = (http.post("/v1/chat/completions", json=body).json() for _ in range(2))
@@ -342,7 +348,7 @@ def test_disconnect_mid_stream_drops_the_sequence(server, http):
     deadline = time.monotonic() + 10                     # the connection is closed: the row leaves the batch
     while engine.health()["running"] and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert engine.health()["running"] == 0 and len(engine._batch) == 0
+    assert engine.health()["running"] == 0 and engine.metrics()["kv_cache_rows"] == 0
     after = http.post("/v1/completions", json=body | {"stream": False, "max_tokens": 50}).json()
     assert after["usage"]["completion_tokens"] <= 50 and after["adaptermix"]["adapters"] == ["sql"]
 
