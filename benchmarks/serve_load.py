@@ -1,10 +1,10 @@
 """Load benchmark of the OpenAI-compatible server: SmolLM2-135M-Instruct with the example library, localhost.
 
 A bounded load generator (asyncio + httpx): C clients (concurrency, default 1, 4, 16) share a fixed list of
-max(min_requests, C x requests_per_client) chat requests (prompts of the example suite's test split, round-robin over its 12 tasks, so requests route to
-different adapters), greedy, max_tokens 16, streamed (time to first token = first SSE event). Rows, side by
-side in one run (every server a subprocess started here and warmed up first; at each C the rows take turns,
-`rounds` times):
+max(min_requests, C x requests_per_client) chat requests (prompts of the example suite's test split,
+round-robin over its 12 tasks, so requests route to different adapters), greedy, max_tokens 16, streamed
+(time to first token = first SSE event). Rows, side by side in one run (every server a subprocess started
+here and warmed up first; at each C the rows take turns, `rounds` times):
     auto      adaptermix embedded engine, model="auto": routed zero-shot, mixed adapters in each batch
     named     the same server, each request naming its task's adapter (mixed, no routing)
     single    the same server, every request on one adapter (the mixed-batch tax: auto / named vs single)
@@ -177,7 +177,8 @@ def summarise(results: list[dict], wall: float, concurrency: int) -> dict:
     ok = [r for r in results if r["ok"]]
     out = {"concurrency": concurrency, "requests": len(results), "failures": len(results) - len(ok),
            "errors": sorted({r["error"] for r in results if not r["ok"]})[:5], "wall_s": round(wall, 3),
-           "requests_per_s": round(len(ok) / wall, 4), "output_tokens_per_s": round(sum(r["tokens"] for r in ok) / wall, 3),
+           "requests_per_s": round(len(ok) / wall, 4),
+           "output_tokens_per_s": round(sum(r["tokens"] for r in ok) / wall, 3),
            "distinct_adapters": len({tuple(r["adapters"] or ()) for r in ok})}
     for name in ("ttft", "latency"):
         values = [r[name] for r in ok]

@@ -206,13 +206,14 @@ class _Shape:
         if self.kind == "chat":
             choice = ChatChoice(message={"role": "assistant", "content": text}, finish_reason=last.finish_reason)
             return ChatCompletionResponse(**self._common(), choices=[choice], usage=self.usage(last))
-        return CompletionResponse(**self._common(), choices=[CompletionChoice(text=text, finish_reason=last.finish_reason)],
-                                  usage=self.usage(last))
+        choice = CompletionChoice(text=text, finish_reason=last.finish_reason)
+        return CompletionResponse(**self._common(), choices=[choice], usage=self.usage(last))
 
     def delta(self, text: str, role: bool = False, finish_reason: str | None = None):
         if self.kind == "chat":
             delta = ({"role": "assistant"} if role else {}) | ({"content": text} if text or role else {})
-            return ChatCompletionChunk(**self._common(), choices=[ChatChunkChoice(delta=delta, finish_reason=finish_reason)])
+            choice = ChatChunkChoice(delta=delta, finish_reason=finish_reason)
+            return ChatCompletionChunk(**self._common(), choices=[choice])
         return CompletionChunk(**self._common(), choices=[CompletionChoice(text=text, finish_reason=finish_reason)])
 
     def usage_chunk(self, last: EngineChunk):

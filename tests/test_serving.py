@@ -340,17 +340,22 @@ def test_disconnect_mid_stream_drops_the_sequence(server, http):
     import httpx
 
     engine = server.app.state.engine
-    body = {"model": "sql", "prompt": "go", "max_tokens": 50, "temperature": 0, "stream": True}
-    with httpx.Client(base_url=server.url, timeout=60) as client:
-        with client.stream("POST", "/v1/completions", json=body) as reply:
-            next(reply.iter_lines())
-            assert engine.health()["running"] == 1
-    deadline = time.monotonic() + 10                     # the connection is closed: the row leaves the batch
-    while engine.health()["running"] and time.monotonic() < deadline:
-        time.sleep(0.02)
+    body = {"model": "sql", "prompt": "go", "max_tokens": 60, "temperature": 0, "stream": True, "ignore_eos": True}
+    slow = engine.model.register_forward_pre_hook(lambda *_: time.sleep(0.01))    # >= 0.6 s for the 60 tokens
+    try:
+        before = engine.counters["batched_rows"]
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            with client.stream("POST", "/v1/completions", json=body) as reply:
+                next(reply.iter_lines())
+        deadline = time.monotonic() + 10                 # the connection is closed: the row leaves the batch
+        while engine.health()["running"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        slow.remove()
     assert engine.health()["running"] == 0 and engine.metrics()["kv_cache_rows"] == 0
-    after = http.post("/v1/completions", json=body | {"stream": False, "max_tokens": 50}).json()
-    assert after["usage"]["completion_tokens"] <= 50 and after["adaptermix"]["adapters"] == ["sql"]
+    assert engine.counters["batched_rows"] - before < 60          # dropped before its 60 tokens were made
+    after = http.post("/v1/completions", json=body | {"stream": False}).json()
+    assert after["usage"]["completion_tokens"] == 60 and after["adaptermix"]["adapters"] == ["sql"]
 
 
 def test_api_key(served, h):
