@@ -464,3 +464,34 @@ def test_serve_command(served, h, tmp_path, capsys):
     assert reply["adaptermix"]["router"] == label and reply["adaptermix"]["adapters"] == ["celsius"]
     arrow, arrow_label = load_serve_config(["router=arrow", "router.top_k=1"])
     assert arrow_label == "arrow" and arrow.router.top_k == 1
+
+
+def test_bounded_queue_and_stopped_engine(served, h):
+    """A full queue answers 503 at once; a stopped engine too; the requests already admitted finish."""
+    import asyncio
+    import time
+
+    from adaptermix.serving.engine import EngineUnavailableError
+
+    engine = make_engine(served, h, max_batch_size=1, max_queue=1, max_wait_ms=0)
+    slow = engine.model.register_forward_pre_hook(lambda *_: time.sleep(0.01))
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+    async def run():
+        await engine.start()
+        first = asyncio.ensure_future(collect(engine, request("sql", "one", sampling=params)))
+        while not engine.health()["running"]:
+            await asyncio.sleep(0.005)
+        second = asyncio.ensure_future(collect(engine, request("sql", "two", sampling=params)))
+        await asyncio.sleep(0.005)                       # the second waits in the queue (size 1)
+        with pytest.raises(EngineUnavailableError, match="queue is full"):
+            await collect(engine, request("sql", "three", sampling=params))
+        done = await asyncio.gather(first, second)
+        await engine.stop()
+        with pytest.raises(EngineUnavailableError, match="not running"):
+            await collect(engine, request("sql", "four", sampling=params))
+        return done
+
+    done = asyncio.run(run())
+    slow.remove()
+    assert [chunks[-1].completion_tokens for _, chunks in done] == [8, 8]
