@@ -104,7 +104,9 @@ class PeftEngine(Engine):
         names = [decision.adapters[0] if decision.adapters else "__base__" for _, decision, _ in batch]
         inputs = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         longest = max(request.sampling.max_tokens for request, _, _ in batch)
+        fixed_length = all(request.sampling.ignore_eos for request, _, _ in batch)
         output = self.model.generate(**inputs, adapter_names=names, max_new_tokens=longest, do_sample=False,
+                                     min_new_tokens=longest if fixed_length else None,
                                      pad_token_id=self.tokenizer.pad_token_id)
         results = []
         eos = self.tokenizer.eos_token_id

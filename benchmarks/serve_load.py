@@ -1,9 +1,10 @@
 """Load benchmark of the OpenAI-compatible server: SmolLM2-135M-Instruct with the example library, localhost.
 
 A bounded load generator (asyncio + httpx): C clients (concurrency, default 1, 4, 16) share a fixed list of
-chat requests (prompts of the example suite's test split, round-robin over its 12 tasks, so requests route to
-different adapters), greedy, max_tokens 16, streamed (time to first token = first SSE event). Rows, side by
-side in one run (every server a subprocess started here, warmed up first):
+max(min_requests, C x requests_per_client) chat requests (prompts of the example suite's test split,
+round-robin over its 12 tasks, so requests route to different adapters), greedy, max_tokens 16, streamed
+(time to first token = first SSE event). Rows, side by side in one run (every server a subprocess started
+here and warmed up first; at each C the rows take turns, `rounds` times):
     auto      adaptermix embedded engine, model="auto": routed zero-shot, mixed adapters in each batch
     named     the same server, each request naming its task's adapter (mixed, no routing)
     single    the same server, every request on one adapter (the mixed-batch tax: auto / named vs single)
@@ -13,12 +14,13 @@ side in one run (every server a subprocess started here, warmed up first):
     vllm      adaptermix with engine=vllm (its own vLLM server, `make vllm`), model="auto": routed here, one LoRA
               per request in vLLM (not in the default rows: ask rows=...,vllm)
     <name>    any running OpenAI-compatible server given as url.<name>=http://host:port
+ignore_eos=1 makes every answer exactly max_tokens tokens (an extension field, as vLLM's), so the rows do equal
+work; otherwise answers end where the model ends them (a mismatched adapter answers longer).
 Then a soak: C = 16 on the auto server for soak_s seconds, the server's RSS sampled every 5 s.
-Writes benchmarks/results/serve_load.json and docs/serve_load.png (out=NAME: benchmarks/results/NAME.json and
-docs/NAME.png).
+Writes benchmarks/results/<out>.json and docs/<out>.png (out=serve_load).
 
     nice -n 10 python benchmarks/serve_load.py [concurrency=1,4,16] [rows=auto,named,single,serial,peft]
-        [soak_s=600] [threads=1] [url.vllm=http://127.0.0.1:8001]
+        [soak_s=600] [threads=1] [rounds=2] [ignore_eos=0] [out=serve_load] [url.vllm=http://127.0.0.1:8001]
 """
 
 from __future__ import annotations
@@ -43,11 +45,12 @@ from adaptermix.tasks import SUITE, TASKS  # noqa: E402
 from machine import machine  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results" / "serve_load.json"
-PLOT = HERE.parent / "docs" / "serve_load.png"
+RESULTS = HERE / "results"                # <out>.json
+PLOTS = HERE.parent / "docs"              # <out>.png
 SINGLE = "date_mdy"
 DEFAULTS = {"concurrency": "1,4,16", "rows": "auto,named,single,serial,peft", "soak_s": "600", "threads": "1",
-            "max_tokens": "16", "requests_per_client": "2", "min_requests": "8", "out": "serve_load"}
+            "max_tokens": "16", "requests_per_client": "1", "min_requests": "4", "rounds": "2", "ignore_eos": "0",
+            "out": "serve_load"}
 
 
 # -- the servers -------------------------------------------------------------------------------------------
@@ -88,10 +91,8 @@ def serve(options: dict) -> None:
 
     kind, port = options["kind"], int(options["port"])
     overrides = [f"max_batch_size={options.get('max_batch_size', 16)}", "log_level=warning"]
-    cfg, label = load_serve_config(overrides)
+    cfg, label = load_serve_config([*overrides, "engine=vllm"] if kind == "vllm" else overrides)
     if kind in ("embedded", "vllm"):
-        if kind == "vllm":
-            cfg, label = load_serve_config([*overrides, "engine=vllm"])
         app = build_app(options["library"], cfg, label)
     else:
         from peft_engine import PeftEngine
@@ -115,8 +116,9 @@ def rss_mib(pid: int) -> float:
 
 # -- the load ----------------------------------------------------------------------------------------------
 
-def workload(n: int, how: str, max_tokens: int) -> list[dict]:
-    """n chat requests, round-robin over the suite's tasks (test split prompts)."""
+def workload(n: int, how: str, max_tokens: int, ignore_eos: bool = False) -> list[dict]:
+    """n chat requests, round-robin over the suite's tasks (test split prompts); ignore_eos: every answer
+    exactly max_tokens long (rows compare equal work)."""
     per_task = -(-n // len(SUITE))
     prompts = {task: [p for p, _ in TASKS[task].examples("test", per_task)] for task in SUITE}
     bodies = []
@@ -124,7 +126,7 @@ def workload(n: int, how: str, max_tokens: int) -> list[dict]:
         task = SUITE[i % len(SUITE)]
         model = {"auto": "auto", "named": task, "single": SINGLE}[how]
         bodies.append({"model": model, "messages": [{"role": "user", "content": prompts[task][i // len(SUITE)]}],
-                       "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                       "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": ignore_eos,
                        "stream_options": {"include_usage": True}})
     return bodies
 
@@ -151,8 +153,8 @@ async def one_request(client: httpx.AsyncClient, body: dict) -> dict:
     return {"ok": True, "ttft": ttft, "latency": time.perf_counter() - start, "tokens": tokens, "adapters": adapters}
 
 
-async def load(url: str, bodies: list[dict], concurrency: int) -> dict:
-    """C clients take the requests in turn until none are left; the summary of what they measured."""
+async def load(url: str, bodies: list[dict], concurrency: int) -> tuple[list[dict], float]:
+    """C clients take the requests in turn until none are left: (per-request results, wall seconds)."""
     queue = list(reversed(bodies))
     results = []
 
@@ -165,7 +167,7 @@ async def load(url: str, bodies: list[dict], concurrency: int) -> dict:
         start = time.perf_counter()
         await asyncio.gather(*[client_loop(client) for _ in range(concurrency)])
         wall = time.perf_counter() - start
-    return summarise(results, wall, concurrency)
+    return results, wall
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -177,7 +179,8 @@ def summarise(results: list[dict], wall: float, concurrency: int) -> dict:
     ok = [r for r in results if r["ok"]]
     out = {"concurrency": concurrency, "requests": len(results), "failures": len(results) - len(ok),
            "errors": sorted({r["error"] for r in results if not r["ok"]})[:5], "wall_s": round(wall, 3),
-           "requests_per_s": round(len(ok) / wall, 4), "output_tokens_per_s": round(sum(r["tokens"] for r in ok) / wall, 3),
+           "requests_per_s": round(len(ok) / wall, 4),
+           "output_tokens_per_s": round(sum(r["tokens"] for r in ok) / wall, 3),
            "distinct_adapters": len({tuple(r["adapters"] or ()) for r in ok})}
     for name in ("ttft", "latency"):
         values = [r[name] for r in ok]
@@ -188,15 +191,26 @@ def summarise(results: list[dict], wall: float, concurrency: int) -> dict:
 
 # -- the runs ----------------------------------------------------------------------------------------------
 
-def measure(url: str, how: str, levels: list[int], options: dict, label: str) -> list[dict]:
-    asyncio.run(load(url, workload(2, how, int(options["max_tokens"])), 2))           # warm up
+def measure(servers: dict[str, tuple[str, str]], levels: list[int], options: dict) -> list[dict]:
+    """Every row at every concurrency; at each C the rows take turns, round after round (a shared machine's
+    load drifts: running one row after another would fold the drift into their ratios). A row's figures pool
+    its rounds (requests over summed wall time)."""
+    max_tokens, rounds, fixed = int(options["max_tokens"]), int(options["rounds"]), options["ignore_eos"] == "1"
+    for url, how in servers.values():
+        asyncio.run(load(url, workload(2, how, max_tokens, fixed), 2))                 # warm up
     rows = []
     for c in levels:
         n = max(int(options["min_requests"]), c * int(options["requests_per_client"]))
-        row = asyncio.run(load(url, workload(n, how, int(options["max_tokens"])), c)) | {"row": label}
-        print(f"  {label:8s} C={c:<3d} {row['requests_per_s']:.3f} req/s {row['output_tokens_per_s']:.2f} tok/s "
-              f"p50 ttft {row['p50_ttft_s']} latency {row['p50_latency_s']} failures {row['failures']}", flush=True)
-        rows.append(row)
+        pooled = {label: ([], 0.0) for label in servers}
+        for _ in range(rounds):
+            for label, (url, how) in servers.items():
+                results, wall = asyncio.run(load(url, workload(n, how, max_tokens, fixed), c))
+                pooled[label] = (pooled[label][0] + results, pooled[label][1] + wall)
+        for label, (results, wall) in pooled.items():
+            row = summarise(results, wall, c) | {"row": label}
+            print(f"  {label:8s} C={c:<3d} {row['requests_per_s']:.3f} req/s {row['output_tokens_per_s']:.2f} tok/s "
+                  f"p50 ttft {row['p50_ttft_s']} latency {row['p50_latency_s']} failures {row['failures']}", flush=True)
+            rows.append(row)
     return rows
 
 
@@ -204,7 +218,7 @@ async def soak(url: str, pid: int, seconds: float, options: dict) -> dict:
     """C = 16 on the auto server for `seconds`: per-minute windows of p95 latency, RSS every 5 s."""
     deadline = time.monotonic() + seconds
     results, samples, start = [], [], time.monotonic()
-    bodies = workload(len(SUITE) * 8, "auto", int(options["max_tokens"]))
+    bodies = workload(len(SUITE) * 8, "auto", int(options["max_tokens"]), options["ignore_eos"] == "1")
 
     async def client_loop(client, k):
         i = k
@@ -258,38 +272,50 @@ def main(options: dict) -> None:
     wanted = options["rows"].split(",")
     threads = int(options["threads"])
     library = suite_library().root
-    rows = []
-    servers = [("embedded", ["max_batch_size=16"], [r for r in ("auto", "named", "single") if r in wanted])]
-    servers += [("embedded", ["max_batch_size=1"], ["serial"])] if "serial" in wanted else []
-    servers += [("peft", ["max_batch_size=16"], ["peft"])] if "peft" in wanted else []
-    servers += [("vllm", [], ["vllm"])] if "vllm" in wanted else []
+    processes, servers = {}, {}
+    launch = {"batched": ("embedded", ["max_batch_size=16"]), "serial": ("embedded", ["max_batch_size=1"]),
+              "peft": ("peft", ["max_batch_size=16"]), "vllm": ("vllm", [])}
+    needs = {"auto": "batched", "named": "batched", "single": "batched", "serial": "serial", "peft": "peft",
+             "vllm": "vllm"}
     soak_result = None
-    for kind, extra, labels in servers:
-        print(f"starting the {kind} server ({' '.join(extra)})", flush=True)
-        process, url = start_server(kind, library, threads, extra)
-        try:
-            for label in labels:
-                how = "auto" if label in ("serial", "peft", "vllm") else label
-                rows += measure(url, how, levels, options, label)
-            if labels[0] == "auto" and float(options["soak_s"]) > 0:
-                print(f"soak: C=16 for {options['soak_s']} s", flush=True)
-                soak_result = asyncio.run(soak(url, process.pid, float(options["soak_s"]), options))
-                print(f"  soak: {soak_result['requests']} requests, {soak_result['failures']} failures, RSS growth "
-                      f"{soak_result['rss_growth_pct_after_warmup']}%", flush=True)
-        finally:
+    try:
+        for name in dict.fromkeys(needs[row] for row in wanted):
+            print(f"starting the {name} server", flush=True)
+            processes[name] = start_server(*launch[name][:1], library, threads, launch[name][1])
+        for row in wanted:
+            servers[row] = (processes[needs[row]][1], row if row in ("named", "single") else "auto")
+        servers |= {key[len("url."):]: (url, "auto") for key, url in options.items() if key.startswith("url.")}
+        rows = measure(servers, levels, options)
+        if "batched" in processes and float(options["soak_s"]) > 0:
+            for name in [n for n in processes if n != "batched"]:
+                processes.pop(name)[0].terminate()
+            print(f"soak: C=16 for {options['soak_s']} s", flush=True)
+            process, url = processes["batched"]
+            soak_result = asyncio.run(soak(url, process.pid, float(options["soak_s"]), options))
+            print(f"  soak: {soak_result['requests']} requests, {soak_result['failures']} failures, RSS growth "
+                  f"{soak_result['rss_growth_pct_after_warmup']}%", flush=True)
+    finally:
+        for process, _ in processes.values():
             process.terminate()
             process.wait(timeout=60)
-    for key, url in options.items():
-        if key.startswith("url."):
-            rows += measure(url, "auto", levels, options, key[len("url."):])
     result = {"machine": machine(), "options": options, "threads_per_server": threads, "rows": rows,
               "soak": soak_result, "targets": targets(rows, max(levels))}
-    results, png = RESULTS.with_name(options["out"] + ".json"), PLOT.with_name(options["out"] + ".png")
-    results.parent.mkdir(parents=True, exist_ok=True)
-    results.write_text(json.dumps(result, indent=1))
-    plot(rows, png)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{options['out']}.json").write_text(json.dumps(result, indent=1))
+    plot(rows, PLOTS / f"{options['out']}.png")
+    print(table(rows))
     print(json.dumps(result["targets"], indent=1))
-    print(f"wrote {results} and {png}")
+    print(f"wrote {RESULTS / options['out']}.json and {PLOTS / options['out']}.png")
+
+
+def table(rows: list[dict]) -> str:
+    """The rows as a markdown table (docs/SERVING.md)."""
+    lines = ["| row | C | req/s | output tok/s | p50 / p95 TTFT (s) | p50 / p95 latency (s) | failures |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['row']} | {r['concurrency']} | {r['requests_per_s']:.3f} | {r['output_tokens_per_s']:.2f} | "
+              f"{r['p50_ttft_s']:.2f} / {r['p95_ttft_s']:.2f} | {r['p50_latency_s']:.2f} / {r['p95_latency_s']:.2f} | "
+              f"{r['failures']} |" for r in rows]
+    return "\n".join(lines)
 
 
 def targets(rows: list[dict], c: int) -> dict:

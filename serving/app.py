@@ -143,7 +143,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, default_max_tokens
                                   f"({prompt_tokens} of {engine.max_context} tokens): at most {room}",
                                   param="max_tokens")
         sampling = SamplingParams(max_tokens=max_tokens or min(default_max_tokens, room), temperature=body.temperature,
-                                  top_p=body.top_p, stop=body.stops(), seed=body.seed)
+                                  top_p=body.top_p, stop=body.stops(), seed=body.seed, ignore_eos=body.ignore_eos)
         request = EngineRequest(f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", prompt, route_text,
                                 body.model, body.adapters, sampling)
         started = time.perf_counter()
@@ -206,13 +206,14 @@ class _Shape:
         if self.kind == "chat":
             choice = ChatChoice(message={"role": "assistant", "content": text}, finish_reason=last.finish_reason)
             return ChatCompletionResponse(**self._common(), choices=[choice], usage=self.usage(last))
-        return CompletionResponse(**self._common(), choices=[CompletionChoice(text=text, finish_reason=last.finish_reason)],
-                                  usage=self.usage(last))
+        choice = CompletionChoice(text=text, finish_reason=last.finish_reason)
+        return CompletionResponse(**self._common(), choices=[choice], usage=self.usage(last))
 
     def delta(self, text: str, role: bool = False, finish_reason: str | None = None):
         if self.kind == "chat":
             delta = ({"role": "assistant"} if role else {}) | ({"content": text} if text or role else {})
-            return ChatCompletionChunk(**self._common(), choices=[ChatChunkChoice(delta=delta, finish_reason=finish_reason)])
+            choice = ChatChunkChoice(delta=delta, finish_reason=finish_reason)
+            return ChatCompletionChunk(**self._common(), choices=[choice])
         return CompletionChunk(**self._common(), choices=[CompletionChoice(text=text, finish_reason=finish_reason)])
 
     def usage_chunk(self, last: EngineChunk):

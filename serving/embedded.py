@@ -150,6 +150,7 @@ class EmbeddedEngine(Engine):
     def metrics(self) -> dict[str, float]:
         return {"queue_length": self._pending.qsize() if self._pending else 0,
                 "running_sequences": len(self._running),
+                "kv_cache_rows": len(self._batch), "kv_cache_length": self._batch.length,
                 "forward_passes_total": self.counters["forward_passes"],
                 "batched_rows_total": self.counters["batched_rows"]}
 
@@ -286,7 +287,7 @@ class EmbeddedEngine(Engine):
     def _advance_text(self, sequence: _Sequence, token: int) -> EngineChunk | None:
         params = sequence.request.sampling
         finish = None
-        if token in self.eos_ids:
+        if token in self.eos_ids and not params.ignore_eos:
             finish = "stop"
         else:
             sequence.generated.append(token)

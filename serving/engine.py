@@ -44,13 +44,15 @@ class EngineUnavailableError(ServingError):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """OpenAI sampling fields. temperature 0 = greedy; seed makes sampling repeatable per request."""
+    """OpenAI sampling fields. temperature 0 = greedy; seed makes sampling repeatable per request;
+    ignore_eos (an extension, as vLLM's): generate max_tokens tokens, end-of-sequence or not (benchmarks)."""
 
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ class _Request(BaseModel):
     stream: bool = False
     stream_options: dict | None = None
     adapters: dict[str, Weight] | None = None    # extension: an explicit mixture
+    ignore_eos: bool = False                     # extension (as vLLM's): always generate max_tokens tokens
 
     def stops(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

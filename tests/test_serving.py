@@ -256,6 +256,12 @@ def test_chat_and_completion_schema(http):
     assert base["adaptermix"]["adapters"] == []
 
 
+def test_ignore_eos_generates_max_tokens(http):
+    body = {"model": "sql", "prompt": "count rows", "max_tokens": 9, "temperature": 0, "ignore_eos": True}
+    reply = http.post("/v1/completions", json=body).json()
+    assert reply["usage"]["completion_tokens"] == 9 and reply["choices"][0]["finish_reason"] == "length"
+
+
 def test_seeded_sampling_repeats(http):
     body = chat_body(temperature=1.0, top_p=0.9, seed=7, max_tokens=8)
     first, second = (http.post("/v1/chat/completions", json=body).json() for _ in range(2))
@@ -334,17 +340,22 @@ def test_disconnect_mid_stream_drops_the_sequence(server, http):
     import httpx
 
     engine = server.app.state.engine
-    body = {"model": "sql", "prompt": "go", "max_tokens": 50, "temperature": 0, "stream": True}
-    with httpx.Client(base_url=server.url, timeout=60) as client:
-        with client.stream("POST", "/v1/completions", json=body) as reply:
-            next(reply.iter_lines())
-            assert engine.health()["running"] == 1
-    deadline = time.monotonic() + 10                     # the connection is closed: the row leaves the batch
-    while engine.health()["running"] and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert engine.health()["running"] == 0 and len(engine._batch) == 0
-    after = http.post("/v1/completions", json=body | {"stream": False, "max_tokens": 50}).json()
-    assert after["usage"]["completion_tokens"] <= 50 and after["adaptermix"]["adapters"] == ["sql"]
+    body = {"model": "sql", "prompt": "go", "max_tokens": 60, "temperature": 0, "stream": True, "ignore_eos": True}
+    slow = engine.model.register_forward_pre_hook(lambda *_: time.sleep(0.01))    # >= 0.6 s for the 60 tokens
+    try:
+        before = engine.counters["batched_rows"]
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            with client.stream("POST", "/v1/completions", json=body) as reply:
+                next(reply.iter_lines())
+        deadline = time.monotonic() + 10                 # the connection is closed: the row leaves the batch
+        while engine.health()["running"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        slow.remove()
+    assert engine.health()["running"] == 0 and engine.metrics()["kv_cache_rows"] == 0
+    assert engine.counters["batched_rows"] - before < 60          # dropped before its 60 tokens were made
+    after = http.post("/v1/completions", json=body | {"stream": False}).json()
+    assert after["usage"]["completion_tokens"] == 60 and after["adaptermix"]["adapters"] == ["sql"]
 
 
 def test_api_key(served, h):
@@ -453,3 +464,34 @@ def test_serve_command(served, h, tmp_path, capsys):
     assert reply["adaptermix"]["router"] == label and reply["adaptermix"]["adapters"] == ["celsius"]
     arrow, arrow_label = load_serve_config(["router=arrow", "router.top_k=1"])
     assert arrow_label == "arrow" and arrow.router.top_k == 1
+
+
+def test_bounded_queue_and_stopped_engine(served, h):
+    """A full queue answers 503 at once; a stopped engine too; the requests already admitted finish."""
+    import asyncio
+    import time
+
+    from adaptermix.serving.engine import EngineUnavailableError
+
+    engine = make_engine(served, h, max_batch_size=1, max_queue=1, max_wait_ms=0)
+    slow = engine.model.register_forward_pre_hook(lambda *_: time.sleep(0.01))
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+    async def run():
+        await engine.start()
+        first = asyncio.ensure_future(collect(engine, request("sql", "one", sampling=params)))
+        while not engine.health()["running"]:
+            await asyncio.sleep(0.005)
+        second = asyncio.ensure_future(collect(engine, request("sql", "two", sampling=params)))
+        await asyncio.sleep(0.005)                       # the second waits in the queue (size 1)
+        with pytest.raises(EngineUnavailableError, match="queue is full"):
+            await collect(engine, request("sql", "three", sampling=params))
+        done = await asyncio.gather(first, second)
+        await engine.stop()
+        with pytest.raises(EngineUnavailableError, match="not running"):
+            await collect(engine, request("sql", "four", sampling=params))
+        return done
+
+    done = asyncio.run(run())
+    slow.remove()
+    assert [chunks[-1].completion_tokens for _, chunks in done] == [8, 8]
