@@ -110,7 +110,10 @@ def build_app(library_path: str, cfg, label: str):
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE + "\n" + __doc__)
+        from adaptermix.cli_options import config_options, format_options
+
+        cfg, label = load_serve_config([])
+        print(USAGE + "\n" + __doc__ + "\n" + format_options(config_options("serve", cfg, label)))
         return 0 if argv else 2
     library_path, overrides = argv[0], argv[1:]
     bad = [a for a in overrides if "=" not in a]

@@ -243,7 +243,12 @@ def test_every_option_of_every_router_has_a_meaning():
 
 def test_serve_dispatches_to_the_server_cli(capsys, tmp_path):
     assert main(["serve", "--help"]) == 0
-    assert "adaptermix serve LIBRARY" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert "adaptermix serve LIBRARY" in shown
+    options = [line.split()[0] for line in shown.splitlines() if line.startswith("  ") and "=" in line.split()[0]]
+    assert {"port=8000", "engine=embedded", "max_batch_size=16", "vllm.max_loras=4"} <= set(options)
+    blank = [line for line in shown.splitlines() if line.startswith("  ") and len(line.split()) == 1]
+    assert not blank, blank    # every option says what it means
     assert main(["serve", str(tmp_path / "nothing-here")]) == 1
     assert "no adapter library" in capsys.readouterr().err
 

@@ -13,8 +13,8 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 
-__all__ = ["Option", "UsageError", "options", "router_names", "split_overrides", "check_overrides", "load_config",
-           "format_options"]
+__all__ = ["Option", "UsageError", "options", "config_options", "router_names", "split_overrides", "check_overrides",
+           "load_config", "format_options"]
 
 _ENTRY = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z_][\w]*):(?P<value>[^#]*?)\s*(?:#\s*(?P<comment>.*))?$")
 OVERRIDE = re.compile(r"^(?:\+{1,2}|~)?[A-Za-z_][\w.]*=")   # `key=value`, Hydra's `+key=`, `++key=`, `~key=`
@@ -121,6 +121,23 @@ def options(sections: tuple[str, ...], overrides: list[str]) -> dict[str, Option
         if key.endswith("._target_") and key.startswith("router."):
             continue
         if any(key == s or key.startswith(s + ".") for s in sections):
+            found[key] = Option(key, default, meanings.get(key, ""))
+    return found
+
+
+def config_options(config_name: str, cfg, router: str) -> dict[str, Option]:
+    """Every key of a composed `conf/<config_name>.yaml` (a command with a config of its own, as `serve`), with
+    its default and meaning, the router's keys those of conf/router/<router>.yaml."""
+    from omegaconf import OmegaConf
+
+    meanings = {**_comments(_conf_text(f"{config_name}.yaml")),
+                **_comments(_conf_text("library", "default.yaml"), "library."),
+                **_comments(_conf_text("router", f"{router}.yaml"), "router.")}
+    found = {"router": Option("router", router, f"the router: {', '.join(router_names())}")}
+    tree = OmegaConf.to_container(cfg, resolve=False)
+    tree.pop("hydra", None)
+    for key, default in _flatten(tree).items():
+        if not key.endswith("._target_"):
             found[key] = Option(key, default, meanings.get(key, ""))
     return found
 
