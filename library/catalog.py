@@ -181,6 +181,9 @@ class Catalog:
         marks = ", ".join("?" for _ in ids)
         return dict(self.conn.execute(f"SELECT id, name FROM adapters WHERE id IN ({marks})", ids).fetchall())
 
+    def ids(self) -> list[int]:
+        return [r[0] for r in self.conn.execute("SELECT id FROM adapters")]
+
     def count(self) -> int:
         return self.conn.execute("SELECT COUNT(*) FROM adapters").fetchone()[0]
 

@@ -12,7 +12,7 @@ from .derived import adapter_texts
 from .errors import AdapterFormatError, AdaptermixError, LibraryBusyError
 from .validation import check_against_base
 
-__all__ = ["recover", "verify", "ensure_derived"]
+__all__ = ["recover", "delete_unreferenced", "verify", "ensure_derived"]
 
 
 def _sha256(path: Path) -> str:
@@ -34,21 +34,48 @@ def _referenced_files(conn: sqlite3.Connection) -> set[str]:
     return files | {r[0] for r in conn.execute("SELECT file FROM derived WHERE file IS NOT NULL")}
 
 
+def _is_referenced(conn: sqlite3.Connection, rel: str) -> bool:
+    return conn.execute("SELECT 1 FROM adapters WHERE file = ? UNION ALL SELECT 1 FROM derived WHERE file = ? "
+                        "LIMIT 1", (rel, rel)).fetchone() is not None
+
+
 def recover(library) -> None:
     """Under the writer lock (skipped if another process holds it): drop temp files and files that no
-    committed row references. Such files exist only if a writer died between rename and COMMIT."""
-    conn = library.catalog.conn
-    conn.execute("PRAGMA busy_timeout = 0")
+    committed row references. Such files exist only if a writer died between rename and COMMIT, or
+    between COMMIT and the clean-up after it."""
+    def sweep():
+        for leftover in (library.root / "tmp").glob("*"):
+            leftover.unlink(missing_ok=True)
+        for rel in _stored_files(library.root) - _referenced_files(library.catalog.conn):
+            (library.root / rel).unlink(missing_ok=True)
+
+    _if_unlocked(library.catalog, sweep)
+
+
+def delete_unreferenced(library, files: list[Path]) -> None:
+    """After a commit: delete those of `files` that no committed row references, under the writer lock, so
+    that no other writer can commit a row pointing at one of them in between (content-addressed files
+    are shared). Skipped if another writer holds the lock: the next open's `recover` deletes them."""
+    def sweep():
+        for path in files:
+            if not _is_referenced(library.catalog.conn, path.relative_to(library.root).as_posix()):
+                path.unlink(missing_ok=True)
+
+    if files:
+        _if_unlocked(library.catalog, sweep)
+
+
+def _if_unlocked(catalog, action) -> bool:
+    """Run `action` in a write transaction if the writer lock is free now; False if it is not."""
+    catalog.conn.execute("PRAGMA busy_timeout = 0")
     try:
-        with library.catalog.write():
-            for leftover in (library.root / "tmp").glob("*"):
-                leftover.unlink(missing_ok=True)
-            for rel in _stored_files(library.root) - _referenced_files(conn):
-                (library.root / rel).unlink(missing_ok=True)
+        with catalog.write():
+            action()
+        return True
     except LibraryBusyError:
-        pass  # a live writer; whatever it leaves behind it commits or the next open removes
+        return False  # a live writer; whatever it leaves behind it commits or the next open removes
     finally:
-        conn.execute(f"PRAGMA busy_timeout = {int(library.catalog.busy_timeout * 1000)}")
+        catalog.conn.execute(f"PRAGMA busy_timeout = {int(catalog.busy_timeout * 1000)}")
 
 
 def verify(library, deep: bool = False) -> list[str]:

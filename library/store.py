@@ -5,7 +5,7 @@ Layout of a library folder:
     catalog.sqlite                          metadata, hashes, derived blobs, generation counter (WAL)
     adapters/<content hash>.safetensors     one file per adapter, factors in their own dtype
     derived/<kind>/<config hash>/<key>.safetensors   large derived data (Arrow prototypes)
-    index/text-<config hash>.faiss          faiss index over text embeddings (a rebuildable cache)
+    index/text-<config hash>-<kind>.safetensors   search index over text embeddings (a checked cache)
     tmp/                                    files being written; only ever non-empty under the write lock
 
 Every change is one catalog transaction holding the writer lock: temp file, fsync, rename into place, rows,
@@ -244,7 +244,7 @@ class AdapterLibrary:
         generation = int(self.catalog.get_meta("generation"))
         if self._index is None or self._index.kind_wanted != kind:
             self._index = TextIndex(self.root / "index", self.text_kind.config_hash, kind, config)
-        if not self._index.load(generation):
+        if not self._index.load(generation, self.catalog.ids()):
             ids = [r.id for r in self.records()]
             _, vectors = self.text_embeddings()
             self._index.build(np.asarray(ids, np.int64), vectors, generation)
@@ -438,18 +438,12 @@ class AdapterLibrary:
         return self.record(merged["name"])
 
     def _after_commit(self, files: list[Path], generation: int, removed=(), added=None) -> None:
-        """Delete files the commit made unreferenced; bring the in-memory index to `generation`."""
-        for path in files:
-            if not self._referenced(path):
-                path.unlink(missing_ok=True)
+        """Delete files the commit made unreferenced (under the lock); bring the in-memory index to `generation`."""
+        from .maintenance import delete_unreferenced
+
+        delete_unreferenced(self, files)
         if self._index is not None:
             self._index.update(list(removed), added or {}, generation - 1, generation)
-
-    def _referenced(self, path: Path) -> bool:
-        rel = path.relative_to(self.root).as_posix()
-        conn = self.catalog.conn
-        return bool(conn.execute("SELECT 1 FROM adapters WHERE file = ?", (rel,)).fetchone()
-                    or conn.execute("SELECT 1 FROM derived WHERE file = ?", (rel,)).fetchone())
 
     # -- router artifacts (e.g. trained gates), saved with the library ------------------------------
 

@@ -54,3 +54,60 @@ def test_remove_owned_deletes_only_what_it_marked_for_that_purpose(tmp_path):
         make_owned(plain, "example library")
     remove_owned(owned, "example library")
     assert not owned.exists() and not os.path.lexists(owned / "data")
+
+
+# -- 2. no race between the clean-up after a commit and another writer; the index is one file ------------
+
+def test_cleanup_after_a_commit_cannot_delete_a_file_another_writer_just_committed(library, checkpoints,
+                                                                                     monkeypatch):
+    """Writer A removes an adapter; between A's COMMIT and its deletion of the now unreferenced file,
+    writer B (another connection) adds the same content again, which reuses that content-addressed file."""
+    import pathlib
+
+    library.add(checkpoints["reverse"])
+    other = am.AdapterLibrary.open(library.root, config=am.LibraryConfig(busy_timeout=0.2))
+    real_unlink, outcome = pathlib.Path.unlink, {}
+
+    def unlink(self, missing_ok=False):
+        if self.parent.name == "adapters" and "b" not in outcome:
+            try:
+                other.add(checkpoints["reverse"], name="again")
+                outcome["b"] = "committed"
+            except am.LibraryBusyError:
+                outcome["b"] = "busy"   # A holds the writer lock while it cleans up: B waits its turn
+        return real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(pathlib.Path, "unlink", unlink)
+    library.remove("reverse")
+    monkeypatch.setattr(pathlib.Path, "unlink", real_unlink)
+    assert outcome["b"] == "busy"
+    if "again" not in other:
+        other.add(checkpoints["reverse"], name="again")
+    assert other.verify(deep=True) == [] and other.get("again").modules
+
+
+def test_index_saves_of_two_processes_never_stamp_stale_content_current(library, checkpoints, monkeypatch):
+    """Two handles save the index at generations g and g+1, their file writes interleaved in the worst
+    order; the index that loads at g+1 must hold exactly the adapters of g+1."""
+    from adaptermix.library import index as index_module
+
+    library.add(checkpoints["reverse"])
+    old = am.AdapterLibrary.open(library.root)
+    old.search("reverse", k=1)                       # index in memory at generation g
+    library.search("reverse", k=1)
+    library.add(checkpoints["celsius"])              # the other handle's index follows to g+1
+    writes = {}
+    monkeypatch.setattr(index_module, "write_atomic", lambda path, data: writes.setdefault(id_, []).append((path, data)))
+    for id_, handle in (("old", old), ("new", library)):
+        handle._index.dirty = True
+        handle._index.save()
+    monkeypatch.undo()
+    new_writes = writes["new"]
+    for path, data in [*new_writes[:-1], *writes["old"], new_writes[-1]]:
+        index_module.write_atomic(path, data)
+    fresh = am.AdapterLibrary.open(library.root)
+    generation = int(fresh.catalog.get_meta("generation"))
+    index = index_module.TextIndex(fresh.root / "index", fresh.text_kind.config_hash, "flat")
+    if index.load(generation, fresh.catalog.ids()):
+        assert sorted(index._ids.tolist()) == sorted(fresh.catalog.ids())
+    assert sorted(hit.name for hit in fresh.search("convert", k=5)) == ["celsius", "reverse"]
