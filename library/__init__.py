@@ -10,14 +10,16 @@ if __name__ == "adaptermix.library":
     from .derived import ArrowPrototypes, ParameterSketch, TextEmbedding, lora_svd
     from .encoders import SentenceTransformerEncoder, TextEncoder, default_encoder
     from .errors import (AdapterFormatError, AdaptermixError, AdapterNotFoundError, AdapterValidationError,
-                         BaseModelMismatchError, DuplicateAdapterError, LibraryBusyError, LibraryError,
-                         UnsafeCheckpointError, UnsupportedAdapterError)
+                         BaseModelMismatchError, CorruptAdapterError, CorruptCatalogError, DuplicateAdapterError,
+                         FolderNotOwnedError, LibraryBusyError, LibraryError, UnsafeCheckpointError,
+                         UnsafeLibraryError, UnsupportedAdapterError)
     from .learning import cluster_adapters, clustered_library, merge_cluster
     from .store import AdapterLibrary, LibraryConfig, SearchHit
 
     __all__ = [
         "AdapterFormatError", "AdapterLibrary", "AdapterNotFoundError", "AdapterRecord", "AdapterValidationError",
-        "AdaptermixError", "ArrowPrototypes", "BaseModelMismatchError", "BaseModelSpec", "DuplicateAdapterError",
+        "AdaptermixError", "ArrowPrototypes", "BaseModelMismatchError", "BaseModelSpec", "CorruptAdapterError",
+        "CorruptCatalogError", "DuplicateAdapterError", "FolderNotOwnedError", "UnsafeLibraryError",
         "LibraryBusyError", "LibraryConfig", "LibraryError", "LoraAdapter", "LoraModule", "ParameterSketch",
         "SearchHit", "SentenceTransformerEncoder", "TextEmbedding", "TextEncoder", "UnsafeCheckpointError",
         "UnsupportedAdapterError", "check_adapter_name", "cluster_adapters", "clustered_library", "default_encoder",

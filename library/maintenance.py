@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import sqlite3
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from .derived import adapter_texts
-from .errors import AdapterFormatError, AdaptermixError, LibraryBusyError
+from .errors import AdapterFormatError, AdaptermixError, LibraryBusyError, UnsafeLibraryError
+from .files import library_file
 from .validation import check_against_base
 
 __all__ = ["recover", "delete_unreferenced", "verify", "ensure_derived"]
@@ -24,9 +26,19 @@ def _sha256(path: Path) -> str:
 
 
 def _stored_files(root: Path) -> set[str]:
-    files = {p.relative_to(root).as_posix() for p in (root / "adapters").glob("*.safetensors")}
-    files |= {p.relative_to(root).as_posix() for p in (root / "derived").rglob("*.safetensors")}
+    """Every .safetensors entry (file or link) under adapters/ and derived/; links are never followed."""
+    files = set()
+    for folder in ("adapters", "derived"):
+        for parent, dirs, names in os.walk(root / folder, followlinks=False):
+            links = [d for d in dirs if os.path.islink(os.path.join(parent, d))]
+            for name in [*names, *links]:
+                if name.endswith(".safetensors"):
+                    files.add(Path(parent, name).relative_to(root).as_posix())
     return files
+
+
+def _temp_files(root: Path) -> list[Path]:
+    return [p for p in (root / "tmp").glob("*") if p.is_symlink() or not p.is_dir()]
 
 
 def _referenced_files(conn: sqlite3.Connection) -> set[str]:
@@ -44,7 +56,7 @@ def recover(library) -> None:
     committed row references. Such files exist only if a writer died between rename and COMMIT, or
     between COMMIT and the clean-up after it."""
     def sweep():
-        for leftover in (library.root / "tmp").glob("*"):
+        for leftover in _temp_files(library.root):
             leftover.unlink(missing_ok=True)
         for rel in _stored_files(library.root) - _referenced_files(library.catalog.conn):
             (library.root / rel).unlink(missing_ok=True)
@@ -85,7 +97,11 @@ def verify(library, deep: bool = False) -> list[str]:
         problems.append("catalog.sqlite fails SQLite's integrity check")
     records = library.records()
     for record in records:
-        path = root / record.file
+        try:
+            path = library_file(root, record.file)
+        except UnsafeLibraryError as exc:
+            problems.append(f"{record.name}: {exc}")
+            continue
         if not path.is_file():
             problems.append(f"{record.name}: adapter file {record.file} is missing")
             continue
@@ -97,7 +113,11 @@ def verify(library, deep: bool = False) -> list[str]:
     for row in library.catalog.derived_rows():
         label = f"derived {row['kind']}/{row['config_hash']}/{row['key'][:12]}"
         if row["file"]:
-            path = root / row["file"]
+            try:
+                path = library_file(root, row["file"])
+            except UnsafeLibraryError as exc:
+                problems.append(f"{label}: {exc}")
+                continue
             if not path.is_file():
                 problems.append(f"{label}: file {row['file']} is missing")
             elif _sha256(path) != row["sha256"]:
@@ -109,7 +129,7 @@ def verify(library, deep: bool = False) -> list[str]:
             problems.append(f"{_owner(records, key)}: no {kind.kind} data for config {kind.config_hash}")
     orphans = sorted(_stored_files(root) - _referenced_files(conn))
     problems += [f"orphan file not in the catalog: {rel}" for rel in orphans]
-    problems += [f"leftover temp file: {p.name}" for p in (root / "tmp").glob("*")]
+    problems += [f"leftover temp file: {p.name}" for p in _temp_files(root)]
     return problems
 
 

@@ -35,7 +35,7 @@ from .derived_store import DerivedStore, PendingFile
 from .encoders import TextEncoder, default_encoder
 from .errors import (AdapterNotFoundError, AdapterValidationError, BaseModelMismatchError,
                      DuplicateAdapterError, LibraryError)
-from .files import adapter_file_bytes, fsync_dir, read_adapter_file, write_atomic
+from .files import adapter_file_bytes, check_layout, fsync_dir, library_file, read_adapter_file, write_atomic
 from .index import IndexConfig, TextIndex
 from .validation import check_against_base, coerce_texts
 
@@ -118,6 +118,7 @@ class AdapterLibrary:
              recover: bool = True) -> "AdapterLibrary":
         """Open a library. `recover` removes what an interrupted write left behind (under the lock)."""
         root = Path(path)
+        check_layout(root)
         if not (root / CATALOG).is_file():
             raise LibraryError(f"no adaptermix library at {root} (missing {CATALOG})")
         catalog = Catalog(root / CATALOG, config.busy_timeout)
@@ -176,7 +177,7 @@ class AdapterLibrary:
     def get(self, name: str, modules: list[str] | None = None) -> LoraAdapter:
         """Load one adapter (memory-mapped; with `modules`, only those are read)."""
         record = self.record(name)
-        return read_adapter_file(self.root / record.file, modules, name=record.name,
+        return read_adapter_file(library_file(self.root, record.file), modules, name=record.name,
                                  description=record.description, tags=record.tags,
                                  examples=record.examples, source=record.source)
 
@@ -318,11 +319,12 @@ class AdapterLibrary:
 
     def remove(self, name: str) -> None:
         record = self.record(name)
+        path = library_file(self.root, record.file)   # a hostile row is refused before anything changes
         with self.catalog.write():
             self.catalog.delete_adapter(name)
             garbage = self.derived.collect_garbage()
             generation = self.catalog.bump_generation()
-        self._after_commit([self.root / record.file, *garbage], generation, removed=[record.id])
+        self._after_commit([path, *garbage], generation, removed=[record.id])
 
     def rename(self, old: str, new: str) -> AdapterRecord:
         check_adapter_name(new)
@@ -398,7 +400,7 @@ class AdapterLibrary:
                     self.catalog.delete_adapter(existing.name)
                     removed.append(existing.id)
                     if existing.file != item.file.relpath:
-                        stale.append(self.root / existing.file)
+                        stale.append(library_file(self.root, existing.file))
                 self.derived.place(item.file)
                 adapter_id = self.catalog.insert_adapter(self._row(item))
                 for kind, tensors in item.content_derived.items():

@@ -111,3 +111,93 @@ def test_index_saves_of_two_processes_never_stamp_stale_content_current(library,
     if index.load(generation, fresh.catalog.ids()):
         assert sorted(index._ids.tolist()) == sorted(fresh.catalog.ids())
     assert sorted(hit.name for hit in fresh.search("convert", k=5)) == ["celsius", "reverse"]
+
+
+# -- 3. hostile libraries: paths that escape, links, a planted index ----------------------------------
+
+def _hostile(library, checkpoints, tmp_path, file_field):
+    """A library whose one adapter row names `file_field`; a valid adapter file waits at outside/."""
+    import shutil
+    import sqlite3
+
+    library.add(checkpoints["reverse"])
+    outside = tmp_path / "outside"
+    outside.mkdir(exist_ok=True)
+    victim = outside / "victim.safetensors"
+    shutil.copy(library.root / library.record("reverse").file, victim)
+    conn = sqlite3.connect(str(library.root / "catalog.sqlite"))
+    conn.execute("UPDATE adapters SET file = ? WHERE name = 'reverse'",
+                 (file_field.replace("VICTIM", str(victim)),))
+    conn.commit()
+    conn.close()
+    return victim
+
+
+@pytest.mark.parametrize("file_field", ["../outside/victim.safetensors", "VICTIM",
+                                        "adapters/../../outside/victim.safetensors", "adapters/./x.safetensors",
+                                        "derived/../../outside/victim.safetensors", "catalog.sqlite", ""])
+def test_a_catalog_file_field_that_escapes_is_refused_on_every_use(library, checkpoints, tmp_path, file_field):
+    victim = _hostile(library, checkpoints, tmp_path, file_field)
+    before = victim.read_bytes()
+    hostile = am.AdapterLibrary.open(library.root)
+    with pytest.raises(am.UnsafeLibraryError, match="not a file inside the library"):
+        hostile.get("reverse")
+    with pytest.raises(am.UnsafeLibraryError):
+        hostile.remove("reverse")
+    problems = hostile.verify(deep=True)
+    assert any("not a file inside the library" in p for p in problems), problems
+    assert victim.read_bytes() == before and "reverse" in hostile
+
+
+def test_a_derived_file_field_that_escapes_is_never_deleted_by_garbage_collection(library, checkpoints, tmp_path):
+    import sqlite3
+
+    victim = _hostile(library, checkpoints, tmp_path, "adapters/x.safetensors")
+    conn = sqlite3.connect(str(library.root / "catalog.sqlite"))
+    conn.execute("INSERT INTO derived VALUES ('arrow', 'c', 'orphan-key', ?, NULL, 'x')",
+                 ("derived/../../outside/victim.safetensors",))
+    conn.commit()
+    conn.close()
+    hostile = am.AdapterLibrary.open(library.root)
+    with pytest.raises(am.UnsafeLibraryError):
+        hostile.add(checkpoints["celsius"])          # its garbage collection meets the hostile row: refused
+    assert victim.is_file() and "celsius" not in hostile
+
+
+def test_symbolic_links_inside_a_library_are_refused(library, checkpoints, tmp_path):
+    import shutil
+
+    library.add(checkpoints["reverse"])
+    rel = library.record("reverse").file
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(library.root / "adapters", outside)
+    (library.root / rel).unlink()
+    (library.root / rel).symlink_to(outside / rel.split("/")[1])
+    with pytest.raises(am.UnsafeLibraryError, match="symbolic link"):
+        am.AdapterLibrary.open(library.root).get("reverse")
+    shutil.rmtree(library.root / "adapters")
+    (library.root / "adapters").symlink_to(outside)
+    with pytest.raises(am.UnsafeLibraryError, match="symbolic link"):
+        am.AdapterLibrary.open(library.root)
+    assert sorted(p.name for p in outside.iterdir()) == [rel.split("/")[1]]
+
+
+def test_a_planted_index_file_is_never_deserialized_and_search_stays_right(library, checkpoints):
+    from adaptermix.library.index import TextIndex
+
+    for name in ("reverse", "celsius", "sql"):
+        library.add(checkpoints[name])
+    library.search("warm", k=1)
+    library.close()
+    index_files = sorted((library.root / "index").iterdir())
+    assert [p.suffix for p in index_files] == [".safetensors"]
+    planted = index_files[0]
+    good = planted.read_bytes()
+    for hostile in (b"IxFI" + os.urandom(4096), good[:-7] + b"\x00" * 7, good.replace(b'"generation"', b'"generatioN"'),
+                    b"\xff" * 8 + b"{}"):
+        planted.write_bytes(hostile)
+        (library.root / "index" / planted.name.replace(".safetensors", ".faiss")).write_bytes(os.urandom(256))
+        reopened = am.AdapterLibrary.open(library.root)
+        assert reopened.search("Convert temperatures from Celsius to Fahrenheit", k=1)[0].name == "celsius"
+        reopened.close()
+    assert isinstance(TextIndex, type)
