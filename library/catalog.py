@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import LibraryBusyError, LibraryError
+from .errors import CorruptCatalogError, LibraryBusyError, LibraryError
 
 __all__ = ["Catalog", "AdapterRecord", "FORMAT_VERSION"]
 
@@ -40,7 +40,8 @@ CREATE TABLE IF NOT EXISTS adapters (
     examples TEXT NOT NULL,
     source TEXT NOT NULL,
     created REAL NOT NULL,
-    updated REAL NOT NULL
+    updated REAL NOT NULL,
+    file_check TEXT
 );
 CREATE TABLE IF NOT EXISTS derived (
     kind TEXT NOT NULL,
@@ -80,6 +81,7 @@ class AdapterRecord:
     source: str
     created: float
     updated: float
+    file_check: str | None = None  # "<size>:<64-bit word sum>", checked on every read (tensor_file.py)
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "AdapterRecord":
@@ -98,8 +100,15 @@ class Catalog:
         self.busy_timeout = busy_timeout
         self.conn = sqlite3.connect(str(self.path), timeout=busy_timeout, isolation_level=None)
         self.conn.row_factory = sqlite3.Row
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA synchronous=FULL")
+        try:
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=FULL")
+        except sqlite3.DatabaseError as exc:
+            self.conn.close()
+            if isinstance(exc, sqlite3.OperationalError) and ("locked" in str(exc) or "busy" in str(exc)):
+                raise LibraryBusyError(f"library {self.path.parent} is locked by another process; try again") from exc
+            raise CorruptCatalogError(f"{self.path} is not a readable adaptermix catalog ({exc}); restore it "
+                                      "from a backup, or rebuild the library from its checkpoints") from exc
         self._moved: list[Path] | None = None
 
     def initialise(self, meta: dict[str, str]) -> None:
@@ -113,9 +122,22 @@ class Catalog:
         try:
             version = self.get_meta("format_version")
         except sqlite3.DatabaseError as exc:
-            raise LibraryError(f"{self.path} is not an adaptermix catalog: {exc}") from exc
+            raise CorruptCatalogError(f"{self.path} is not a readable adaptermix catalog ({exc}); restore it "
+                                      "from a backup, or rebuild the library from its checkpoints") from exc
         if version != FORMAT_VERSION:
             raise LibraryError(f"{self.path}: library format {version!r}, this adaptermix reads {FORMAT_VERSION!r}")
+        self._add_file_check_column()
+
+    def _add_file_check_column(self) -> None:
+        """Libraries made before the cheap content check get its column (NULL: reads fall back to sha256)."""
+        if "file_check" in {r[1] for r in self.conn.execute("PRAGMA table_info(adapters)")}:
+            return
+        try:
+            with self.write():
+                if "file_check" not in {r[1] for r in self.conn.execute("PRAGMA table_info(adapters)")}:
+                    self.conn.execute("ALTER TABLE adapters ADD COLUMN file_check TEXT")
+        except (LibraryBusyError, sqlite3.OperationalError):
+            pass  # read-only or busy: the column is added by the next writer that opens it
 
     # -- transactions ----------------------------------------------------------------------------
 

@@ -12,11 +12,11 @@ import re
 import tempfile
 from pathlib import Path
 
-from safetensors import safe_open
 from safetensors.torch import save as st_save
 
 from .adapter import LoraAdapter, LoraModule
 from .errors import AdapterFormatError, UnsafeLibraryError
+from .tensor_file import parse_safetensors, read_checked
 
 __all__ = ["write_atomic", "fsync_dir", "adapter_file_bytes", "read_adapter_file", "library_file", "check_layout",
            "FILE_FORMAT", "LAYOUT"]
@@ -102,25 +102,29 @@ def adapter_file_bytes(adapter: LoraAdapter) -> bytes:
     return st_save(tensors, metadata=header)
 
 
-def read_adapter_file(path: Path, modules: list[str] | None = None, **metadata) -> LoraAdapter:
-    """Load an adapter file (memory-mapped; only the requested modules are read)."""
+def read_adapter_file(path: Path, modules: list[str] | None = None, *, expected_check: str | None = None,
+                      expected_sha256: str | None = None, **metadata) -> LoraAdapter:
+    """Load an adapter file, checked against the catalog's record of its content (size + checksum, else
+    sha256) before any tensor is made: CorruptAdapterError if it differs. With `modules`, only those."""
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            header = handle.metadata() or {}
-            if header.get("format") != FILE_FORMAT:
-                raise AdapterFormatError(f"{path} is not an {FILE_FORMAT} file")
-            alphas = json.loads(header["alphas"])
-            rslora = set(json.loads(header["rslora"]))
-            wanted = list(alphas) if modules is None else modules
-            missing = [m for m in wanted if m not in alphas]
-            if missing:
-                raise AdapterFormatError(f"{path} has no module(s) {missing[:5]}")
-            loaded = {
-                m: LoraModule(handle.get_tensor(f"{m}::A"), handle.get_tensor(f"{m}::B"),
-                              float(alphas[m]), m in rslora)
-                for m in wanted
-            }
-    except (OSError, json.JSONDecodeError, KeyError, RuntimeError) as exc:
+        buffer = read_checked(path, expected_check, expected_sha256)
+    except OSError as exc:
         raise AdapterFormatError(f"cannot read adapter file {path}: {exc}") from exc
-    return LoraAdapter(modules=loaded, base_model=header["base_model"],
-                       conv1d=frozenset(json.loads(header["conv1d"])), **metadata)
+    header, tensors = parse_safetensors(buffer, str(path))
+    if header.get("format") != FILE_FORMAT:
+        raise AdapterFormatError(f"{path} is not an {FILE_FORMAT} file")
+    try:
+        alphas = json.loads(header["alphas"])
+        rslora = set(json.loads(header["rslora"]))
+        conv1d = frozenset(json.loads(header["conv1d"]))
+        wanted = list(alphas) if modules is None else modules
+        missing = [m for m in wanted if m not in alphas]
+        if missing:
+            raise AdapterFormatError(f"{path} has no module(s) {missing[:5]}")
+        loaded = {m: LoraModule(tensors[f"{m}::A"], tensors[f"{m}::B"], float(alphas[m]), m in rslora)
+                  for m in wanted}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        if isinstance(exc, AdapterFormatError):
+            raise
+        raise AdapterFormatError(f"cannot read adapter file {path}: {exc!r}") from exc
+    return LoraAdapter(modules=loaded, base_model=header.get("base_model", ""), conv1d=conv1d, **metadata)

@@ -37,6 +37,7 @@ from .errors import (AdapterNotFoundError, AdapterValidationError, BaseModelMism
                      DuplicateAdapterError, LibraryError)
 from .files import adapter_file_bytes, check_layout, fsync_dir, library_file, read_adapter_file, write_atomic
 from .index import IndexConfig, TextIndex
+from .tensor_file import content_check
 from .validation import check_against_base, coerce_texts
 
 __all__ = ["AdapterLibrary", "LibraryConfig", "SearchHit"]
@@ -175,9 +176,11 @@ class AdapterLibrary:
         return iter(self.names())
 
     def get(self, name: str, modules: list[str] | None = None) -> LoraAdapter:
-        """Load one adapter (memory-mapped; with `modules`, only those are read)."""
+        """Load one adapter, its bytes checked against the catalog first (size + checksum, see tensor_file.py):
+        CorruptAdapterError if they differ. With `modules`, only those become part of the adapter."""
         record = self.record(name)
-        return read_adapter_file(library_file(self.root, record.file), modules, name=record.name,
+        return read_adapter_file(library_file(self.root, record.file), modules, expected_check=record.file_check,
+                                 expected_sha256=record.file_sha256, name=record.name,
                                  description=record.description, tags=record.tags,
                                  examples=record.examples, source=record.source)
 
@@ -415,7 +418,8 @@ class AdapterLibrary:
     def _row(self, item: _Prepared) -> dict:
         a = item.adapter
         return dict(name=a.name, content_hash=item.content_hash, text_hash=text_hash(item.texts),
-                    file=item.file.relpath, file_sha256=item.file.sha256, fingerprint=a.fingerprint,
+                    file=item.file.relpath, file_sha256=item.file.sha256, file_check=content_check(item.file.data),
+                    fingerprint=a.fingerprint,
                     base_model=a.base_model, dtype=str(a.dtype).replace("torch.", ""), max_rank=a.max_rank,
                     num_modules=len(a.modules), num_parameters=a.num_parameters, description=a.description,
                     tags=a.tags, examples=a.examples, source=a.source)

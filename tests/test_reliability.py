@@ -201,3 +201,57 @@ def test_a_planted_index_file_is_never_deserialized_and_search_stays_right(libra
         assert reopened.search("Convert temperatures from Celsius to Fahrenheit", k=1)[0].name == "celsius"
         reopened.close()
     assert isinstance(TextIndex, type)
+
+
+# -- 4. corrupt content is caught on every read ----------------------------------------------------
+
+def test_a_flipped_bit_is_caught_by_get_and_export(library, checkpoints, tmp_path):
+    from adaptermix.cli import main as cli
+
+    library.add(checkpoints["reverse"])
+    path = library.root / library.record("reverse").file
+    data = bytearray(path.read_bytes())
+    for position in (len(data) - 3, len(data) // 2, 200):        # factor bytes, and inside the header
+        flipped = bytearray(data)
+        flipped[position] ^= 0x10
+        path.write_bytes(flipped)
+        with pytest.raises(am.CorruptAdapterError, match="checksum"):
+            library.get("reverse")
+        assert cli(["export", str(library.root), "reverse", str(tmp_path / f"out{position}")]) != 0
+        assert not (tmp_path / f"out{position}" / "adapter_model.safetensors").exists()
+    path.write_bytes(data[:-8])
+    with pytest.raises(am.CorruptAdapterError, match="bytes but the catalog recorded"):
+        library.get("reverse")
+    path.write_bytes(data)
+    assert library.get("reverse").content_hash() == library.record("reverse").content_hash
+
+
+def test_a_library_without_the_checksum_column_falls_back_to_sha256(library, checkpoints):
+    import sqlite3
+
+    library.add(checkpoints["reverse"])
+    conn = sqlite3.connect(str(library.root / "catalog.sqlite"))
+    conn.execute("ALTER TABLE adapters DROP COLUMN file_check")
+    conn.commit()
+    conn.close()
+    older = am.AdapterLibrary.open(library.root)
+    assert older.record("reverse").file_check is None
+    path = older.root / older.record("reverse").file
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 1
+    path.write_bytes(data)
+    with pytest.raises(am.CorruptAdapterError, match="sha256"):
+        older.get("reverse")
+    older.add(checkpoints["celsius"])
+    assert older.record("celsius").file_check and older.get("celsius").modules
+
+
+def test_a_corrupt_catalog_is_a_clear_error(library, checkpoints):
+    library.add(checkpoints["reverse"])
+    library.close()
+    catalog = library.root / "catalog.sqlite"
+    for suffix in ("-wal", "-shm"):
+        (library.root / f"catalog.sqlite{suffix}").unlink(missing_ok=True)
+    catalog.write_bytes(b"this is not SQLite" * 512)
+    with pytest.raises(am.CorruptCatalogError, match="not a readable adaptermix catalog"):
+        am.AdapterLibrary.open(library.root)
