@@ -11,7 +11,7 @@ if __name__ == "adaptermix.library":
     from .encoders import SentenceTransformerEncoder, TextEncoder, default_encoder
     from .errors import (AdapterFormatError, AdaptermixError, AdapterNotFoundError, AdapterValidationError,
                          BaseModelMismatchError, CorruptAdapterError, CorruptCatalogError, DuplicateAdapterError,
-                         FolderNotOwnedError, LibraryBusyError, LibraryError, UnsafeCheckpointError,
+                         FolderNotOwnedError, LibraryBusyError, LibraryError, RouterOutputError, UnsafeCheckpointError,
                          UnsafeLibraryError, UnsupportedAdapterError)
     from .learning import cluster_adapters, clustered_library, merge_cluster
     from .store import AdapterLibrary, LibraryConfig, SearchHit
@@ -19,7 +19,7 @@ if __name__ == "adaptermix.library":
     __all__ = [
         "AdapterFormatError", "AdapterLibrary", "AdapterNotFoundError", "AdapterRecord", "AdapterValidationError",
         "AdaptermixError", "ArrowPrototypes", "BaseModelMismatchError", "BaseModelSpec", "CorruptAdapterError",
-        "CorruptCatalogError", "DuplicateAdapterError", "FolderNotOwnedError", "UnsafeLibraryError",
+        "CorruptCatalogError", "DuplicateAdapterError", "FolderNotOwnedError", "RouterOutputError", "UnsafeLibraryError",
         "LibraryBusyError", "LibraryConfig", "LibraryError", "LoraAdapter", "LoraModule", "ParameterSketch",
         "SearchHit", "SentenceTransformerEncoder", "TextEmbedding", "TextEncoder", "UnsafeCheckpointError",
         "UnsupportedAdapterError", "check_adapter_name", "cluster_adapters", "clustered_library", "default_encoder",

@@ -58,3 +58,7 @@ class CorruptAdapterError(LibraryError):
 
 class CorruptCatalogError(LibraryError):
     """catalog.sqlite is not a readable SQLite database (truncated, overwritten, or not a catalog)."""
+
+
+class RouterOutputError(AdaptermixError, ValueError):
+    """A router returned weights that are NaN / infinite, or adapter ids outside [-1, N)."""

@@ -3,21 +3,25 @@
     make_owned(folder, "example library")      # creates the folder (must be new or empty) and marks it
     remove_owned(folder, "example library")    # rmtree, only if the marker says so; else FolderNotOwnedError
 
+    publish_folder(target, write, "base model")  # write into a per-process staging folder, rename into place
+
 The marker is a small JSON file inside the folder. A folder without it (a user's library, a home folder), a
 marker for another purpose, or a symbolic link is never removed: the error names the folder and the fix.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from .errors import FolderNotOwnedError
-from .files import write_atomic
+from .files import fsync_dir, write_atomic
 
-__all__ = ["MARKER", "make_owned", "mark_owned", "is_owned", "remove_owned"]
+__all__ = ["MARKER", "make_owned", "mark_owned", "is_owned", "remove_owned", "publish_folder"]
 
 MARKER = ".adaptermix-owned"
 
@@ -58,3 +62,25 @@ def remove_owned(folder: Path, purpose: str) -> None:
             f"{folder} is not an adaptermix {purpose} (no {MARKER} marker for it), so it was left untouched; "
             "pass a new or empty folder instead, or move or delete this one yourself")
     shutil.rmtree(folder)
+
+
+def publish_folder(target: Path, write, purpose: str) -> Path:
+    """Make `target` with `write(folder)` in a staging folder of this process beside it, then rename it into
+    place in one step. Concurrent processes never share a staging folder; if another one published first,
+    ours is discarded and theirs kept. The result is marked as adaptermix's for `purpose`."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = make_owned(Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.staging-")), purpose)
+    try:
+        write(staging)
+        try:
+            os.replace(staging, target)      # `target` absent or an empty folder
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not target.is_dir():
+                raise
+            remove_owned(staging, purpose)   # another process published it first
+        fsync_dir(target.parent)
+    except BaseException:
+        remove_owned(staging, purpose)
+        raise
+    return target

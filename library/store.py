@@ -37,6 +37,7 @@ from .errors import (AdapterNotFoundError, AdapterValidationError, BaseModelMism
                      DuplicateAdapterError, LibraryError)
 from .files import adapter_file_bytes, check_layout, fsync_dir, library_file, read_adapter_file, write_atomic
 from .index import IndexConfig, TextIndex
+from .owned import MARKER
 from .tensor_file import content_check
 from .validation import check_against_base, coerce_texts
 
@@ -105,7 +106,7 @@ class AdapterLibrary:
             if library.base_model.fingerprint != spec.fingerprint:
                 raise BaseModelMismatchError(f"the library at {root} is bound to {library.base_model.name!r}")
             return library
-        if root.exists() and any(root.iterdir()):
+        if root.exists() and any(p.name != MARKER for p in root.iterdir()):  # its own ownership marker is fine
             raise LibraryError(f"{root} exists and is not empty; pick a new folder for the library")
         for sub in ("adapters", "derived", "index", "tmp"):
             (root / sub).mkdir(parents=True, exist_ok=True)
@@ -299,12 +300,13 @@ class AdapterLibrary:
         for position, item in enumerate(valid):
             chunk.append(self._prepare(item, allow_pickle=allow_pickle))
             chunk_bytes += len(chunk[-1].file.data)
+            bar.update(1)                            # per adapter prepared: the bar moves while a chunk fills
             full = chunk_bytes >= self.config.max_chunk_bytes
             if len(chunk) == chunk_size or full or position == len(valid) - 1:
                 self._attach_text(chunk)
-                self._commit(chunk, replace=replace)
+                self._commit(chunk, replace=replace)  # each chunk is one transaction: a kill keeps those before
                 names += [p.adapter.name for p in chunk]
-                bar.update(len(chunk))
+                bar.set_postfix(committed=len(names))
                 chunk, chunk_bytes = [], 0
         bar.close()
         if self._index is not None:

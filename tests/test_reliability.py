@@ -255,3 +255,124 @@ def test_a_corrupt_catalog_is_a_clear_error(library, checkpoints):
     catalog.write_bytes(b"this is not SQLite" * 512)
     with pytest.raises(am.CorruptCatalogError, match="not a readable adaptermix catalog"):
         am.AdapterLibrary.open(library.root)
+
+
+# -- 5. partial failures: merge, router output --------------------------------------------------------
+
+def _weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("damage", ["nan_last", "shape_last", "overflow"])
+def test_merge_adapter_is_all_or_nothing(llama, checkpoints, damage):
+    import dataclasses
+
+    import torch
+
+    adapter = am.LoraAdapter.from_peft(checkpoints["reverse"])
+    last = sorted(adapter.modules)[-1]
+    module = adapter.modules[last]
+    weight = 1.0
+    if damage == "nan_last":
+        A = module.A.clone()
+        A[0, 0] = float("nan")
+        adapter.modules[last] = dataclasses.replace(module, A=A)
+    elif damage == "shape_last":
+        adapter.modules[last] = dataclasses.replace(module, A=torch.zeros(module.rank, module.d_in + 1))
+    else:
+        llama.half()
+        weight = 1e30
+    before = _weights(llama)
+    with pytest.raises(am.AdapterValidationError):
+        am.merge_adapter(llama, adapter, weight=weight)
+    after = _weights(llama)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(ValueError, match="no adapter is merged"):
+        am.unmerge_adapter(llama)
+
+
+@pytest.mark.parametrize("damage", ["nan", "too_big", "too_small"])
+def test_the_composer_refuses_bad_router_output(llama, library, checkpoints, damage):
+    import torch
+
+    from adaptermix.routers.routing import Routing
+
+    library.add(checkpoints["reverse"])
+    library.add(checkpoints["celsius"])
+
+    class Broken(am.FixedRouter):
+        def route(self, module, x, context):
+            routing = super().route(module, x, context)
+            indices, weights = routing.indices.clone(), routing.weights.clone()
+            if damage == "nan":
+                weights[-1, 0] = float("nan")
+            else:
+                indices[-1, 0] = 2 if damage == "too_big" else -2
+            return Routing(indices, weights)
+
+    model = am.compose(llama, library, Broken({"reverse": 0.5, "celsius": 0.5}))
+    message = "NaN or infinite" if damage == "nan" else r"valid ids are -1 \(an empty slot\) to 1"
+    with pytest.raises(am.RouterOutputError, match=message):
+        model(torch.tensor([[1, 2, 3]]))
+
+
+PUBLISHER = """
+import sys, time
+from pathlib import Path
+from adaptermix.library.owned import publish_folder
+target, label = Path(sys.argv[1]), sys.argv[2]
+def write(folder):
+    for i in range(5):
+        (folder / f"part{i}").write_text(label)
+        time.sleep(0.05)
+publish_folder(target, write, "converted base model")
+print("done", flush=True)
+"""
+
+
+def test_two_processes_publishing_one_folder_never_mix_files(tmp_path):
+    import subprocess
+    import sys
+
+    target = tmp_path / "model"
+    (tmp_path / ".model.partial").mkdir()                 # what a killed conversion of old left behind
+    children = [subprocess.Popen([sys.executable, "-c", PUBLISHER, str(target), label],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for label in "ab"]
+    for child in children:
+        out, err = child.communicate(timeout=120)
+        assert child.returncode == 0 and out.strip() == "done", err
+    labels = {p.read_text() for p in target.iterdir() if p.name.startswith("part")}
+    assert len(labels) == 1 and len(list(target.glob("part*"))) == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model.partial", "model"]   # no staging left
+    remove_owned(target, "converted base model")
+
+
+KERNEL_BUILD = """
+import hashlib, os, sys
+from pathlib import Path
+from adaptermix.kernels import cpu_backend
+tag = hashlib.sha256((cpu_backend.SOURCE.read_text() + cpu_backend._cpu_signature()).encode()).hexdigest()[:16]
+stale = Path(os.environ["TORCH_EXTENSIONS_DIR"]) / f"adaptermix_cpu_{tag}"
+stale.mkdir(parents=True)
+(stale / "lock").write_text("")      # torch's lock file, left by a build killed midway
+print(cpu_backend.available(), cpu_backend.build_error(), flush=True)
+folder = cpu_backend._build_root() / f"cpu_{tag}"
+assert cpu_backend._cached_library(folder) is not None
+built = next(folder.glob("*.so"))
+data = bytearray(built.read_bytes())
+data[len(data) // 2] ^= 1
+(folder / "damaged").write_bytes(data)
+os.replace(folder / "damaged", built)   # a new file: the loaded one stays mapped intact
+print(cpu_backend._cached_library(folder) is None, flush=True)
+"""
+
+
+def test_the_native_kernel_build_ignores_a_stale_lock_and_checks_its_cache(tmp_path):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), "OMP_NUM_THREADS": "1"}
+    child = subprocess.run([sys.executable, "-c", KERNEL_BUILD], env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert child.stdout.split() == ["True", "None", "True"], child.stdout

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from adaptermix.library import AdapterLibrary
-from adaptermix.library.owned import make_owned, mark_owned, remove_owned
+from adaptermix.library.owned import publish_folder, remove_owned
 from adaptermix.tasks import SUITE, TASKS, chat_prompt
 
 __all__ = ["ADAPTERS", "suite_library", "generate", "answer_example", "score_task", "compose_adapter"]
@@ -63,23 +63,19 @@ def suite_library(path: str | Path | None = None, adapters: str | Path | None = 
 
 
 def _build(path: Path, adapters: Path, base_model: Path) -> None:
-    """Build the example library beside `path` and move it into place. An existing `path` is replaced only
+    """Build the example library beside `path` and rename it into place. An existing `path` is replaced only
     if this function made it (its ownership marker); a user's folder raises FolderNotOwnedError untouched."""
     from adaptermix.cli import main as cli
+
+    def build(folder: Path) -> None:
+        code = cli(["build", str(adapters), str(folder), f"base_model={base_model}"])
+        if code:
+            raise RuntimeError(f"`adaptermix build` failed with exit code {code}")
 
     if path.is_symlink() or (path.exists() and any(path.iterdir())):
         remove_owned(path, PURPOSE)
     print(f"building the example library at {path} from {adapters}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = make_owned(Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.building-")), "staging")
-    try:
-        code = cli(["build", str(adapters), str(staging / "lib"), f"base_model={base_model}"])
-        if code:
-            raise RuntimeError(f"`adaptermix build` failed with exit code {code}")
-        mark_owned(staging / "lib", PURPOSE)
-        os.replace(staging / "lib", path)   # `path` is absent or an empty folder
-    finally:
-        remove_owned(staging, "staging")
+    publish_folder(path, build, PURPOSE)
 
 
 @torch.no_grad()
