@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import faults
 from .errors import CorruptCatalogError, LibraryBusyError, LibraryError
 
 __all__ = ["Catalog", "AdapterRecord", "FORMAT_VERSION"]
@@ -110,6 +111,8 @@ class Catalog:
             raise CorruptCatalogError(f"{self.path} is not a readable adaptermix catalog ({exc}); restore it "
                                       "from a backup, or rebuild the library from its checkpoints") from exc
         self._moved: list[Path] | None = None
+        if faults.hook is not None:            # crash testing: every SQL statement is a fault point
+            self.conn.set_trace_callback(faults.sql_point)
 
     def initialise(self, meta: dict[str, str]) -> None:
         with self.write():
@@ -166,6 +169,18 @@ class Catalog:
             raise
         finally:
             self._moved = None
+
+    @contextmanager
+    def snapshot(self):
+        """Several reads that see one committed state (a WAL read transaction); inside write(), that one."""
+        if self.conn.in_transaction:
+            yield self.conn
+            return
+        self.conn.execute("BEGIN")
+        try:
+            yield self.conn
+        finally:
+            self.conn.execute("COMMIT")
 
     def track_new_file(self, path: Path) -> None:
         assert self._moved is not None, "files are moved into place only inside write()"

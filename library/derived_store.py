@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load as st_load, save as st_save
 
+from . import faults
 from .catalog import Catalog
 from .derived import DerivedKind
 from .errors import LibraryError
@@ -63,7 +64,9 @@ class DerivedStore:
         target.parent.mkdir(parents=True, exist_ok=True)
         target = library_file(self.root, pending.relpath)   # no link on the way out of the library
         existed = target.exists()
-        os.replace(write_temp(self.root / "tmp", pending.data), target)
+        temp = write_temp(self.root / "tmp", pending.data)
+        faults.point("rename")
+        os.replace(temp, target)
         if not existed:
             self.catalog.track_new_file(target)
 

@@ -12,11 +12,10 @@ import re
 import tempfile
 from pathlib import Path
 
-from safetensors.torch import save as st_save
-
+from . import faults
 from .adapter import LoraAdapter, LoraModule
 from .errors import AdapterFormatError, UnsafeLibraryError
-from .tensor_file import parse_safetensors, read_checked
+from .tensor_file import parse_safetensors, read_checked, serialize
 
 __all__ = ["write_atomic", "fsync_dir", "adapter_file_bytes", "read_adapter_file", "library_file", "check_layout",
            "FILE_FORMAT", "LAYOUT"]
@@ -56,6 +55,7 @@ def check_layout(root: Path) -> None:
 
 
 def fsync_dir(path: Path) -> None:
+    faults.point("fsync dir")
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -69,8 +69,10 @@ def write_temp(folder: Path, data: bytes, suffix: str = ".tmp") -> Path:
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
     try:
         with os.fdopen(fd, "wb") as handle:
+            faults.point("write")
             handle.write(data)
             handle.flush()
+            faults.point("fsync")
             os.fsync(handle.fileno())
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -82,6 +84,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     """Replace `path` with `data` atomically and durably."""
     path = Path(path)
     tmp = write_temp(path.parent, data)
+    faults.point("rename")
     os.replace(tmp, path)
     fsync_dir(path.parent)
 
@@ -99,7 +102,7 @@ def adapter_file_bytes(adapter: LoraAdapter) -> bytes:
         "rslora": json.dumps(sorted(k for k, m in adapter.modules.items() if m.use_rslora)),
         "conv1d": json.dumps(sorted(adapter.conv1d)),
     }
-    return st_save(tensors, metadata=header)
+    return serialize(tensors, header)
 
 
 def read_adapter_file(path: Path, modules: list[str] | None = None, *, expected_check: str | None = None,
@@ -108,6 +111,8 @@ def read_adapter_file(path: Path, modules: list[str] | None = None, *, expected_
     sha256) before any tensor is made: CorruptAdapterError if it differs. With `modules`, only those."""
     try:
         buffer = read_checked(path, expected_check, expected_sha256)
+    except FileNotFoundError:
+        raise
     except OSError as exc:
         raise AdapterFormatError(f"cannot read adapter file {path}: {exc}") from exc
     header, tensors = parse_safetensors(buffer, str(path))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from . import faults
 from .derived import adapter_texts
 from .errors import AdapterFormatError, AdaptermixError, LibraryBusyError, UnsafeLibraryError
 from .files import library_file
@@ -58,6 +59,9 @@ def recover(library) -> None:
     def sweep():
         for leftover in _temp_files(library.root):
             leftover.unlink(missing_ok=True)
+        for folder in ("index", "routers"):      # write_atomic's temp files beside their targets
+            for leftover in (library.root / folder).glob(".tmp-*"):
+                leftover.unlink(missing_ok=True)
         for rel in _stored_files(library.root) - _referenced_files(library.catalog.conn):
             (library.root / rel).unlink(missing_ok=True)
 
@@ -71,6 +75,7 @@ def delete_unreferenced(library, files: list[Path]) -> None:
     def sweep():
         for path in files:
             if not _is_referenced(library.catalog.conn, path.relative_to(library.root).as_posix()):
+                faults.point("unlink")
                 path.unlink(missing_ok=True)
 
     if files:

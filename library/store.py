@@ -33,7 +33,7 @@ from .catalog import AdapterRecord, Catalog
 from .derived import ArrowPrototypes, ParameterSketch, TextEmbedding, adapter_texts, text_hash
 from .derived_store import DerivedStore, PendingFile
 from .encoders import TextEncoder, default_encoder
-from .errors import (AdapterNotFoundError, AdapterValidationError, BaseModelMismatchError,
+from .errors import (AdapterNotFoundError, AdapterValidationError, BaseModelMismatchError, CorruptAdapterError,
                      DuplicateAdapterError, LibraryError)
 from .files import adapter_file_bytes, check_layout, fsync_dir, library_file, read_adapter_file, write_atomic
 from .index import IndexConfig, TextIndex
@@ -180,10 +180,16 @@ class AdapterLibrary:
         """Load one adapter, its bytes checked against the catalog first (size + checksum, see tensor_file.py):
         CorruptAdapterError if they differ. With `modules`, only those become part of the adapter."""
         record = self.record(name)
-        return read_adapter_file(library_file(self.root, record.file), modules, expected_check=record.file_check,
-                                 expected_sha256=record.file_sha256, name=record.name,
-                                 description=record.description, tags=record.tags,
-                                 examples=record.examples, source=record.source)
+        path = library_file(self.root, record.file)
+        try:
+            return read_adapter_file(path, modules, expected_check=record.file_check,
+                                     expected_sha256=record.file_sha256, name=record.name,
+                                     description=record.description, tags=record.tags,
+                                     examples=record.examples, source=record.source)
+        except FileNotFoundError:
+            if self.catalog.record(name) != record:   # another process removed or replaced it meanwhile
+                raise AdapterNotFoundError(f"adapter {name!r} was removed or replaced while being read") from None
+            raise CorruptAdapterError(f"{path}, the file of adapter {name!r}, is missing; run verify()") from None
 
     def prototypes(self, name: str, modules: list[str] | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """module -> (right singular vectors (k, d_in), singular values (k,)) of the adapter's dW, for the
@@ -208,11 +214,18 @@ class AdapterLibrary:
 
     def _vectors(self, kind, key_field: str, names):
         names = self.names() if names is None else list(names)
-        records = [self.record(n) for n in names]
         self.ensure_derived(kinds=(kind.kind,), names=names)
-        rows = [self.derived.get(kind, getattr(r, key_field), ["vector"])["vector"] for r in records]
+        with self.catalog.snapshot():                # records and their vectors from one committed state
+            return names, self._read_vectors(kind, key_field, [self.record(n) for n in names])
+
+    def _read_vectors(self, kind, key_field: str, records) -> np.ndarray:
+        stored = [self.derived.get(kind, getattr(r, key_field), ["vector"]) for r in records]
+        missing = [r.name for r, row in zip(records, stored) if not row]
+        if missing:
+            raise LibraryError(f"no {kind.kind} data for {missing[:3]} in {self.root}; run ensure_derived()")
+        rows = [row["vector"] for row in stored]
         matrix = torch.stack(rows).numpy() if rows else np.zeros((0, 0), np.float32)
-        return names, matrix.astype(np.float32, copy=False)
+        return matrix.astype(np.float32, copy=False)
 
     # -- search ----------------------------------------------------------------------------------
 
@@ -246,13 +259,16 @@ class AdapterLibrary:
         if self._index is not None and self._index.generation == generation and self._index.kind_wanted == kind:
             return self._index
         self.ensure_derived(kinds=("text",))
-        generation = int(self.catalog.get_meta("generation"))
         if self._index is None or self._index.kind_wanted != kind:
             self._index = TextIndex(self.root / "index", self.text_kind.config_hash, kind, config)
-        if not self._index.load(generation, self.catalog.ids()):
-            ids = [r.id for r in self.records()]
-            _, vectors = self.text_embeddings()
-            self._index.build(np.asarray(ids, np.int64), vectors, generation)
+        with self.catalog.snapshot():                # generation, ids and vectors of one committed state
+            generation = int(self.catalog.get_meta("generation"))
+            loaded = self._index.load(generation, self.catalog.ids())
+            if not loaded:
+                records = self.records()
+                vectors = self._read_vectors(self.text_kind, "text_hash", records)
+                self._index.build(np.asarray([r.id for r in records], np.int64), vectors, generation)
+        if not loaded:
             self._index.save()
         return self._index
 
@@ -410,12 +426,19 @@ class AdapterLibrary:
                 adapter_id = self.catalog.insert_adapter(self._row(item))
                 for kind, tensors in item.content_derived.items():
                     self.derived.put(kind, item.content_hash, tensors)
+                if item.text_derived is None and self.derived.missing(self.text_kind, {text_hash(item.texts)}):
+                    # its twin's text data was collected by another writer since _attach_text looked
+                    item.text_derived = self.text_kind.compute_many([item.texts])[0]
                 if item.text_derived is not None:
                     self.derived.put(self.text_kind, text_hash(item.texts), item.text_derived)
-                    added[adapter_id] = item.text_derived["vector"].numpy()
+                added[adapter_id] = self._text_vector(text_hash(item.texts))
             stale += self.derived.collect_garbage()
             generation = self.catalog.bump_generation()
         self._after_commit(stale, generation, removed=removed, added=added)
+
+    def _text_vector(self, key: str) -> np.ndarray:
+        """Inside a write: the stored pooled text embedding of `key`, for the in-memory index."""
+        return self.derived.get(self.text_kind, key, ["vector"])["vector"].numpy()
 
     def _row(self, item: _Prepared) -> dict:
         a = item.adapter
@@ -437,11 +460,13 @@ class AdapterLibrary:
             if "name" in changes and changes["name"] != record.name and self.catalog.record(changes["name"]):
                 raise DuplicateAdapterError(f"an adapter named {changes['name']!r} already exists")
             self.catalog.update_adapter(record.name, {**changes, "text_hash": new_hash})
+            if text_tensors is None and self.derived.missing(self.text_kind, {new_hash}):
+                text_tensors = self.text_kind.compute_many([texts])[0]   # collected since we looked
             if text_tensors is not None:
                 self.derived.put(self.text_kind, new_hash, text_tensors)
+            vector = self._text_vector(new_hash)
             garbage = self.derived.collect_garbage()
             generation = self.catalog.bump_generation()
-        vector = self.derived.get(self.text_kind, new_hash, ["vector"])["vector"].numpy()
         self._after_commit(garbage, generation, removed=[record.id], added={record.id: vector})
         return self.record(merged["name"])
 

@@ -22,12 +22,31 @@ import torch
 
 from .errors import AdapterFormatError, CorruptAdapterError
 
-__all__ = ["content_check", "read_checked", "parse_safetensors", "MAX_HEADER_BYTES"]
+__all__ = ["content_check", "read_checked", "parse_safetensors", "serialize", "MAX_HEADER_BYTES"]
 
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
+
+
+_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+
+
+def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """safetensors bytes, deterministic: names sorted, header keys sorted, so one content makes one file
+    in every process (safetensors' own writer orders metadata by a hash map, which differs per process)."""
+    header, chunks, offset = {"__metadata__": dict(sorted(metadata.items()))}, [], 0
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().contiguous().cpu()
+        data = tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        header[name] = {"dtype": _NAMES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)        # data starts 8-byte aligned, as safetensors writes it
+    return len(encoded).to_bytes(8, "little") + encoded + b"".join(chunks)
 
 
 def content_check(buffer) -> str:
