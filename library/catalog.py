@@ -60,6 +60,10 @@ CREATE TABLE IF NOT EXISTS derived_configs (
 """
 
 
+_TEXT_FIELDS = ("name", "content_hash", "text_hash", "file", "file_sha256", "fingerprint", "base_model", "dtype",
+                "description", "source")
+
+
 @dataclass(frozen=True)
 class AdapterRecord:
     """Catalog metadata of one adapter (no tensors)."""
@@ -87,9 +91,19 @@ class AdapterRecord:
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "AdapterRecord":
         data = dict(row)
-        data["tags"] = tuple(json.loads(data["tags"]))
-        data["examples"] = tuple(json.loads(data["examples"]))
-        return cls(**data)
+        try:
+            for key in ("tags", "examples"):
+                data[key] = tuple(json.loads(data[key]))
+                if not all(isinstance(text, str) for text in data[key]):
+                    raise ValueError(f"{key} must be a list of strings")
+            for key in _TEXT_FIELDS:
+                if not isinstance(data[key], str):
+                    raise ValueError(f"{key} must be text, not {type(data[key]).__name__}")
+            if data.get("file_check") is not None and not isinstance(data["file_check"], str):
+                raise ValueError("file_check must be text")
+            return cls(**data)
+        except (ValueError, TypeError) as exc:
+            raise CorruptCatalogError(f"catalog row of adapter {data.get('name')!r} is malformed: {exc}") from exc
 
     def as_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
