@@ -376,3 +376,12 @@ def test_the_native_kernel_build_ignores_a_stale_lock_and_checks_its_cache(tmp_p
                            timeout=300)
     assert child.returncode == 0, child.stderr[-2000:]
     assert child.stdout.split() == ["True", "None", "True"], child.stdout
+
+
+def test_a_linked_catalog_is_refused_on_open(library, tmp_path):
+    library.close()
+    real = tmp_path / "elsewhere.sqlite"
+    (library.root / "catalog.sqlite").rename(real)
+    (library.root / "catalog.sqlite").symlink_to(real)
+    with pytest.raises(am.UnsafeLibraryError, match="symbolic link"):
+        am.AdapterLibrary.open(library.root)
