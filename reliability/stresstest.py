@@ -113,8 +113,9 @@ def _tiny_model():
 
 def _spawn(role: str, *args) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    errors = open(Path(args[-2]).with_suffix(".err"), "ab")   # a file, not a pipe: a full pipe would block
     return subprocess.Popen([sys.executable, "-m", "adaptermix.reliability.stresstest", role, *map(str, args)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            env=env, stdout=subprocess.DEVNULL, stderr=errors)
 
 
 def _size(path: Path) -> int:
@@ -164,16 +165,29 @@ def run_stress(workdir: Path, writers: int = 2, readers: int = 2, seconds: float
     procs = {i: _spawn("writer", root, i, writer_logs[i], seed * 1000 + i) for i in range(writers)}
     spawned_at = {i: 0 for i in range(writers)}
     reader_procs = [_spawn("reader", root, reader_logs[i], seed * 1000 + 500 + i) for i in range(readers)]
+    try:
+        kills = _drive(procs, spawned_at, reader_procs, root, writer_logs, reader_logs, seconds, kill_every, rng, seed)
+    finally:                                         # never leave a child running, whatever happened
+        for proc in [*procs.values(), *reader_procs]:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    return _audit(root, writer_logs, reader_logs, kills, seconds)
+
+
+def _drive(procs, spawned_at, reader_procs, root, writer_logs, reader_logs, seconds, kill_every, rng, seed) -> int:
+    """Run for `seconds` once every process works, SIGKILLing a working writer every `kill_every` s."""
+    writers = len(procs)
     deadline = time.monotonic() + 300
     while not all(_size(log) for log in [*writer_logs, *reader_logs]) and time.monotonic() < deadline:
         time.sleep(0.1)                                  # the clock starts once every process is working
-    kills, restarts, started = 0, 0, time.monotonic()
+    kills, started = 0, time.monotonic()
     next_kill = started + rng.uniform(*kill_every)
     while time.monotonic() - started < seconds:
         time.sleep(0.05)
         for i, proc in procs.items():
             if proc.poll() is not None:                   # a writer died on its own: that is a finding
-                raise RuntimeError(f"writer {i} exited: {proc.stderr.read().decode()[-2000:]}")
+                raise RuntimeError(f"writer {i} exited: {writer_logs[i].with_suffix('.err').read_text()[-2000:]}")
         working = [i for i in procs if _size(writer_logs[i]) > spawned_at[i]]   # past its start-up
         if time.monotonic() >= next_kill and working:
             victim = rng.choice(working)
@@ -182,12 +196,8 @@ def run_stress(workdir: Path, writers: int = 2, readers: int = 2, seconds: float
             kills += 1
             spawned_at[victim] = _size(writer_logs[victim])
             procs[victim] = _spawn("writer", root, victim, writer_logs[victim], seed * 1000 + victim + 17 * kills)
-            restarts += 1
             next_kill = time.monotonic() + rng.uniform(*kill_every)
-    for proc in [*procs.values(), *reader_procs]:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    return _audit(root, writer_logs, reader_logs, kills, seconds)
+    return kills
 
 
 def _audit(root: Path, writer_logs: list[Path], reader_logs: list[Path], kills: int, seconds: float) -> dict:
