@@ -198,9 +198,13 @@ def fuzz_library(workdir: Path, examples: int) -> dict:
         shutil.copytree(pristine, root)
         value = value.replace("VICTIM", str(sentinel / "victim.safetensors")) if isinstance(value, str) else value
         conn = sqlite3.connect(str(root / "catalog.sqlite"))
-        conn.execute(f"UPDATE adapters SET {column} = ? WHERE name = 'a0'", (value,))
-        conn.commit()
-        conn.close()
+        try:
+            conn.execute(f"UPDATE adapters SET {column} = ? WHERE name = 'a0'", (value,))
+            conn.commit()
+        except (sqlite3.IntegrityError, OverflowError):
+            return                                   # the schema itself refuses this value
+        finally:
+            conn.close()
         _plant(root, sentinel, plant)
         try:
             library = AdapterLibrary.open(root, encoder=HashingEncoder())
