@@ -45,6 +45,7 @@ class ComposerState:
         self.hook = None
         self.probing = False                     # inside a router's probe pass (composer/state.py _probe)
         self.probe_state: dict | None = None
+        self.validate_routing = True             # check router output at each layer (composer/layer.py)
 
     def pre_forward(self, module, args, kwargs) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import codecs
 import json
 import random
-import shutil
 import time
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import adaptermix as am
 from adaptermix.cli import load_config, main as cli
+from adaptermix.library.owned import mark_owned, remove_owned
 
 # name -> (description, transformation)
 TASKS = {
@@ -176,9 +176,9 @@ def run(cfg: DictConfig) -> None:
               f"{row['held_out_loss_after']:.3f}  ({row['train_seconds']} s)")
 
     print("== 2. adaptermix build")
-    if lib_dir.exists():
-        shutil.rmtree(lib_dir)
+    remove_owned(lib_dir, "tiny demo library")   # a folder this demo did not make is never deleted
     assert cli(["build", str(lib_dir), str(checkpoints), f"base_model={base_dir}"]) == 0
+    mark_owned(lib_dir, "tiny demo library")
     print("== 3. adaptermix list")
     cli(["list", str(lib_dir)])
     print("== 4. adaptermix search")

@@ -8,7 +8,8 @@ with x[t] (shrink) and rank axpys into the output row (expand), the factors stay
 register-blocked micro-kernels (two tokens by four rank rows).
 
 Built on first use with torch.utils.cpp_extension (the host's C++ compiler, -O3 -march=native, OpenMP),
-cached under ~/.cache/torch_extensions by source and CPU; the OpenMP runtime is the one torch already loaded,
+cached under ~/.cache/torch_extensions/adaptermix by source and CPU (each build in a private folder renamed
+into place, its sha256 checked before every load); the OpenMP runtime is the one torch already loaded,
 so threads follow torch.set_num_threads. Without a compiler `available()` is False and 'auto' takes the
 torch backend. float32 / float64 only. B is read by rows (N, r_max, d_out): pass it as the transposed view
 of such a tensor (as the composer stores it), or a contiguous (N, d_out, r_max) B is transposed per call.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import json
 import os
 import platform
 import shutil
@@ -40,6 +42,8 @@ DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 _ERRORS = {1: "idx holds an adapter id outside [-1, N)", 2: "ranks hold a value outside [0, r_max]",
            3: "r_max above 1024 is not supported by the CPU kernel"}
 
+MANIFEST = "manifest.json"                 # the built library's file name and sha256
+BUILD_PURPOSE = "cpu kernel build"         # the ownership marker of the build folders (library/owned.py)
 _lock = threading.Lock()
 _state: dict = {"lib": None, "error": None}
 
@@ -64,14 +68,48 @@ def _ninja_on_path() -> None:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
-def _build() -> ctypes.CDLL:
+def _build_root() -> Path:
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions") / "adaptermix"
+
+
+def _cached_library(folder: Path) -> Path | None:
+    """The built library in `folder` if its manifest's sha256 matches its bytes (a damaged or swapped file
+    is never loaded), else None."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        path = folder / manifest["file"]
+        if "/" in manifest["file"] or path.is_symlink() or not path.is_file():
+            return None
+        return path if hashlib.sha256(path.read_bytes()).hexdigest() == manifest["sha256"] else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _compile(folder: Path, name: str) -> None:
+    """Compile into `folder`, a private build folder of this process: torch's lock file lives there, so a
+    build killed midway can never leave a lock that makes a later process wait forever."""
     from torch.utils import cpp_extension
+
+    built = Path(cpp_extension.load(name, [str(SOURCE)], is_python_module=False, build_directory=str(folder),
+                                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"]))
+    manifest = {"file": built.name, "sha256": hashlib.sha256(built.read_bytes()).hexdigest()}
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+
+
+def _build() -> ctypes.CDLL:
+    from ..library.owned import publish_folder, remove_owned
 
     _ninja_on_path()
     tag = hashlib.sha256((SOURCE.read_text() + _cpu_signature()).encode()).hexdigest()[:16]
-    path = cpp_extension.load(f"adaptermix_cpu_{tag}", [str(SOURCE)], is_python_module=False,
-                              extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
-    lib = ctypes.CDLL(path)
+    folder = _build_root() / f"cpu_{tag}"
+    path = _cached_library(folder)
+    if path is None:
+        remove_owned(folder, BUILD_PURPOSE)      # a damaged build of ours; never a folder we did not make
+        publish_folder(folder, lambda staging: _compile(staging, f"adaptermix_cpu_{tag}"), BUILD_PURPOSE)
+        path = _cached_library(folder)
+        if path is None:
+            raise RuntimeError(f"the cpu kernels built in {folder} fail their integrity check")
+    lib = ctypes.CDLL(str(path))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     for suffix in DTYPES.values():
         mixture = getattr(lib, f"am_mixture_{suffix}")

@@ -16,8 +16,9 @@ if __name__ == "adaptermix.library":
         "derived": ["ArrowPrototypes", "ParameterSketch", "TextEmbedding", "lora_svd"],
         "encoders": ["SentenceTransformerEncoder", "TextEncoder", "default_encoder"],
         "errors": ["AdapterFormatError", "AdaptermixError", "AdapterNotFoundError", "AdapterValidationError",
-                   "BaseModelMismatchError", "DuplicateAdapterError", "LibraryBusyError", "LibraryError",
-                   "UnsafeCheckpointError", "UnsupportedAdapterError"],
+                   "BaseModelMismatchError", "CorruptAdapterError", "CorruptCatalogError", "DuplicateAdapterError",
+                   "FolderNotOwnedError", "LibraryBusyError", "LibraryError", "RouterOutputError",
+                   "UnsafeCheckpointError", "UnsafeLibraryError", "UnsupportedAdapterError"],
         "learning": ["cluster_adapters", "clustered_library", "merge_cluster"],
         "store": ["AdapterLibrary", "LibraryConfig", "SearchHit"],
     }

@@ -14,7 +14,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import LibraryBusyError, LibraryError
+from . import faults
+from .errors import CorruptCatalogError, LibraryBusyError, LibraryError
 
 __all__ = ["Catalog", "AdapterRecord", "FORMAT_VERSION"]
 
@@ -40,7 +41,8 @@ CREATE TABLE IF NOT EXISTS adapters (
     examples TEXT NOT NULL,
     source TEXT NOT NULL,
     created REAL NOT NULL,
-    updated REAL NOT NULL
+    updated REAL NOT NULL,
+    file_check TEXT
 );
 CREATE TABLE IF NOT EXISTS derived (
     kind TEXT NOT NULL,
@@ -56,6 +58,10 @@ CREATE TABLE IF NOT EXISTS derived_configs (
     PRIMARY KEY (kind, config_hash)
 );
 """
+
+
+_TEXT_FIELDS = ("name", "content_hash", "text_hash", "file", "file_sha256", "fingerprint", "base_model", "dtype",
+                "description", "source")
 
 
 @dataclass(frozen=True)
@@ -80,13 +86,24 @@ class AdapterRecord:
     source: str
     created: float
     updated: float
+    file_check: str | None = None  # "<size>:<64-bit word sum>", checked on every read (tensor_file.py)
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "AdapterRecord":
         data = dict(row)
-        data["tags"] = tuple(json.loads(data["tags"]))
-        data["examples"] = tuple(json.loads(data["examples"]))
-        return cls(**data)
+        try:
+            for key in ("tags", "examples"):
+                data[key] = tuple(json.loads(data[key]))
+                if not all(isinstance(text, str) for text in data[key]):
+                    raise ValueError(f"{key} must be a list of strings")
+            for key in _TEXT_FIELDS:
+                if not isinstance(data[key], str):
+                    raise ValueError(f"{key} must be text, not {type(data[key]).__name__}")
+            if data.get("file_check") is not None and not isinstance(data["file_check"], str):
+                raise ValueError("file_check must be text")
+            return cls(**data)
+        except (ValueError, TypeError) as exc:
+            raise CorruptCatalogError(f"catalog row of adapter {data.get('name')!r} is malformed: {exc}") from exc
 
     def as_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
@@ -98,9 +115,18 @@ class Catalog:
         self.busy_timeout = busy_timeout
         self.conn = sqlite3.connect(str(self.path), timeout=busy_timeout, isolation_level=None)
         self.conn.row_factory = sqlite3.Row
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA synchronous=FULL")
+        try:
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=FULL")
+        except sqlite3.DatabaseError as exc:
+            self.conn.close()
+            if isinstance(exc, sqlite3.OperationalError) and ("locked" in str(exc) or "busy" in str(exc)):
+                raise LibraryBusyError(f"library {self.path.parent} is locked by another process; try again") from exc
+            raise CorruptCatalogError(f"{self.path} is not a readable adaptermix catalog ({exc}); restore it "
+                                      "from a backup, or rebuild the library from its checkpoints") from exc
         self._moved: list[Path] | None = None
+        if faults.hook is not None:            # crash testing: every SQL statement is a fault point
+            self.conn.set_trace_callback(faults.sql_point)
 
     def initialise(self, meta: dict[str, str]) -> None:
         with self.write():
@@ -113,9 +139,22 @@ class Catalog:
         try:
             version = self.get_meta("format_version")
         except sqlite3.DatabaseError as exc:
-            raise LibraryError(f"{self.path} is not an adaptermix catalog: {exc}") from exc
+            raise CorruptCatalogError(f"{self.path} is not a readable adaptermix catalog ({exc}); restore it "
+                                      "from a backup, or rebuild the library from its checkpoints") from exc
         if version != FORMAT_VERSION:
             raise LibraryError(f"{self.path}: library format {version!r}, this adaptermix reads {FORMAT_VERSION!r}")
+        self._add_file_check_column()
+
+    def _add_file_check_column(self) -> None:
+        """Libraries made before the cheap content check get its column (NULL: reads fall back to sha256)."""
+        if "file_check" in {r[1] for r in self.conn.execute("PRAGMA table_info(adapters)")}:
+            return
+        try:
+            with self.write():
+                if "file_check" not in {r[1] for r in self.conn.execute("PRAGMA table_info(adapters)")}:
+                    self.conn.execute("ALTER TABLE adapters ADD COLUMN file_check TEXT")
+        except (LibraryBusyError, sqlite3.OperationalError):
+            pass  # read-only or busy: the column is added by the next writer that opens it
 
     # -- transactions ----------------------------------------------------------------------------
 
@@ -144,6 +183,18 @@ class Catalog:
             raise
         finally:
             self._moved = None
+
+    @contextmanager
+    def snapshot(self):
+        """Several reads that see one committed state (a WAL read transaction); inside write(), that one."""
+        if self.conn.in_transaction:
+            yield self.conn
+            return
+        self.conn.execute("BEGIN")
+        try:
+            yield self.conn
+        finally:
+            self.conn.execute("COMMIT")
 
     def track_new_file(self, path: Path) -> None:
         assert self._moved is not None, "files are moved into place only inside write()"
@@ -180,6 +231,9 @@ class Catalog:
     def names_by_id(self, ids: list[int]) -> dict[int, str]:
         marks = ", ".join("?" for _ in ids)
         return dict(self.conn.execute(f"SELECT id, name FROM adapters WHERE id IN ({marks})", ids).fetchall())
+
+    def ids(self) -> list[int]:
+        return [r[0] for r in self.conn.execute("SELECT id FROM adapters")]
 
     def count(self) -> int:
         return self.conn.execute("SELECT COUNT(*) FROM adapters").fetchone()[0]

@@ -12,10 +12,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load as st_load, save as st_save
 
+from . import faults
 from .catalog import Catalog
 from .derived import DerivedKind
 from .errors import LibraryError
-from .files import write_temp
+from .files import library_file, write_temp
 
 __all__ = ["DerivedStore", "PendingFile"]
 
@@ -61,8 +62,11 @@ class DerivedStore:
         """Inside a catalog write: write to tmp/, fsync, rename into place; undone if the write fails."""
         target = self.root / pending.relpath
         target.parent.mkdir(parents=True, exist_ok=True)
+        target = library_file(self.root, pending.relpath)   # no link on the way out of the library
         existed = target.exists()
-        os.replace(write_temp(self.root / "tmp", pending.data), target)
+        temp = write_temp(self.root / "tmp", pending.data)
+        faults.point("rename")
+        os.replace(temp, target)
         if not existed:
             self.catalog.track_new_file(target)
 
@@ -74,7 +78,7 @@ class DerivedStore:
         if row["data"] is not None:
             tensors = st_load(bytes(row["data"]))
             return tensors if names is None else {n: tensors[n] for n in names if n in tensors}
-        path = self.root / row["file"]
+        path = library_file(self.root, row["file"])
         try:
             with safe_open(str(path), framework="pt") as handle:
                 stored = set(handle.keys())
@@ -91,5 +95,5 @@ class DerivedStore:
         for row in self.catalog.unreferenced_derived():
             self.catalog.delete_derived(row["kind"], row["config_hash"], row["key"])
             if row["file"]:
-                files.append(self.root / row["file"])
+                files.append(library_file(self.root, row["file"]))
         return files

@@ -42,3 +42,23 @@ class LibraryError(AdaptermixError):
 
 class LibraryBusyError(LibraryError):
     """Another process held the library's write lock for longer than the timeout."""
+
+
+class FolderNotOwnedError(LibraryError):
+    """adaptermix was asked to replace a folder it did not create and mark as its own; nothing was deleted."""
+
+
+class UnsafeLibraryError(LibraryError):
+    """A library holds a path that escapes its folder, or a symbolic link: it is refused, not followed."""
+
+
+class CorruptAdapterError(LibraryError):
+    """An adapter file does not match the size and checksum the catalog recorded for it."""
+
+
+class CorruptCatalogError(LibraryError):
+    """catalog.sqlite is not a readable SQLite database (truncated, overwritten, or not a catalog)."""
+
+
+class RouterOutputError(AdaptermixError, ValueError):
+    """A router returned weights that are NaN / infinite, or adapter ids outside [-1, N)."""

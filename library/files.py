@@ -8,21 +8,54 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
-from safetensors import safe_open
-from safetensors.torch import save as st_save
-
+from . import faults
 from .adapter import LoraAdapter, LoraModule
-from .errors import AdapterFormatError
+from .errors import AdapterFormatError, UnsafeLibraryError
+from .tensor_file import parse_safetensors, read_checked, serialize
 
-__all__ = ["write_atomic", "fsync_dir", "adapter_file_bytes", "read_adapter_file", "FILE_FORMAT"]
+__all__ = ["write_atomic", "fsync_dir", "adapter_file_bytes", "read_adapter_file", "library_file", "check_layout",
+           "FILE_FORMAT", "LAYOUT"]
 
 FILE_FORMAT = "adaptermix.lora/1"
+LAYOUT = ("catalog.sqlite", "catalog.sqlite-wal", "catalog.sqlite-shm", "adapters", "derived", "index", "tmp",
+          "routers")
+# What a catalog `file` field may name: a .safetensors file under adapters/ or derived/, nothing else.
+_FILE_FIELD = re.compile(r"^(adapters|derived)(/[A-Za-z0-9_.=-]+)+\.safetensors$")
+
+
+def library_file(root: Path, rel) -> Path:
+    """The path of a catalog `file` field inside the library at `root`, checked before any read or delete:
+    relative, under adapters/ or derived/, no '.' / '..' / empty parts, no symbolic link on the way, and
+    resolving inside the library. A library from someone else cannot make us touch anything outside it."""
+    parts = rel.split("/") if isinstance(rel, str) else []
+    if not (isinstance(rel, str) and _FILE_FIELD.match(rel)) or any(p in ("", ".", "..") for p in parts):
+        raise UnsafeLibraryError(f"{root}: the catalog names the file {rel!r}, which is not a file inside the "
+                                 "library (adapters/... or derived/...); refusing to read or delete it")
+    path = Path(root)
+    for part in parts:
+        path = path / part
+        if path.is_symlink():
+            raise UnsafeLibraryError(f"{path} is a symbolic link; a library may not hold links (they can point "
+                                     "anywhere), so it is not followed")
+    if not path.resolve().is_relative_to(Path(root).resolve()):
+        raise UnsafeLibraryError(f"{path} resolves outside the library {root}; refusing to touch it")
+    return path
+
+
+def check_layout(root: Path) -> None:
+    """Refuse a library whose own folders or catalog are symbolic links (they could point anywhere)."""
+    for name in LAYOUT:
+        if (Path(root) / name).is_symlink():
+            raise UnsafeLibraryError(f"{Path(root) / name} is a symbolic link; a library may not hold links "
+                                     "(they can point anywhere). Replace it with the real folder or file")
 
 
 def fsync_dir(path: Path) -> None:
+    faults.point("fsync dir")
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -36,8 +69,10 @@ def write_temp(folder: Path, data: bytes, suffix: str = ".tmp") -> Path:
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
     try:
         with os.fdopen(fd, "wb") as handle:
+            faults.point("write")
             handle.write(data)
             handle.flush()
+            faults.point("fsync")
             os.fsync(handle.fileno())
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -49,6 +84,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     """Replace `path` with `data` atomically and durably."""
     path = Path(path)
     tmp = write_temp(path.parent, data)
+    faults.point("rename")
     os.replace(tmp, path)
     fsync_dir(path.parent)
 
@@ -66,28 +102,34 @@ def adapter_file_bytes(adapter: LoraAdapter) -> bytes:
         "rslora": json.dumps(sorted(k for k, m in adapter.modules.items() if m.use_rslora)),
         "conv1d": json.dumps(sorted(adapter.conv1d)),
     }
-    return st_save(tensors, metadata=header)
+    return serialize(tensors, header)
 
 
-def read_adapter_file(path: Path, modules: list[str] | None = None, **metadata) -> LoraAdapter:
-    """Load an adapter file (memory-mapped; only the requested modules are read)."""
+def read_adapter_file(path: Path, modules: list[str] | None = None, *, expected_check: str | None = None,
+                      expected_sha256: str | None = None, **metadata) -> LoraAdapter:
+    """Load an adapter file, checked against the catalog's record of its content (size + checksum, else
+    sha256) before any tensor is made: CorruptAdapterError if it differs. With `modules`, only those."""
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            header = handle.metadata() or {}
-            if header.get("format") != FILE_FORMAT:
-                raise AdapterFormatError(f"{path} is not an {FILE_FORMAT} file")
-            alphas = json.loads(header["alphas"])
-            rslora = set(json.loads(header["rslora"]))
-            wanted = list(alphas) if modules is None else modules
-            missing = [m for m in wanted if m not in alphas]
-            if missing:
-                raise AdapterFormatError(f"{path} has no module(s) {missing[:5]}")
-            loaded = {
-                m: LoraModule(handle.get_tensor(f"{m}::A"), handle.get_tensor(f"{m}::B"),
-                              float(alphas[m]), m in rslora)
-                for m in wanted
-            }
-    except (OSError, json.JSONDecodeError, KeyError, RuntimeError) as exc:
+        buffer = read_checked(path, expected_check, expected_sha256)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
         raise AdapterFormatError(f"cannot read adapter file {path}: {exc}") from exc
-    return LoraAdapter(modules=loaded, base_model=header["base_model"],
-                       conv1d=frozenset(json.loads(header["conv1d"])), **metadata)
+    header, tensors = parse_safetensors(buffer, str(path))
+    if header.get("format") != FILE_FORMAT:
+        raise AdapterFormatError(f"{path} is not an {FILE_FORMAT} file")
+    try:
+        alphas = json.loads(header["alphas"])
+        rslora = set(json.loads(header["rslora"]))
+        conv1d = frozenset(json.loads(header["conv1d"]))
+        wanted = list(alphas) if modules is None else modules
+        missing = [m for m in wanted if m not in alphas]
+        if missing:
+            raise AdapterFormatError(f"{path} has no module(s) {missing[:5]}")
+        loaded = {m: LoraModule(tensors[f"{m}::A"], tensors[f"{m}::B"], float(alphas[m]), m in rslora)
+                  for m in wanted}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        if isinstance(exc, AdapterFormatError):
+            raise
+        raise AdapterFormatError(f"cannot read adapter file {path}: {exc!r}") from exc
+    return LoraAdapter(modules=loaded, base_model=header.get("base_model", ""), conv1d=conv1d, **metadata)

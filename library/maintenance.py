@@ -5,14 +5,17 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import sqlite3
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .errors import AdapterFormatError, AdaptermixError, LibraryBusyError
+from . import faults
+from .errors import AdapterFormatError, AdaptermixError, LibraryBusyError, UnsafeLibraryError
+from .files import library_file
 
-__all__ = ["recover", "verify", "verify_storage", "ensure_derived"]
+__all__ = ["recover", "delete_unreferenced", "verify", "verify_storage", "ensure_derived"]
 
 
 def _sha256(path: Path) -> str:
@@ -24,9 +27,19 @@ def _sha256(path: Path) -> str:
 
 
 def _stored_files(root: Path) -> set[str]:
-    files = {p.relative_to(root).as_posix() for p in (root / "adapters").glob("*.safetensors")}
-    files |= {p.relative_to(root).as_posix() for p in (root / "derived").rglob("*.safetensors")}
+    """Every .safetensors entry (file or link) under adapters/ and derived/; links are never followed."""
+    files = set()
+    for folder in ("adapters", "derived"):
+        for parent, dirs, names in os.walk(root / folder, followlinks=False):
+            links = [d for d in dirs if os.path.islink(os.path.join(parent, d))]
+            for name in [*names, *links]:
+                if name.endswith(".safetensors"):
+                    files.add(Path(parent, name).relative_to(root).as_posix())
     return files
+
+
+def _temp_files(root: Path) -> list[Path]:
+    return [p for p in (root / "tmp").glob("*") if p.is_symlink() or not p.is_dir()]
 
 
 def _referenced_files(conn: sqlite3.Connection) -> set[str]:
@@ -34,31 +47,67 @@ def _referenced_files(conn: sqlite3.Connection) -> set[str]:
     return files | {r[0] for r in conn.execute("SELECT file FROM derived WHERE file IS NOT NULL")}
 
 
+def _is_referenced(conn: sqlite3.Connection, rel: str) -> bool:
+    return conn.execute("SELECT 1 FROM adapters WHERE file = ? UNION ALL SELECT 1 FROM derived WHERE file = ? "
+                        "LIMIT 1", (rel, rel)).fetchone() is not None
+
+
 def recover(library) -> None:
     """Under the writer lock (skipped if another process holds it): drop temp files and files that no
-    committed row references. Such files exist only if a writer died between rename and COMMIT."""
-    conn = library.catalog.conn
-    conn.execute("PRAGMA busy_timeout = 0")
-    try:
-        with library.catalog.write():
-            for leftover in (library.root / "tmp").glob("*"):
+    committed row references. Such files exist only if a writer died between rename and COMMIT, or
+    between COMMIT and the clean-up after it."""
+    def sweep():
+        for leftover in _temp_files(library.root):
+            leftover.unlink(missing_ok=True)
+        for folder in ("index", "routers"):      # write_atomic's temp files beside their targets
+            for leftover in (library.root / folder).glob(".tmp-*"):
                 leftover.unlink(missing_ok=True)
-            for rel in _stored_files(library.root) - _referenced_files(conn):
-                (library.root / rel).unlink(missing_ok=True)
+        for rel in _stored_files(library.root) - _referenced_files(library.catalog.conn):
+            (library.root / rel).unlink(missing_ok=True)
+
+    _if_unlocked(library.catalog, sweep)
+
+
+def delete_unreferenced(library, files: list[Path]) -> None:
+    """After a commit: delete those of `files` that no committed row references, under the writer lock, so
+    that no other writer can commit a row pointing at one of them in between (content-addressed files
+    are shared). Skipped if another writer holds the lock: the next open's `recover` deletes them."""
+    def sweep():
+        for path in files:
+            if not _is_referenced(library.catalog.conn, path.relative_to(library.root).as_posix()):
+                faults.point("unlink")
+                path.unlink(missing_ok=True)
+
+    if files:
+        _if_unlocked(library.catalog, sweep)
+
+
+def _if_unlocked(catalog, action) -> bool:
+    """Run `action` in a write transaction if the writer lock is free now; False if it is not."""
+    catalog.conn.execute("PRAGMA busy_timeout = 0")
+    try:
+        with catalog.write():
+            action()
+        return True
     except LibraryBusyError:
-        pass  # a live writer; whatever it leaves behind it commits or the next open removes
+        return False  # a live writer; whatever it leaves behind it commits or the next open removes
     finally:
-        conn.execute(f"PRAGMA busy_timeout = {int(library.catalog.busy_timeout * 1000)}")
+        catalog.conn.execute(f"PRAGMA busy_timeout = {int(catalog.busy_timeout * 1000)}")
 
 
 def verify_storage(root: Path, catalog) -> list[str]:
-    """What can be checked from the catalog alone: SQLite's integrity, every adapter and derived file present
-    and matching its recorded hash, no orphan or leftover temp file. Problems found; empty when sound."""
+    """What can be checked from the catalog alone: SQLite's integrity, every adapter and derived file inside
+    the library, present and matching its recorded hash, no orphan or leftover temp file. Problems found;
+    empty when sound."""
     conn, problems = catalog.conn, []
     if conn.execute("PRAGMA integrity_check").fetchone()[0] != "ok":
         problems.append("catalog.sqlite fails SQLite's integrity check")
     for record in catalog.records():
-        path = root / record.file
+        try:
+            path = library_file(root, record.file)
+        except UnsafeLibraryError as exc:
+            problems.append(f"{record.name}: {exc}")
+            continue
         if not path.is_file():
             problems.append(f"{record.name}: adapter file {record.file} is missing")
         elif _sha256(path) != record.file_sha256:
@@ -66,7 +115,11 @@ def verify_storage(root: Path, catalog) -> list[str]:
     for row in catalog.derived_rows():
         label = f"derived {row['kind']}/{row['config_hash']}/{row['key'][:12]}"
         if row["file"]:
-            path = root / row["file"]
+            try:
+                path = library_file(root, row["file"])
+            except UnsafeLibraryError as exc:
+                problems.append(f"{label}: {exc}")
+                continue
             if not path.is_file():
                 problems.append(f"{label}: file {row['file']} is missing")
             elif _sha256(path) != row["sha256"]:
@@ -75,7 +128,7 @@ def verify_storage(root: Path, catalog) -> list[str]:
             problems.append(f"{label}: stored blob does not match its recorded hash")
     orphans = sorted(_stored_files(root) - _referenced_files(conn))
     problems += [f"orphan file not in the catalog: {rel}" for rel in orphans]
-    problems += [f"leftover temp file: {p.name}" for p in (root / "tmp").glob("*")]
+    problems += [f"leftover temp file: {p.name}" for p in _temp_files(root)]
     return problems
 
 

@@ -5,7 +5,7 @@ Layout of a library folder:
     catalog.sqlite                          metadata, hashes, derived blobs, generation counter (WAL)
     adapters/<content hash>.safetensors     one file per adapter, factors in their own dtype
     derived/<kind>/<config hash>/<key>.safetensors   large derived data (Arrow prototypes)
-    index/text-<config hash>.faiss          faiss index over text embeddings (a rebuildable cache)
+    index/text-<config hash>-<kind>.safetensors   search index over text embeddings (a checked cache)
     tmp/                                    files being written; only ever non-empty under the write lock
 
 Every change is one catalog transaction holding the writer lock: temp file, fsync, rename into place, rows,
@@ -33,10 +33,12 @@ from .catalog import AdapterRecord, Catalog
 from .derived import ArrowPrototypes, ParameterSketch, TextEmbedding, adapter_texts, text_hash
 from .derived_store import DerivedStore, PendingFile
 from .encoders import TextEncoder, default_encoder
-from .errors import (AdapterNotFoundError, AdapterValidationError, BaseModelMismatchError,
+from .errors import (AdapterNotFoundError, AdapterValidationError, BaseModelMismatchError, CorruptAdapterError,
                      DuplicateAdapterError, LibraryError)
-from .files import adapter_file_bytes, fsync_dir, read_adapter_file, write_atomic
+from .files import adapter_file_bytes, check_layout, fsync_dir, library_file, read_adapter_file, write_atomic
 from .index import IndexConfig, TextIndex
+from .owned import MARKER
+from .tensor_file import content_check
 from .validation import check_against_base, coerce_texts
 
 __all__ = ["AdapterLibrary", "LibraryConfig", "SearchHit"]
@@ -109,7 +111,7 @@ class AdapterLibrary:
             if library.base_model.fingerprint != spec.fingerprint:
                 raise BaseModelMismatchError(f"the library at {root} is bound to {library.base_model.name!r}")
             return library
-        if root.exists() and any(root.iterdir()):
+        if root.exists() and any(p.name != MARKER for p in root.iterdir()):  # its own ownership marker is fine
             raise LibraryError(f"{root} exists and is not empty; pick a new folder for the library")
         for sub in ("adapters", "derived", "index", "tmp"):
             (root / sub).mkdir(parents=True, exist_ok=True)
@@ -124,6 +126,7 @@ class AdapterLibrary:
              recover: bool = True) -> "AdapterLibrary":
         """Open a library. `recover` removes what an interrupted write left behind (under the lock)."""
         root = Path(path)
+        check_layout(root)
         if not (root / CATALOG).is_file():
             raise LibraryError(f"no adaptermix library at {root} (missing {CATALOG})")
         catalog = Catalog(root / CATALOG, config.busy_timeout)
@@ -180,11 +183,19 @@ class AdapterLibrary:
         return iter(self.names())
 
     def get(self, name: str, modules: list[str] | None = None) -> LoraAdapter:
-        """Load one adapter (memory-mapped; with `modules`, only those are read)."""
+        """Load one adapter, its bytes checked against the catalog first (size + checksum, see tensor_file.py):
+        CorruptAdapterError if they differ. With `modules`, only those become part of the adapter."""
         record = self.record(name)
-        return read_adapter_file(self.root / record.file, modules, name=record.name,
-                                 description=record.description, tags=record.tags,
-                                 examples=record.examples, source=record.source)
+        path = library_file(self.root, record.file)
+        try:
+            return read_adapter_file(path, modules, expected_check=record.file_check,
+                                     expected_sha256=record.file_sha256, name=record.name,
+                                     description=record.description, tags=record.tags,
+                                     examples=record.examples, source=record.source)
+        except FileNotFoundError:
+            if self.catalog.record(name) != record:   # another process removed or replaced it meanwhile
+                raise AdapterNotFoundError(f"adapter {name!r} was removed or replaced while being read") from None
+            raise CorruptAdapterError(f"{path}, the file of adapter {name!r}, is missing; run verify()") from None
 
     def prototypes(self, name: str, modules: list[str] | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """module -> (right singular vectors (k, d_in), singular values (k,)) of the adapter's dW, for the
@@ -209,11 +220,18 @@ class AdapterLibrary:
 
     def _vectors(self, kind, key_field: str, names):
         names = self.names() if names is None else list(names)
-        records = [self.record(n) for n in names]
         self.ensure_derived(kinds=(kind.kind,), names=names)
-        rows = [self.derived.get(kind, getattr(r, key_field), ["vector"])["vector"] for r in records]
+        with self.catalog.snapshot():                # records and their vectors from one committed state
+            return names, self._read_vectors(kind, key_field, [self.record(n) for n in names])
+
+    def _read_vectors(self, kind, key_field: str, records) -> np.ndarray:
+        stored = [self.derived.get(kind, getattr(r, key_field), ["vector"]) for r in records]
+        missing = [r.name for r, row in zip(records, stored) if not row]
+        if missing:
+            raise LibraryError(f"no {kind.kind} data for {missing[:3]} in {self.root}; run ensure_derived()")
+        rows = [row["vector"] for row in stored]
         matrix = torch.stack(rows).numpy() if rows else np.zeros((0, 0), np.float32)
-        return names, matrix.astype(np.float32, copy=False)
+        return matrix.astype(np.float32, copy=False)
 
     # -- search ----------------------------------------------------------------------------------
 
@@ -247,13 +265,16 @@ class AdapterLibrary:
         if self._index is not None and self._index.generation == generation and self._index.kind_wanted == kind:
             return self._index
         self.ensure_derived(kinds=("text",))
-        generation = int(self.catalog.get_meta("generation"))
         if self._index is None or self._index.kind_wanted != kind:
             self._index = TextIndex(self.root / "index", self.text_kind.config_hash, kind, config)
-        if not self._index.load(generation):
-            ids = [r.id for r in self.records()]
-            _, vectors = self.text_embeddings()
-            self._index.build(np.asarray(ids, np.int64), vectors, generation)
+        with self.catalog.snapshot():                # generation, ids and vectors of one committed state
+            generation = int(self.catalog.get_meta("generation"))
+            loaded = self._index.load(generation, self.catalog.ids())
+            if not loaded:
+                records = self.records()
+                vectors = self._read_vectors(self.text_kind, "text_hash", records)
+                self._index.build(np.asarray([r.id for r in records], np.int64), vectors, generation)
+        if not loaded:
             self._index.save()
         return self._index
 
@@ -301,12 +322,13 @@ class AdapterLibrary:
         for position, item in enumerate(valid):
             chunk.append(self._prepare(item, allow_pickle=allow_pickle))
             chunk_bytes += len(chunk[-1].file.data)
+            bar.update(1)                            # per adapter prepared: the bar moves while a chunk fills
             full = chunk_bytes >= self.config.max_chunk_bytes
             if len(chunk) == chunk_size or full or position == len(valid) - 1:
                 self._attach_text(chunk)
-                self._commit(chunk, replace=replace)
+                self._commit(chunk, replace=replace)  # each chunk is one transaction: a kill keeps those before
                 names += [p.adapter.name for p in chunk]
-                bar.update(len(chunk))
+                bar.set_postfix(committed=len(names))
                 chunk, chunk_bytes = [], 0
         bar.close()
         if self._index is not None:
@@ -324,11 +346,12 @@ class AdapterLibrary:
 
     def remove(self, name: str) -> None:
         record = self.record(name)
+        path = library_file(self.root, record.file)   # a hostile row is refused before anything changes
         with self.catalog.write():
             self.catalog.delete_adapter(name)
             garbage = self.derived.collect_garbage()
             generation = self.catalog.bump_generation()
-        self._after_commit([self.root / record.file, *garbage], generation, removed=[record.id])
+        self._after_commit([path, *garbage], generation, removed=[record.id])
 
     def rename(self, old: str, new: str) -> AdapterRecord:
         check_adapter_name(new)
@@ -404,22 +427,30 @@ class AdapterLibrary:
                     self.catalog.delete_adapter(existing.name)
                     removed.append(existing.id)
                     if existing.file != item.file.relpath:
-                        stale.append(self.root / existing.file)
+                        stale.append(library_file(self.root, existing.file))
                 self.derived.place(item.file)
                 adapter_id = self.catalog.insert_adapter(self._row(item))
                 for kind, tensors in item.content_derived.items():
                     self.derived.put(kind, item.content_hash, tensors)
+                if item.text_derived is None and self.derived.missing(self.text_kind, {text_hash(item.texts)}):
+                    # its twin's text data was collected by another writer since _attach_text looked
+                    item.text_derived = self.text_kind.compute_many([item.texts])[0]
                 if item.text_derived is not None:
                     self.derived.put(self.text_kind, text_hash(item.texts), item.text_derived)
-                    added[adapter_id] = item.text_derived["vector"].numpy()
+                added[adapter_id] = self._text_vector(text_hash(item.texts))
             stale += self.derived.collect_garbage()
             generation = self.catalog.bump_generation()
         self._after_commit(stale, generation, removed=removed, added=added)
 
+    def _text_vector(self, key: str) -> np.ndarray:
+        """Inside a write: the stored pooled text embedding of `key`, for the in-memory index."""
+        return self.derived.get(self.text_kind, key, ["vector"])["vector"].numpy()
+
     def _row(self, item: _Prepared) -> dict:
         a = item.adapter
         return dict(name=a.name, content_hash=item.content_hash, text_hash=text_hash(item.texts),
-                    file=item.file.relpath, file_sha256=item.file.sha256, fingerprint=a.fingerprint,
+                    file=item.file.relpath, file_sha256=item.file.sha256, file_check=content_check(item.file.data),
+                    fingerprint=a.fingerprint,
                     base_model=a.base_model, dtype=str(a.dtype).replace("torch.", ""), max_rank=a.max_rank,
                     num_modules=len(a.modules), num_parameters=a.num_parameters, description=a.description,
                     tags=a.tags, examples=a.examples, source=a.source)
@@ -435,27 +466,23 @@ class AdapterLibrary:
             if "name" in changes and changes["name"] != record.name and self.catalog.record(changes["name"]):
                 raise DuplicateAdapterError(f"an adapter named {changes['name']!r} already exists")
             self.catalog.update_adapter(record.name, {**changes, "text_hash": new_hash})
+            if text_tensors is None and self.derived.missing(self.text_kind, {new_hash}):
+                text_tensors = self.text_kind.compute_many([texts])[0]   # collected since we looked
             if text_tensors is not None:
                 self.derived.put(self.text_kind, new_hash, text_tensors)
+            vector = self._text_vector(new_hash)
             garbage = self.derived.collect_garbage()
             generation = self.catalog.bump_generation()
-        vector = self.derived.get(self.text_kind, new_hash, ["vector"])["vector"].numpy()
         self._after_commit(garbage, generation, removed=[record.id], added={record.id: vector})
         return self.record(merged["name"])
 
     def _after_commit(self, files: list[Path], generation: int, removed=(), added=None) -> None:
-        """Delete files the commit made unreferenced; bring the in-memory index to `generation`."""
-        for path in files:
-            if not self._referenced(path):
-                path.unlink(missing_ok=True)
+        """Delete files the commit made unreferenced (under the lock); bring the in-memory index to `generation`."""
+        from .maintenance import delete_unreferenced
+
+        delete_unreferenced(self, files)
         if self._index is not None:
             self._index.update(list(removed), added or {}, generation - 1, generation)
-
-    def _referenced(self, path: Path) -> bool:
-        rel = path.relative_to(self.root).as_posix()
-        conn = self.catalog.conn
-        return bool(conn.execute("SELECT 1 FROM adapters WHERE file = ?", (rel,)).fetchone()
-                    or conn.execute("SELECT 1 FROM derived WHERE file = ?", (rel,)).fetchone())
 
     # -- router artifacts (e.g. trained gates), saved with the library ------------------------------
 

@@ -94,6 +94,8 @@ def smollm2_path(cache_dir: str | Path | None = None) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from adaptermix.library.owned import publish_folder
+
     folder = _gguf_folder()
     print(f"adaptermix: no converted {MODEL_NAME} at {target}; converting {folder / GGUF_NAME} once (~20 s)",
           flush=True)
@@ -108,10 +110,9 @@ def smollm2_path(cache_dir: str | Path | None = None) -> Path:
         model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(loaded.state_dict(), assign=True)
     model.tie_weights()
-    staging = target.with_name(target.name + ".partial")
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    os.replace(staging, target)
+    # a staging folder of this process, renamed into place: two processes converting at once never mix files
+    publish_folder(target, lambda staging: (model.save_pretrained(staging), tokenizer.save_pretrained(staging)),
+                   "converted base model")
     return target
 
 

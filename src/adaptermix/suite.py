@@ -10,7 +10,6 @@ evaluation.
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -18,11 +17,15 @@ import torch
 from tqdm.auto import tqdm
 
 from adaptermix.library import AdapterLibrary
+from adaptermix.library.owned import publish_folder, remove_owned
 from adaptermix.tasks import SUITE, TASKS, chat_prompt
 
 __all__ = ["ADAPTERS", "suite_library", "generate", "answer_example", "score_task", "compose_adapter"]
 
 ADAPTERS = Path(__file__).resolve().parents[2] / "examples" / "suite_adapters"   # the checkout's copy
+
+
+PURPOSE = "example library"   # the ownership marker's purpose: what suite_library may replace
 
 
 def _cache() -> Path:
@@ -45,7 +48,6 @@ def _complete(path: Path, adapters: Path) -> bool:
 def suite_library(path: str | Path | None = None, adapters: str | Path | None = None,
                   rebuild: bool = False) -> AdapterLibrary:
     """Open the example library, (re)building it with the CLI when missing, stale or incomplete."""
-    from adaptermix.cli import main as cli
     from adaptermix.models import smollm2_path
 
     adapters = Path(adapters or ADAPTERS)
@@ -56,12 +58,24 @@ def suite_library(path: str | Path | None = None, adapters: str | Path | None = 
     default = "suite-library" if adapters.resolve() == ADAPTERS.resolve() else f"suite-library-{adapters.name}"
     path = Path(path or _cache() / default)
     if rebuild or not _complete(path, adapters):
-        print(f"building the example library at {path} from {adapters}")
-        shutil.rmtree(path, ignore_errors=True)
-        code = cli(["build", str(path), str(adapters), f"base_model={smollm2_path()}"])
+        _build(path, adapters, smollm2_path())
+    return AdapterLibrary.open(path)
+
+
+def _build(path: Path, adapters: Path, base_model: Path) -> None:
+    """Build the example library beside `path` and rename it into place. An existing `path` is replaced only
+    if this function made it (its ownership marker); a user's folder raises FolderNotOwnedError untouched."""
+    from adaptermix.cli import main as cli
+
+    def build(folder: Path) -> None:
+        code = cli(["build", str(folder), str(adapters), f"base_model={base_model}"])
         if code:
             raise RuntimeError(f"`adaptermix build` failed with exit code {code}")
-    return AdapterLibrary.open(path)
+
+    if path.is_symlink() or (path.exists() and any(path.iterdir())):
+        remove_owned(path, PURPOSE)
+    print(f"building the example library at {path} from {adapters}")
+    publish_folder(path, build, PURPOSE)
 
 
 @torch.no_grad()

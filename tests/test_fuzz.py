@@ -1,0 +1,18 @@
+"""Short fuzz runs (hypothesis): untrusted bytes end in success or an AdaptermixError subclass, nothing
+outside the library is touched (benchmarks/reliability.py runs the long ones)."""
+
+from adaptermix.reliability.fuzz import fuzz_library, fuzz_peft, fuzz_safetensors
+
+
+def test_fuzz_the_safetensors_reader():
+    assert fuzz_safetensors(400) >= 400
+
+
+def test_fuzz_the_peft_loader(tmp_path):
+    counts = fuzz_peft(tmp_path, config_examples=60, weight_examples=60)
+    assert counts["peft_config"] >= 60 and counts["peft_weights"] >= 60
+
+
+def test_fuzz_opening_hostile_libraries(tmp_path):
+    counts = fuzz_library(tmp_path, examples=25)
+    assert counts["library"] >= 25 and counts["outside_touched"] == 0
