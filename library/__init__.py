@@ -9,14 +9,15 @@ if __name__ == "adaptermix.library":
     from .catalog import AdapterRecord
     from .derived import ArrowPrototypes, ParameterSketch, TextEmbedding, lora_svd
     from .encoders import SentenceTransformerEncoder, TextEncoder, default_encoder
-    from .errors import (AdapterFormatError, AdaptermixError, AdapterNotFoundError, AdapterValidationError,
-                         BaseModelMismatchError, DuplicateAdapterError, LibraryBusyError, LibraryError,
+    from .errors import (AdapterFormatError, AdaptermixError, AdapterNotFoundError, AdapterTextMissingError,
+                         AdapterValidationError, BaseModelMismatchError, CalibrationMismatchError, DuplicateAdapterError, LibraryBusyError, LibraryError,
                          UnsafeCheckpointError, UnsupportedAdapterError)
     from .learning import cluster_adapters, clustered_library, merge_cluster
     from .store import AdapterLibrary, LibraryConfig, SearchHit
 
     __all__ = [
-        "AdapterFormatError", "AdapterLibrary", "AdapterNotFoundError", "AdapterRecord", "AdapterValidationError",
+        "AdapterFormatError", "AdapterLibrary", "AdapterNotFoundError", "AdapterRecord", "AdapterTextMissingError",
+        "AdapterValidationError", "CalibrationMismatchError",
         "AdaptermixError", "ArrowPrototypes", "BaseModelMismatchError", "BaseModelSpec", "DuplicateAdapterError",
         "LibraryBusyError", "LibraryConfig", "LibraryError", "LoraAdapter", "LoraModule", "ParameterSketch",
         "SearchHit", "SentenceTransformerEncoder", "TextEmbedding", "TextEncoder", "UnsafeCheckpointError",

@@ -42,3 +42,11 @@ class LibraryError(AdaptermixError):
 
 class LibraryBusyError(LibraryError):
     """Another process held the library's write lock for longer than the timeout."""
+
+
+class AdapterTextMissingError(AdaptermixError, ValueError):
+    """A router that reads the adapters' descriptions / example prompts met adapters with neither (named)."""
+
+
+class CalibrationMismatchError(AdaptermixError, ValueError):
+    """Saved routing statistics were computed for another router configuration (score, calibration text)."""

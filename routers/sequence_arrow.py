@@ -17,6 +17,19 @@ choice serves every module. Either way the choice is held for the generated toke
 fixed routing costs). candidates=m (hybrid): retrieval over the adapters' description / example embeddings
 proposes m adapters per prompt and the weight scores choose among them; retrieval_weight adds retrieval's
 (z-scored) similarity instead, with lexical_weight times the TF-IDF cosine in it (routers/lexical.py).
+
+calibration="generic" calibrates on generic text that belongs to no task (routers/generic_text.py) instead
+of the library's example prompts: calibrated weight routing for a library without text.
+
+combine="confidence" trusts each signal by its own confidence instead of a fixed weight: with W and R the
+weight scores and the retrieval similarities, each z-scored across adapters per prompt, and m(.) the margin
+between a prompt's top two z-scores,
+
+    S = m(W) * W + retrieval_weight * m(R) * R
+
+so a prompt worded like an adapter's example (a wide retrieval margin) follows retrieval, and one worded
+otherwise (retrieval unsure) follows the weights. min_similarity: a prompt whose best retrieval cosine
+(or, without text, whose top weight z-score) is below it gets no adapter (the base model; the trace says so).
 """
 
 from __future__ import annotations
@@ -25,11 +38,12 @@ from pathlib import Path
 
 import torch
 
-from ..library.errors import BaseModelMismatchError
+from ..library.errors import BaseModelMismatchError, CalibrationMismatchError
 from .base import Router, register
-from .lexical import LexicalIndex, adapter_documents, without_text
+from .generic_text import GENERIC_PROMPTS, generic_corpus_hash
+from .lexical import LexicalIndex, adapter_documents, require_text
 from .prompt_tokens import user_token_mask
-from .routing import Routing, RoutingContext
+from .routing import Routing, RoutingContext, decline
 
 __all__ = ["SequenceArrowRouter"]
 
@@ -42,13 +56,17 @@ class SequenceArrowRouter(Router):
     aggregate: 'global' | 'module'; calibrate: centre hidden states and z-score adapters on the library's
     example prompts; candidates: retrieval proposes this many adapters first (None: all); retrieval_weight:
     adds that many standard deviations of retrieval similarity to the (z-scored) weight scores; lexical_weight:
-    retrieval's similarity adds this many times the TF-IDF word-n-gram cosine (with candidates / retrieval_weight)."""
+    retrieval's similarity adds this many times the TF-IDF word-n-gram cosine (with candidates / retrieval_weight);
+    calibration: 'library' (the adapters' example prompts) | 'generic' (text of no task, routers/generic_text.py);
+    combine: 'sum' (fixed retrieval_weight) | 'confidence' (each signal weighted by its margin); min_similarity:
+    below it a prompt gets no adapter (best retrieval cosine; without text, the top weight z-score)."""
 
     name = "sequence_arrow"
 
     def __init__(self, *, top_k: int = 1, temperature: float = 0.1, score: str = "subspace",
                  aggregate: str = "global", calibrate: bool = True, candidates: int | None = None,
-                 retrieval_weight: float = 0.0, lexical_weight: float = 0.0):
+                 retrieval_weight: float = 0.0, lexical_weight: float = 0.0, calibration: str = "library",
+                 combine: str = "sum", min_similarity: float | None = None):
         if top_k < 1 or temperature <= 0:
             raise ValueError(f"SequenceArrowRouter needs top_k >= 1 and temperature > 0, got {top_k}, {temperature}")
         if score not in ("subspace", "prototype") or aggregate not in ("global", "module"):
@@ -59,9 +77,16 @@ class SequenceArrowRouter(Router):
         if lexical_weight < 0 or (lexical_weight and candidates is None and not retrieval_weight):
             raise ValueError(f"lexical_weight ({lexical_weight}) must be >= 0, and it only acts with candidates or "
                              f"retrieval_weight")
+        if calibration not in ("library", "generic") or combine not in ("sum", "confidence"):
+            raise ValueError(f"calibration must be 'library' or 'generic' and combine 'sum' or 'confidence', got "
+                             f"{calibration!r}, {combine!r}")
+        if combine == "confidence" and not retrieval_weight:
+            raise ValueError("combine='confidence' weighs weight scores against retrieval: give retrieval_weight > 0")
         self.top_k, self.temperature, self.score_kind = top_k, temperature, score
         self.aggregate, self.calibrate, self.candidates = aggregate, calibrate, candidates
         self.retrieval_weight, self.lexical_weight = retrieval_weight, lexical_weight
+        self.calibration, self.combine, self.min_similarity = calibration, combine, min_similarity
+        self.last_signals: dict[str, torch.Tensor] = {}      # the last batch's raw signals, for diagnostics
         self.probe = aggregate == "global" or calibrate          # the composer runs probe passes for us
         self.stats: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
 
@@ -87,11 +112,10 @@ class SequenceArrowRouter(Router):
             self.directions[module] = stack
         self.masks = {m: (None if bool(mask.all()) else mask) for m, mask in available.items()}
         records = [library.record(name) for name in adapter_names]
-        if self.candidates is not None or self.calibrate or self.retrieval_weight:
-            empty = without_text(records)
-            if empty:
-                raise ValueError(f"{type(self).__name__} (candidates / calibrate) needs each adapter's description "
-                                 f"or example prompts; {empty} have neither")
+        if self.candidates is not None or self.retrieval_weight:
+            require_text(type(self).__name__, records, " (candidates / retrieval_weight)")
+        if self.calibrate and self.calibration == "library":
+            require_text(type(self).__name__, records, " (calibration='library')")
         if self.candidates is not None or self.retrieval_weight:
             _, vectors = library.text_embeddings(adapter_names)
             self.text_embeddings = torch.from_numpy(vectors)
@@ -101,7 +125,10 @@ class SequenceArrowRouter(Router):
             self.lexical = LexicalIndex(adapter_documents(records))
 
     def reference_texts(self) -> list[str]:
-        """Calibration text: every composed adapter's example prompts (or description when it has none)."""
+        """Calibration text: every composed adapter's example prompts (or description when it has none), or
+        the generic corpus."""
+        if self.calibration == "generic":
+            return list(GENERIC_PROMPTS)
         texts = []
         for name in self.adapter_names:
             record = self.library.record(name)
@@ -149,24 +176,36 @@ class SequenceArrowRouter(Router):
 
     def _choose(self, scores: torch.Tensor, context: RoutingContext) -> Routing:
         """Top-k of (batch, N) scores; with text (candidates / retrieval_weight), retrieval's similarities
-        restrict the choice to the nearest adapters and / or are added, z-scored across adapters."""
+        restrict the choice to the nearest adapters and / or are added, z-scored across adapters, with a fixed
+        weight or by confidence."""
+        self.last_signals = {"weights": scores.detach().cpu()}
+        confidence = scores.max(1).values
         if self.candidates is not None or self.retrieval_weight:
             if context.prompts is None:
                 raise ValueError("SequenceArrowRouter(candidates / retrieval_weight) needs the prompt texts: pass "
                                  "tokenizer= to compose() or call adaptermix.set_prompts")
-            queries = torch.from_numpy(self.encoder.encode(context.prompts))
-            similarity = queries @ self.text_embeddings.T                                     # (batch, N)
+            queries = torch.from_numpy(self.encoder.encode([p if p.strip() else "-" for p in context.prompts]))
+            similarity = dense = queries @ self.text_embeddings.T                               # (batch, N)
+            self.last_signals["dense"] = dense
             if self.lexical is not None:
-                similarity = similarity + self.lexical_weight * self.lexical.similarity(context.prompts)
-            similarity = similarity.to(scores.device)
-            if self.retrieval_weight:
+                lexical = self.lexical.similarity(context.prompts)
+                self.last_signals["lexical"] = lexical
+                similarity = similarity + self.lexical_weight * lexical
+            similarity, confidence = similarity.to(scores.device), dense.max(1).values
+            if self.retrieval_weight and self.combine == "confidence":
+                weights, text = _zscore(scores), _zscore(similarity)
+                scores = _margin(weights) * weights + self.retrieval_weight * _margin(text) * text
+            elif self.retrieval_weight:
                 centred = similarity - similarity.mean(1, keepdim=True)
                 scores = scores + self.retrieval_weight * centred / centred.std(1, keepdim=True).clamp_min(1e-6)
             if self.candidates is not None:
                 near = similarity.topk(self.candidates, dim=1).indices
                 allowed = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, near, True)
                 scores = scores.masked_fill(~allowed, float("-inf"))
-        return Routing.from_scores(scores, self.top_k, self.temperature)
+        routing = Routing.from_scores(scores, self.top_k, self.temperature)
+        empty = [not p.strip() for p in context.prompts] if context.prompts is not None else None
+        return decline(routing, confidence, self.min_similarity, context.state.setdefault("notes", []), self.name,
+                       empty=empty, measure="best similarity" if self.retrieval_weight else "top weight score")
 
     # -- the composer's probe protocol (ComposerState runs these passes at a prefill) -----------------
 
@@ -215,6 +254,7 @@ class SequenceArrowRouter(Router):
             tensors.update({f"{module}::mean": mean, f"{module}::score_mean": score_mean,
                             f"{module}::score_std": score_std})
         metadata = {"router": self.name, "kind": "calibration", "score": self.score_kind,
+                    "calibration": self.calibration, "reference_texts": self._reference_hash(),
                     "adapters": self.adapter_names, "content_hashes": self.library.content_hashes(self.adapter_names),
                     "base_fingerprint": self.library.base_model.fingerprint}
         return self.library.save_artifact(name, tensors, metadata)
@@ -231,11 +271,18 @@ class SequenceArrowRouter(Router):
                 or metadata.get("content_hashes") != self.library.content_hashes(self.adapter_names)):
             raise BaseModelMismatchError(f"calibration {name!r} was computed for adapters {metadata.get('adapters')} "
                                          f"(or other versions of them); this router composes {self.adapter_names}")
-        if metadata.get("score") != self.score_kind:
-            raise ValueError(f"calibration {name!r} is for score={metadata.get('score')!r}, not {self.score_kind!r}")
+        saved = (metadata.get("score"), metadata.get("calibration"), metadata.get("reference_texts"))
+        if saved != (self.score_kind, self.calibration, self._reference_hash()):
+            raise CalibrationMismatchError(
+                f"calibration {name!r} was computed for score={saved[0]!r}, calibration={saved[1]!r} (text "
+                f"{saved[2]}); this router has score={self.score_kind!r}, calibration={self.calibration!r} "
+                f"(text {self._reference_hash()})")
         self.stats = {m: (tensors[f"{m}::mean"], tensors[f"{m}::score_mean"], tensors[f"{m}::score_std"])
                       for m in self.directions}
         return self
+
+    def _reference_hash(self) -> str:
+        return generic_corpus_hash(tuple(self.reference_texts()))
 
     # -- routing -----------------------------------------------------------------------------------
 
@@ -257,3 +304,20 @@ class SequenceArrowRouter(Router):
             held = context.state[key]
             routing = Routing(held.indices[context.sequence_ids], held.weights[context.sequence_ids])
         return Routing(routing.indices.to(x.device), routing.weights.to(x.device))
+
+
+def _zscore(scores: torch.Tensor) -> torch.Tensor:
+    """(batch, N) scores centred and scaled per row over the finite entries (-inf stays -inf)."""
+    finite = torch.isfinite(scores)
+    count = finite.sum(1, keepdim=True).clamp_min(1)
+    mean = scores.where(finite, 0).sum(1, keepdim=True) / count
+    std = (scores - mean).where(finite, 0).pow(2).sum(1, keepdim=True).div(count).sqrt().clamp_min(1e-6)
+    return torch.where(finite, (scores - mean) / std, scores)
+
+
+def _margin(zscores: torch.Tensor) -> torch.Tensor:
+    """(batch, 1): how far a row's best z-score leads its second (0 with one adapter)."""
+    if zscores.shape[1] < 2:
+        return torch.zeros(zscores.shape[0], 1, device=zscores.device)
+    top = zscores.topk(2, dim=1).values
+    return torch.nan_to_num(top[:, :1] - top[:, 1:], posinf=0.0, neginf=0.0).clamp_min(0)

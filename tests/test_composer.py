@@ -305,5 +305,10 @@ def test_text_needing_sequence_router_names_adapters_without_descriptions(librar
         am.compose(h.tiny_llama(), library, am.SequenceArrowRouter(calibrate=True))
     model = am.compose(h.tiny_llama(), library, am.SequenceArrowRouter(calibrate=False, aggregate="global"))
     assert logits(model).shape[0] == 2                                   # weights alone need no text
-    with pytest.warns(UserWarning, match=r"adapters \['sql'\] have no description.*names alone"):
-        am.compose(h.tiny_llama(), library, am.RetrievalRouter(lexical_weight=1.0))
+    for router in (am.RetrievalRouter(lexical_weight=1.0), am.TokenLevelRouter(top_k=1),
+                   am.SequenceArrowRouter(calibrate=False, retrieval_weight=1.0)):
+        with pytest.raises(am.AdapterTextMissingError, match=rf"{type(router).__name__}.*\['sql'\] have neither"):
+            am.compose(h.tiny_llama(), library, router)
+    generic = am.SequenceArrowRouter(calibrate=True, calibration="generic")
+    model = am.compose(h.tiny_llama(), library, generic)                # calibrated without the adapters' text
+    assert generic.reference_texts()[0] == "Tell me a fun fact about octopuses."

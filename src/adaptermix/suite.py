@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 from adaptermix.library import AdapterLibrary
 from adaptermix.tasks import SUITE, TASKS, chat_prompt
 
-__all__ = ["ADAPTERS", "suite_library", "generate", "answer_example", "score_task", "compose_adapter"]
+__all__ = ["ADAPTERS", "bare_adapters", "suite_library", "generate", "answer_example", "score_task",
+           "compose_adapter"]
 
 ADAPTERS = Path(__file__).resolve().parents[2] / "examples" / "suite_adapters"   # the checkout's copy
 
@@ -62,6 +63,23 @@ def suite_library(path: str | Path | None = None, adapters: str | Path | None = 
         if code:
             raise RuntimeError(f"`adaptermix build` failed with exit code {code}")
     return AdapterLibrary.open(path)
+
+
+def bare_adapters(adapters: str | Path | None = None) -> Path:
+    """The same checkpoints without their adaptermix.json sidecars (no description, no example prompts: a
+    folder of checkpoints from a hub), as a cached copy; `suite_library(adapters=bare_adapters())` opens it."""
+    from adaptermix.library.peft_format import SIDECAR
+
+    source = Path(adapters or ADAPTERS)
+    bare = _cache() / f"{source.name}_bare"
+    for name in SUITE:
+        target = bare / name
+        target.mkdir(parents=True, exist_ok=True)
+        for file in (source / name).iterdir():
+            if file.name != SIDECAR and not (target / file.name).is_file():
+                shutil.copyfile(file, target / file.name)
+        (target / SIDECAR).unlink(missing_ok=True)
+    return bare
 
 
 @torch.no_grad()
