@@ -45,7 +45,7 @@ from .lexical import LexicalIndex, adapter_documents, require_text
 from .prompt_tokens import user_token_mask
 from .routing import Routing, RoutingContext, decline
 
-__all__ = ["SequenceArrowRouter"]
+__all__ = ["SequenceArrowRouter", "combined_scores"]
 
 _KEY = "sequence_arrow"
 
@@ -177,35 +177,25 @@ class SequenceArrowRouter(Router):
     def _choose(self, scores: torch.Tensor, context: RoutingContext) -> Routing:
         """Top-k of (batch, N) scores; with text (candidates / retrieval_weight), retrieval's similarities
         restrict the choice to the nearest adapters and / or are added, z-scored across adapters, with a fixed
-        weight or by confidence."""
-        self.last_signals = {"weights": scores.detach().cpu()}
-        confidence = scores.max(1).values
+        weight or by confidence (`combined_scores`)."""
+        dense = lexical = None
         if self.candidates is not None or self.retrieval_weight:
             if context.prompts is None:
                 raise ValueError("SequenceArrowRouter(candidates / retrieval_weight) needs the prompt texts: pass "
                                  "tokenizer= to compose() or call adaptermix.set_prompts")
             queries = torch.from_numpy(self.encoder.encode([p if p.strip() else "-" for p in context.prompts]))
-            similarity = dense = queries @ self.text_embeddings.T                               # (batch, N)
-            self.last_signals["dense"] = dense
+            dense = (queries @ self.text_embeddings.T).to(scores.device)                        # (batch, N)
             if self.lexical is not None:
-                lexical = self.lexical.similarity(context.prompts)
-                self.last_signals["lexical"] = lexical
-                similarity = similarity + self.lexical_weight * lexical
-            similarity, confidence = similarity.to(scores.device), dense.max(1).values
-            if self.retrieval_weight and self.combine == "confidence":
-                weights, text = _zscore(scores), _zscore(similarity)
-                scores = _margin(weights) * weights + self.retrieval_weight * _margin(text) * text
-            elif self.retrieval_weight:
-                centred = similarity - similarity.mean(1, keepdim=True)
-                scores = scores + self.retrieval_weight * centred / centred.std(1, keepdim=True).clamp_min(1e-6)
-            if self.candidates is not None:
-                near = similarity.topk(self.candidates, dim=1).indices
-                allowed = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, near, True)
-                scores = scores.masked_fill(~allowed, float("-inf"))
+                lexical = self.lexical.similarity(context.prompts).to(scores.device)
+        self.last_signals = {k: v.detach().cpu() for k, v in
+                             (("weights", scores), ("dense", dense), ("lexical", lexical)) if v is not None}
+        scores, confidence = combined_scores(scores, dense, lexical, retrieval_weight=self.retrieval_weight,
+                                             lexical_weight=self.lexical_weight, combine=self.combine,
+                                             candidates=self.candidates)
         routing = Routing.from_scores(scores, self.top_k, self.temperature)
         empty = [not p.strip() for p in context.prompts] if context.prompts is not None else None
         return decline(routing, confidence, self.min_similarity, context.state.setdefault("notes", []), self.name,
-                       empty=empty, measure="best similarity" if self.retrieval_weight else "top weight score")
+                       empty=empty, measure="best similarity" if dense is not None else "top weight score")
 
     # -- the composer's probe protocol (ComposerState runs these passes at a prefill) -----------------
 
@@ -321,3 +311,30 @@ def _margin(zscores: torch.Tensor) -> torch.Tensor:
         return torch.zeros(zscores.shape[0], 1, device=zscores.device)
     top = zscores.topk(2, dim=1).values
     return torch.nan_to_num(top[:, :1] - top[:, 1:], posinf=0.0, neginf=0.0).clamp_min(0)
+
+
+def combined_scores(weights: torch.Tensor, dense: torch.Tensor | None = None, lexical: torch.Tensor | None = None,
+                    *, retrieval_weight: float = 0.0, lexical_weight: float = 0.0, combine: str = "sum",
+                    candidates: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (batch, N) scores a SequenceArrowRouter chooses by, and the (batch,) confidence it declines by.
+
+    Args:
+        weights: (batch, N) weight scores (z-scored per module and averaged over modules).
+        dense: (batch, N) retrieval cosines to the adapters' texts, or None (no text read).
+        lexical: (batch, N) TF-IDF cosines, or None.
+    """
+    if dense is None:
+        return weights, weights.max(1).values
+    similarity = dense if lexical is None else dense + lexical_weight * lexical
+    scores = weights
+    if retrieval_weight and combine == "confidence":
+        z_weights, z_text = _zscore(weights), _zscore(similarity)
+        scores = _margin(z_weights) * z_weights + retrieval_weight * _margin(z_text) * z_text
+    elif retrieval_weight:
+        centred = similarity - similarity.mean(1, keepdim=True)
+        scores = weights + retrieval_weight * centred / centred.std(1, keepdim=True).clamp_min(1e-6)
+    if candidates is not None:
+        near = similarity.topk(candidates, dim=1).indices
+        allowed = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, near, True)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    return scores, dense.max(1).values

@@ -116,9 +116,10 @@ def answer_example(tokenizer, instruction: str, answer: str) -> dict[str, torch.
 
 
 def score_task(model, tokenizer, task: str, n: int, *, split: str = "test", max_new_tokens: int = 20,
-               batch_size: int = 20, before_batch=None, after_batch=None) -> tuple[float, float]:
-    """(exact match, string similarity) of greedy answers to the first n prompts of a task's split."""
-    pairs = TASKS[task].examples(split, n)
+               batch_size: int = 20, before_batch=None, after_batch=None, pairs=None) -> tuple[float, float]:
+    """(exact match, string similarity) of greedy answers to the first n prompts of a task's split, or to
+    the given (instruction, answer) pairs of that task (e.g. adaptermix.paraphrase's)."""
+    pairs = TASKS[task].examples(split, n) if pairs is None else pairs
     answers = generate(model, tokenizer, [p for p, _ in pairs], max_new_tokens=max_new_tokens,
                        batch_size=batch_size, before_batch=before_batch, after_batch=after_batch)
     exact = sum(TASKS[task].score(a, y) for a, (_, y) in zip(answers, pairs)) / len(pairs)
