@@ -50,7 +50,7 @@ ROUTERS = {
                                              retrieval_weight=2.0),
     "hybrid_lexical": lambda: am.SequenceArrowRouter(top_k=1, score="subspace", aggregate="global", calibrate=True,
                                                      retrieval_weight=2.0, lexical_weight=1.0),
-    "default": lambda: am.build_router("sequence_arrow", **DEFAULT),
+    "default": lambda: am.HybridRouter(**DEFAULT),
 }
 DEFAULT_CONFIG = ROOT / "conf" / "router" / "hybrid_confidence.yaml"     # the default router (conf/demo.yaml)
 DEFAULT = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(DEFAULT_CONFIG)).items() if k != "_target_"}
@@ -147,7 +147,7 @@ def decision_times(n: int = 1000, user_tokens: int = 16, repeats: int = 20) -> d
     hidden = {m: torch.randn(user_tokens, d) for m, d in modules.items()}
     results = {}
     routers = {"retrieval_lexical": lambda: am.RetrievalRouter(top_k=1, lexical_weight=1.0),
-               "default": lambda: am.build_router("sequence_arrow", **DEFAULT)}
+               "default": lambda: am.HybridRouter(**DEFAULT)}
     for name, make in routers.items():
         router = make()
         router.bind(library, library.names, available)

@@ -45,7 +45,7 @@ from .lexical import LexicalIndex, adapter_documents, require_text
 from .prompt_tokens import user_token_mask
 from .routing import Routing, RoutingContext, decline
 
-__all__ = ["SequenceArrowRouter", "combined_scores"]
+__all__ = ["HybridRouter", "SequenceArrowRouter", "combined_scores"]
 
 _KEY = "sequence_arrow"
 
@@ -338,3 +338,22 @@ def combined_scores(weights: torch.Tensor, dense: torch.Tensor | None = None, le
         allowed = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, near, True)
         scores = scores.masked_fill(~allowed, float("-inf"))
     return scores, dense.max(1).values
+
+
+@register
+class HybridRouter(SequenceArrowRouter):
+    """The default router (docs/ROUTING.md): SequenceArrowRouter with its settings chosen on the train split
+    across conditions (benchmarks/tune_routing.py): calibrated subspace scores and dense + TF-IDF retrieval,
+    each trusted by its margin (combine='confidence'); a prompt whose best retrieval cosine is below
+    min_similarity gets no adapter. Needs the adapters' text; for a library without it use
+    SequenceArrowRouter(calibration='generic')."""
+
+    name = "hybrid"
+
+    def __init__(self, *, top_k: int = 1, temperature: float = 0.1, score: str = "subspace",
+                 aggregate: str = "global", calibrate: bool = True, calibration: str = "library",
+                 candidates: int | None = None, retrieval_weight: float = 1.0, lexical_weight: float = 0.5,
+                 combine: str = "confidence", min_similarity: float | None = 0.125):
+        super().__init__(top_k=top_k, temperature=temperature, score=score, aggregate=aggregate, calibrate=calibrate,
+                         calibration=calibration, candidates=candidates, retrieval_weight=retrieval_weight,
+                         lexical_weight=lexical_weight, combine=combine, min_similarity=min_similarity)

@@ -312,3 +312,23 @@ def test_text_needing_sequence_router_names_adapters_without_descriptions(librar
     generic = am.SequenceArrowRouter(calibrate=True, calibration="generic")
     model = am.compose(h.tiny_llama(), library, generic)                # calibrated without the adapters' text
     assert generic.reference_texts()[0] == "Tell me a fun fact about octopuses."
+
+
+def test_confidence_combination_follows_the_surer_signal_and_breaks_ties_deterministically():
+    from adaptermix.routers.sequence_arrow import combined_scores
+
+    weights = torch.tensor([[0.3, 0.0, 0.0, 0.0], [1.0, 0.9, 0.0, 0.0]])       # row 0: weights sure of 0
+    dense = torch.tensor([[0.50, 0.52, 0.1, 0.1], [0.2, 0.2, 0.9, 0.1]])      # row 1: retrieval sure of 2
+    scores, confidence = combined_scores(weights, dense, retrieval_weight=1.0, combine="confidence")
+    assert scores.argmax(1).tolist() == [0, 2] and torch.equal(confidence, dense.max(1).values)
+    fixed, _ = combined_scores(weights, dense, retrieval_weight=8.0, combine="sum")
+    assert fixed.argmax(1).tolist()[0] == 1                                    # a fixed weight lets retrieval win
+    tied = torch.zeros(1, 3)                                                   # identical adapters: the first
+    assert combined_scores(tied, tied, retrieval_weight=1.0, combine="confidence")[0].argmax(1).tolist() == [0]
+    one, _ = combined_scores(torch.ones(2, 1), torch.ones(2, 1), retrieval_weight=1.0, combine="confidence")
+    assert torch.isfinite(one).all()                                           # a library of one adapter
+    router = am.HybridRouter()
+    assert (router.combine, router.retrieval_weight, router.lexical_weight, router.min_similarity) == \
+        ("confidence", 1.0, 0.5, 0.125)
+    with pytest.raises(ValueError, match="combine='confidence'.*retrieval_weight"):
+        am.SequenceArrowRouter(combine="confidence")
