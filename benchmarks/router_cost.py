@@ -4,6 +4,7 @@ a synthetic library of 1,000 adapters.
 
     python benchmarks/router_cost.py                  # writes benchmarks/results/router_cost_cpu.json
     python benchmarks/router_cost.py decisions_only=1 # only the 1,000-adapter decision (router_decision_cpu.json)
+    python benchmarks/router_cost.py routers=default repeats=3 out=router_cost_default_cpu.json   # a subset
 
 decode step = (time of generate(17 new tokens) - time of generate(1 new token)) / 16; prefill =
 generate(1 new token); every measurement runs in turn each round, medians of 5 rounds (compose_forward.py).
@@ -70,12 +71,14 @@ def generation(model, tokenizer, prompts, new_tokens: int, text_router: bool):
     return call
 
 
-def main(repeats: int = 5):
+def main(repeats: int = 5, routers: str = ",".join(ROUTERS), out: str = "router_cost_cpu.json"):
+    """routers: a comma-separated subset of ROUTERS (fixed and arrow_top2 are always run: the ratios' bases)."""
     torch.set_grad_enabled(False)
     library = suite_library()
     prompts = [TASKS[name].examples("train", 1)[0][0] for name in SUITE[:8]]
+    chosen = {name: ROUTERS[name] for name in ROUTERS if name in set(routers.split(",")) | {"fixed", "arrow_top2"}}
     methods = {}
-    for name, make in ROUTERS.items():
+    for name, make in chosen.items():
         model, tokenizer = load_smollm2()
         model.eval()
         if make is not None:
@@ -87,7 +90,7 @@ def main(repeats: int = 5):
             methods[f"{name}/{n}"] = generation(model, tokenizer, prompts, n, make is not None)
     times = {name: median_high(t) for name, t in interleaved_times(methods, repeats).items()}   # warms up first
     rows = {}
-    for name in ROUTERS:
+    for name in chosen:
         prefill, full = times[f"{name}/1"], times[f"{name}/17"]
         rows[name] = {"prefill_s": round(prefill, 4), "decode_step_s": round((full - prefill) / 16, 5)}
         print(name, rows[name], flush=True)
@@ -97,7 +100,7 @@ def main(repeats: int = 5):
         row["decode_vs_fixed"] = round(row["decode_step_s"] / fixed, 3)
     result = {"benchmark": "router_cost", "machine": machine(), "batch": 8, "adapters": len(SUITE),
               "repeats": repeats, "default_router": DEFAULT, "rows": rows}
-    path = Path(__file__).resolve().parent / "results" / "router_cost_cpu.json"
+    path = Path(__file__).resolve().parent / "results" / out
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
 
@@ -181,7 +184,7 @@ def decision_times(n: int = 1000, user_tokens: int = 16, repeats: int = 20) -> d
 
 
 if __name__ == "__main__":
-    arguments = {k: int(v) for k, v in (a.split("=", 1) for a in sys.argv[1:])}
+    arguments = {k: (v if k in ("routers", "out") else int(v)) for k, v in (a.split("=", 1) for a in sys.argv[1:])}
     torch.set_grad_enabled(False)
     decisions = decision_times()
     print(json.dumps(decisions, indent=2))
