@@ -150,7 +150,9 @@ def decision_times(n: int = 1000, user_tokens: int = 16, repeats: int = 20) -> d
     hidden = {m: torch.randn(user_tokens, d) for m, d in modules.items()}
     results = {}
     routers = {"retrieval_lexical": lambda: am.RetrievalRouter(top_k=1, lexical_weight=1.0),
-               "default": lambda: am.HybridRouter(**DEFAULT)}
+               "default": lambda: am.HybridRouter(**DEFAULT),
+               # the same with retrieval proposing 16 candidates, whose weights alone are scored
+               "default_candidates16": lambda: am.HybridRouter(**dict(DEFAULT, candidates=16))}
     for name, make in routers.items():
         router = make()
         router.bind(library, library.names, available)

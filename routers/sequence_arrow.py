@@ -137,33 +137,69 @@ class SequenceArrowRouter(Router):
 
     # -- scores ------------------------------------------------------------------------------------
 
-    def _token_scores(self, module: str, x: torch.Tensor, zscore: bool = True) -> torch.Tensor:
-        """(T, N) per-token scores at one module (centred and z-scored once calibrated)."""
+    def _token_scores(self, module: str, x: torch.Tensor, zscore: bool = True,
+                      subset: torch.Tensor | None = None) -> torch.Tensor:
+        """(T, N) per-token scores at one module (centred and z-scored once calibrated); (T, M) for the
+        adapters `subset` (M indices) only."""
         directions = self.directions[module]
         if directions.device != x.device:
             directions = self.directions[module] = directions.to(x.device)
         x = x.float()
         stats = self.stats[module] if self.stats is not None else None
+        if subset is not None:
+            directions = directions[subset.to(x.device)]
         if stats is not None:
             x = x - stats[0].to(x.device)
         projected = torch.einsum("td,nrd->tnr", x, directions)
         scores = projected.abs()[..., 0] if self.score_kind == "prototype" else projected.norm(dim=2)
         if zscore and stats is not None and stats[1] is not None:
-            scores = (scores - stats[1].to(x.device)) / stats[2].to(x.device)
+            mean, std = stats[1].to(x.device), stats[2].to(x.device)
+            if subset is not None:
+                mean, std = mean[subset.to(x.device)], std[subset.to(x.device)]
+            scores = (scores - mean) / std
         return scores
 
     def _sequence_scores(self, module: str, x: torch.Tensor, context: RoutingContext) -> torch.Tensor:
-        """(batch, N): mean over each prompt's user tokens."""
-        users = self._user_mask(context).to(x.device).reshape(-1).float()                   # (B·L,)
-        scores = self._token_scores(module, x) * users[:, None]
-        per_sequence = torch.zeros(context.batch_size, scores.shape[1], device=x.device)
-        per_sequence.index_add_(0, context.sequence_ids.to(x.device), scores)
-        counts = torch.zeros(context.batch_size, device=x.device).index_add_(0, context.sequence_ids.to(x.device), users)
+        """(batch, N): mean over each prompt's user tokens (only they are scored); with `candidates`, only
+        each prompt's candidates are scored, the others -inf."""
+        users = self._user_mask(context).to(x.device).reshape(-1)                             # (B·L,)
+        allowed = self._candidate_mask(context)                                               # (B, N) or None
+        subset = None if allowed is None else allowed.any(0).nonzero().flatten()
+        rows = context.sequence_ids.to(x.device)[users]
+        scores = self._token_scores(module, x[users], subset=subset)                          # (U, N or M)
+        per_sequence = torch.zeros(context.batch_size, scores.shape[1], device=x.device).index_add_(0, rows, scores)
+        counts = torch.zeros(context.batch_size, device=x.device).index_add_(0, rows, torch.ones_like(rows, dtype=torch.float))
         per_sequence = per_sequence / counts.clamp_min(1)[:, None]
+        if subset is not None:
+            full = torch.full((context.batch_size, len(self.adapter_names)), float("-inf"), device=x.device)
+            full[:, subset.to(x.device)] = per_sequence
+            per_sequence = full.masked_fill(~allowed.to(x.device), float("-inf"))
         mask = self.masks[module]
         if mask is not None:
             per_sequence = per_sequence.masked_fill(~mask.to(x.device)[None, :], float("-inf"))
         return per_sequence
+
+    def _similarity(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(dense cosine, TF-IDF cosine or None) of the prompts to the adapters' texts, each (batch, N)."""
+        queries = torch.from_numpy(self.encoder.encode([p if p.strip() else "-" for p in prompts]))
+        dense = queries @ self.text_embeddings.T
+        return dense, (self.lexical.similarity(prompts) if self.lexical is not None else None)
+
+    def _candidate_mask(self, context: RoutingContext) -> torch.Tensor | None:
+        """(batch, N) bool: retrieval's top `candidates` adapters of each prompt (None: every adapter), once
+        per batch: the weight scores are computed for those only (the cost of a large library)."""
+        if self.candidates is None:
+            return None
+        key = (_KEY, "candidates")
+        if key not in context.state:
+            if context.prompts is None:
+                raise ValueError("SequenceArrowRouter(candidates) needs the prompt texts: pass tokenizer= to compose() "
+                                 "or call adaptermix.set_prompts")
+            dense, lexical = self._similarity(context.prompts)
+            similarity = dense if lexical is None else dense + self.lexical_weight * lexical
+            near = similarity.topk(self.candidates, dim=1).indices
+            context.state[key] = torch.zeros(similarity.shape, dtype=torch.bool).scatter_(1, near, True)
+        return context.state[key]
 
     def _user_mask(self, context: RoutingContext) -> torch.Tensor:
         key = (_KEY, "users")
@@ -183,10 +219,8 @@ class SequenceArrowRouter(Router):
             if context.prompts is None:
                 raise ValueError("SequenceArrowRouter(candidates / retrieval_weight) needs the prompt texts: pass "
                                  "tokenizer= to compose() or call adaptermix.set_prompts")
-            queries = torch.from_numpy(self.encoder.encode([p if p.strip() else "-" for p in context.prompts]))
-            dense = (queries @ self.text_embeddings.T).to(scores.device)                        # (batch, N)
-            if self.lexical is not None:
-                lexical = self.lexical.similarity(context.prompts).to(scores.device)
+            dense, lexical = self._similarity(context.prompts)                                 # (batch, N)
+            dense, lexical = dense.to(scores.device), None if lexical is None else lexical.to(scores.device)
         self.last_signals = {k: v.detach().cpu() for k, v in
                              (("weights", scores), ("dense", dense), ("lexical", lexical)) if v is not None}
         scores, confidence = combined_scores(scores, dense, lexical, retrieval_weight=self.retrieval_weight,
@@ -226,6 +260,7 @@ class SequenceArrowRouter(Router):
     def end_probe(self, context: RoutingContext) -> None:
         probe = context.state.pop((_KEY, "probe"))
         context.state.pop((_KEY, "users"), None)
+        context.state.pop((_KEY, "candidates"), None)
         if probe["purpose"] == "mean":
             self.stats = {m: (mu, None, None) for m, mu in probe["sums"].items()}
         elif probe["purpose"] == "spread":

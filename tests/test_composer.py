@@ -332,3 +332,18 @@ def test_confidence_combination_follows_the_surer_signal_and_breaks_ties_determi
         ("confidence", 1.0, 0.5, 0.125)
     with pytest.raises(ValueError, match="combine='confidence'.*retrieval_weight"):
         am.SequenceArrowRouter(combine="confidence")
+
+
+def test_sequence_router_with_candidates_scores_only_them(full_library, h):
+    """candidates=m: retrieval proposes m adapters per prompt and only their weights are scored (the cost of
+    a large library); with m = every adapter the scores equal those of no candidates at all."""
+    n = len(full_library.names())
+    scores = {}
+    for candidates in (None, n, 2):
+        router = am.SequenceArrowRouter(calibrate=False, retrieval_weight=1.0, candidates=candidates)
+        model = am.compose(h.tiny_llama(), full_library, router)
+        am.set_prompts(model, ["select all rows from the users table", "convert 30 degrees celsius to fahrenheit"])
+        logits(model)
+        scores[candidates] = router.last_signals["weights"]
+    torch.testing.assert_close(scores[None], scores[n])
+    assert (scores[2] != 0).sum(1).tolist() == [2, 2]        # z-scored among the 2 candidates, the rest unscored
