@@ -195,7 +195,7 @@ class SequenceArrowRouter(Router):
             if context.prompts is None:
                 raise ValueError("SequenceArrowRouter(candidates) needs the prompt texts: pass tokenizer= to compose() "
                                  "or call adaptermix.set_prompts")
-            dense, lexical = self._similarity(context.prompts)
+            dense, lexical = context.state[(_KEY, "similarity")] = self._similarity(context.prompts)
             similarity = dense if lexical is None else dense + self.lexical_weight * lexical
             near = similarity.topk(self.candidates, dim=1).indices
             context.state[key] = torch.zeros(similarity.shape, dtype=torch.bool).scatter_(1, near, True)
@@ -219,7 +219,7 @@ class SequenceArrowRouter(Router):
             if context.prompts is None:
                 raise ValueError("SequenceArrowRouter(candidates / retrieval_weight) needs the prompt texts: pass "
                                  "tokenizer= to compose() or call adaptermix.set_prompts")
-            dense, lexical = self._similarity(context.prompts)                                 # (batch, N)
+            dense, lexical = context.state.pop((_KEY, "similarity"), None) or self._similarity(context.prompts)
             dense, lexical = dense.to(scores.device), None if lexical is None else lexical.to(scores.device)
         self.last_signals = {k: v.detach().cpu() for k, v in
                              (("weights", scores), ("dense", dense), ("lexical", lexical)) if v is not None}
