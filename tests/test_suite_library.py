@@ -171,10 +171,12 @@ def test_a_library_without_text_refuses_text_routers_and_routes_by_weights_calib
              after_batch=lambda inputs, new: chosen.extend(_chosen(model, inputs, new)))
     assert sum(c == name for c, (name, _) in zip(chosen, pairs)) >= 0.5 * len(pairs)
     router.save_calibration("generic")
-    other = am.SequenceArrowRouter(calibration="library")
+    other = am.SequenceArrowRouter(calibration="generic", score="prototype")
     other.bind(bare, list(SUITE), {m: torch.ones(len(SUITE), dtype=torch.bool) for m in router.directions})
-    with pytest.raises(am.CalibrationMismatchError, match="calibration='generic'"):
+    with pytest.raises(am.CalibrationMismatchError, match="score='subspace', calibration='generic'"):
         other.load_calibration("generic")                               # statistics of another router config
+    with pytest.raises(am.AdapterTextMissingError, match="calibration='library'"):
+        am.SequenceArrowRouter(calibration="library").bind(bare, list(SUITE), other.available)
 
 
 def test_the_confidence_hybrid_declines_weak_prompts_and_reads_the_user_message(suite):
