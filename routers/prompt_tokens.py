@@ -28,7 +28,7 @@ def user_token_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     uses no known chat template). Raises ValueError naming the row when a user message is empty, unless
     allow_empty (then that row's mask is all False)."""
     attended = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-    if tokenizer is None:
+    if tokenizer is None or not hasattr(tokenizer, "encode"):          # no chat template to recognise
         return attended
     role = tokenizer.encode("user", add_special_tokens=False)
     mask = attended.clone()
