@@ -203,7 +203,8 @@ def charts(summary, out: Path, routing_file: str = "routing.png") -> Path:
     plt.close(fig)
 
     for condition in conditions:
-        routed = [(m, e) for m, e in summary[condition].items() if "_shares" in e and e.get("routing_accuracy") is not None]
+        routed = [(m, e) for m, e in summary[condition].items()
+                  if "_shares" in e and e.get("routing_accuracy") is not None]
         if not routed:
             continue
         fig, axes = plt.subplots(1, len(routed), figsize=(4.2 * len(routed), 4.6), squeeze=False)

@@ -100,7 +100,8 @@ def main(per_task: str = "10", out: str = str(ROOT / "benchmarks" / "results" / 
                      text=True)["dense"].max(1).values
     threshold = round(float(torch.quantile(in_library, 0.01)), 3)
     results["min_similarity"] = {"rule": "1% quantile of the best retrieval cosine over in-library train prompts",
-                                 "value": threshold, "unseen_declined": round(float((unseen < threshold).float().mean()), 3),
+                                 "value": threshold,
+                                 "unseen_declined": round(float((unseen < threshold).float().mean()), 3),
                                  "in_library_declined": round(float((in_library < threshold).float().mean()), 3)}
     Path(out).write_text(json.dumps(results, indent=2) + "\n")
     for name, value in list(results["mean_of_conditions"].items())[:12]:

@@ -14,6 +14,7 @@ if __name__ == "adaptermix.routers":
     from .sequence_arrow import HybridRouter, SequenceArrowRouter
     from .token_level import TokenLevelRouter
 
-    __all__ = ["ArrowRouter", "BASE", "FixedRouter", "HybridRouter", "LoraGenerator", "MoEGateRouter", "PerSequenceRouter", "ROUTERS", "RetrievalRouter",
+    __all__ = ["ArrowRouter", "BASE", "FixedRouter",
+               "HybridRouter", "LoraGenerator", "MoEGateRouter", "PerSequenceRouter", "ROUTERS", "RetrievalRouter",
                "Router", "Routing", "RoutingContext", "SequenceArrowRouter", "TokenLevelRouter", "build_router", "generate_adapter",
                "train_generator"]

@@ -168,7 +168,8 @@ class SequenceArrowRouter(Router):
         rows = context.sequence_ids.to(x.device)[users]
         scores = self._token_scores(module, x[users], subset=subset)                          # (U, N or M)
         per_sequence = torch.zeros(context.batch_size, scores.shape[1], device=x.device).index_add_(0, rows, scores)
-        counts = torch.zeros(context.batch_size, device=x.device).index_add_(0, rows, torch.ones_like(rows, dtype=torch.float))
+        ones = torch.ones_like(rows, dtype=torch.float)
+        counts = torch.zeros(context.batch_size, device=x.device).index_add_(0, rows, ones)
         per_sequence = per_sequence / counts.clamp_min(1)[:, None]
         if subset is not None:
             full = torch.full((context.batch_size, len(self.adapter_names)), float("-inf"), device=x.device)
