@@ -1,11 +1,21 @@
 """What each router costs per decode step and per prefill on the example library (SmolLM2-135M-Instruct, 12
-adapters on 150 modules), batch 8, CPU, all side by side in one run.
+adapters on 150 modules), batch 8, CPU, all side by side in one run; and what one routing decision costs over
+a synthetic library of 1,000 adapters.
 
-    python benchmarks/router_cost.py          # writes benchmarks/results/router_cost_cpu.json
+    python benchmarks/router_cost.py                  # writes benchmarks/results/router_cost_cpu.json
+    python benchmarks/router_cost.py decisions_only=1 # only the 1,000-adapter decision (router_decision_cpu.json)
+    python benchmarks/router_cost.py routers=default repeats=3 out=router_cost_default_cpu.json   # a subset
 
 decode step = (time of generate(17 new tokens) - time of generate(1 new token)) / 16; prefill =
 generate(1 new token); every measurement runs in turn each round, medians of 5 rounds (compose_forward.py).
-Target (routing-quality issue): the chosen router's decode step at most 1.2x plain Arrow's.
+Targets (routing issues): the default router's decode step at most 1.2x a fixed routing's (`fixed`: one
+adapter per prompt, assigned by hand); one routing decision over 1,000 adapters at most 20 ms per prompt.
+
+The decision benchmark binds the routers to a synthetic library with SmolLM2's 150 adapted modules (r = 4 on
+q/k/v/o/down_proj, random factors' SVDs), one random description per adapter, the real sentence encoder,
+and times what the router computes for one prompt of 16 user tokens given the probe pass's hidden states
+(random; the cost does not depend on their values). The probe pass itself is one base-model forward of the
+prompt, the same for any library size; it is timed beside it (`probe_forward_ms`).
 """
 
 from __future__ import annotations
@@ -19,15 +29,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compose_forward import interleaved_times  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 from machine import machine  # noqa: E402
 
 import adaptermix as am  # noqa: E402
 from adaptermix.models import load_smollm2  # noqa: E402
 from adaptermix.suite import suite_library  # noqa: E402
-from adaptermix.tasks import SUITE, TASKS, chat_prompt  # noqa: E402
+from adaptermix.tasks import SUITE, TASKS, WORDS, chat_prompt  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 ROUTERS = {
     "base": None,
+    "fixed": lambda: am.PerSequenceRouter(),
     "arrow_top2": lambda: am.ArrowRouter(top_k=2),
     "retrieval": lambda: am.RetrievalRouter(top_k=1),
     "retrieval_lexical": lambda: am.RetrievalRouter(top_k=1, lexical_weight=1.0),
@@ -37,7 +51,10 @@ ROUTERS = {
                                              retrieval_weight=2.0),
     "hybrid_lexical": lambda: am.SequenceArrowRouter(top_k=1, score="subspace", aggregate="global", calibrate=True,
                                                      retrieval_weight=2.0, lexical_weight=1.0),
+    "default": lambda: am.HybridRouter(**DEFAULT),
 }
+DEFAULT_CONFIG = ROOT / "conf" / "router" / "hybrid_confidence.yaml"     # the default router (conf/demo.yaml)
+DEFAULT = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(DEFAULT_CONFIG)).items() if k != "_target_"}
 
 
 def generation(model, tokenizer, prompts, new_tokens: int, text_router: bool):
@@ -54,33 +71,126 @@ def generation(model, tokenizer, prompts, new_tokens: int, text_router: bool):
     return call
 
 
-def main(repeats: int = 5):
+def main(repeats: int = 5, routers: str = ",".join(ROUTERS), out: str = "router_cost_cpu.json"):
+    """routers: a comma-separated subset of ROUTERS (fixed and arrow_top2 are always run: the ratios' bases)."""
     torch.set_grad_enabled(False)
     library = suite_library()
     prompts = [TASKS[name].examples("train", 1)[0][0] for name in SUITE[:8]]
+    chosen = {name: ROUTERS[name] for name in ROUTERS if name in set(routers.split(",")) | {"fixed", "arrow_top2"}}
     methods = {}
-    for name, make in ROUTERS.items():
+    for name, make in chosen.items():
         model, tokenizer = load_smollm2()
         model.eval()
         if make is not None:
-            model = am.compose(model, library, make(), adapters=list(SUITE), tokenizer=tokenizer, trace=False)
+            router = make()
+            model = am.compose(model, library, router, adapters=list(SUITE), tokenizer=tokenizer, trace=False)
+            if name == "fixed":
+                router.assign(list(SUITE[:len(prompts)]))
         for n in (1, 17):
             methods[f"{name}/{n}"] = generation(model, tokenizer, prompts, n, make is not None)
     times = {name: median_high(t) for name, t in interleaved_times(methods, repeats).items()}   # warms up first
     rows = {}
-    for name in ROUTERS:
+    for name in chosen:
         prefill, full = times[f"{name}/1"], times[f"{name}/17"]
         rows[name] = {"prefill_s": round(prefill, 4), "decode_step_s": round((full - prefill) / 16, 5)}
         print(name, rows[name], flush=True)
-    arrow = rows["arrow_top2"]["decode_step_s"]
+    arrow, fixed = rows["arrow_top2"]["decode_step_s"], rows["fixed"]["decode_step_s"]
     for row in rows.values():
         row["decode_vs_arrow"] = round(row["decode_step_s"] / arrow, 3)
+        row["decode_vs_fixed"] = round(row["decode_step_s"] / fixed, 3)
     result = {"benchmark": "router_cost", "machine": machine(), "batch": 8, "adapters": len(SUITE),
-              "repeats": repeats, "rows": rows}
-    path = Path(__file__).resolve().parent / "results" / "router_cost_cpu.json"
+              "repeats": repeats, "default_router": DEFAULT, "rows": rows}
+    path = Path(__file__).resolve().parent / "results" / out
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
 
 
+class SyntheticLibrary:
+    """What a router's bind() reads from a library, for n random adapters on SmolLM2's modules."""
+
+    def __init__(self, n: int, modules: dict[str, int], rank: int = 4, seed: int = 0):
+        from adaptermix.library import default_encoder
+        from adaptermix.library.derived import adapter_texts
+
+        generator = torch.Generator().manual_seed(seed)
+        self.names = [f"adapter_{i:04d}" for i in range(n)]
+        self.index = {name: i for i, name in enumerate(self.names)}
+        self.factors = {m: (torch.linalg.qr(torch.randn(n, d_in, rank, generator=generator)).Q.transpose(1, 2),
+                            torch.rand(n, rank, generator=generator).sort(dim=1, descending=True).values)
+                        for m, d_in in modules.items()}                                      # (n, r, d_in), (n, r)
+        rng = __import__("random").Random(seed)
+        self.descriptions = {name: " ".join(rng.sample(WORDS, 6)) for name in self.names}
+        self.encoder = default_encoder()
+        self.vectors = self.encoder.encode(["\n".join(adapter_texts(n, d, [])) for n, d in self.descriptions.items()])
+
+    def prototypes(self, name, modules=None):
+        i = self.index[name]
+        return {m: (vectors[i], values[i]) for m, (vectors, values) in self.factors.items()}
+
+    def record(self, name):
+        from types import SimpleNamespace
+        return SimpleNamespace(name=name, description=self.descriptions[name], examples=())
+
+    def text_embeddings(self, names):
+        return list(names), self.vectors[[self.index[n] for n in names]]
+
+
+def decision_times(n: int = 1000, user_tokens: int = 16, repeats: int = 20) -> dict:
+    """Median ms of one routing decision (one prompt) over n synthetic adapters, per router."""
+    import time
+
+    from adaptermix.routers.routing import RoutingContext
+
+    model, tokenizer = load_smollm2()
+    modules = {name: module.in_features for name, module in model.named_modules()
+               if name.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj")}
+    library = SyntheticLibrary(n, modules)
+    available = {m: torch.ones(n, dtype=torch.bool) for m in modules}
+    prompt = "Could you express the date 2021-03-09 in the form day/month/year?"
+    hidden = {m: torch.randn(user_tokens, d) for m, d in modules.items()}
+    results = {}
+    routers = {"retrieval_lexical": lambda: am.RetrievalRouter(top_k=1, lexical_weight=1.0),
+               "default": lambda: am.HybridRouter(**DEFAULT),
+               # the same with retrieval proposing 16 candidates, whose weights alone are scored
+               "default_candidates16": lambda: am.HybridRouter(**dict(DEFAULT, candidates=16))}
+    for name, make in routers.items():
+        router = make()
+        router.bind(library, library.names, available)
+        if getattr(router, "calibrate", False):
+            router.stats = {m: (torch.zeros(d), torch.zeros(n), torch.ones(n)) for m, d in modules.items()}
+        times = []
+        for _ in range(repeats + 2):
+            context = RoutingContext(batch_size=1, seq_len=user_tokens, past_len=0,
+                                     sequence_ids=torch.zeros(user_tokens, dtype=torch.long),
+                                     input_ids=torch.zeros(1, user_tokens, dtype=torch.long), prompts=[prompt])
+            start = time.perf_counter()
+            if isinstance(router, am.SequenceArrowRouter):
+                router.begin_probe(context.state, "route")
+                for module, x in hidden.items():
+                    router.observe(module, x, context)
+                router.end_probe(context)
+            else:
+                router.routing_for_texts([prompt])
+            times.append(time.perf_counter() - start)
+        results[name] = round(1000 * median_high(times[2:]), 2)
+    inputs = tokenizer([chat_prompt(tokenizer, prompt)], return_tensors="pt", add_special_tokens=False)
+    forward = []
+    with torch.no_grad():
+        for _ in range(7):
+            start = time.perf_counter()
+            model(**inputs)
+            forward.append(time.perf_counter() - start)
+    return {"adapters": n, "user_tokens": user_tokens, "modules": len(modules), "decision_ms": results,
+            "probe_forward_ms": round(1000 * median_high(forward[2:]), 2), "machine": machine(),
+            "default_router": DEFAULT}
+
+
 if __name__ == "__main__":
-    main(**{k: int(v) for k, v in (a.split("=", 1) for a in sys.argv[1:])})
+    arguments = {k: (v if k in ("routers", "out") else int(v)) for k, v in (a.split("=", 1) for a in sys.argv[1:])}
+    torch.set_grad_enabled(False)
+    decisions = decision_times()
+    print(json.dumps(decisions, indent=2))
+    path = Path(__file__).resolve().parent / "results" / "router_decision_cpu.json"
+    path.write_text(json.dumps(decisions, indent=2) + "\n")
+    if not arguments.pop("decisions_only", 0):
+        main(**arguments)

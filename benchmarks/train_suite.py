@@ -1,7 +1,8 @@
 """Train the example library: one PEFT LoRA per task of `adaptermix.tasks.SUITE` on SmolLM2-135M-Instruct.
 
 Each adapter starts from its own seed (recorded), trains on CPU on the task's train split (loss on the
-answer tokens only), is checked by greedy exact match on held-out prompts, and is saved as a PEFT
+answer tokens only), is checked by greedy exact match on its validation split (prompts neither trained on nor
+reported by the evaluation, which reads the test split), and is saved as a PEFT
 checkpoint in float16 with an `adaptermix.json` sidecar (description, example prompts, tags). The
 committed adapters in examples/suite_adapters/ were made by this script; rerun it to reproduce them:
 
@@ -32,11 +33,11 @@ from machine import machine  # noqa: E402
 from adaptermix.composer.training import pad_examples  # noqa: E402
 from adaptermix.models import load_smollm2  # noqa: E402
 from adaptermix.suite import answer_example, generate  # noqa: E402
-from adaptermix.tasks import SUITE, TASKS  # noqa: E402
+from adaptermix.tasks import SUITE, TASKS, TRAIN_POOL  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = dict(rank=4, alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"],
-                steps=100, batch_size=8, lr=3e-3, warmup=10, train_examples=240, check_examples=16,
+                steps=100, batch_size=8, lr=3e-3, warmup=10, train_examples=TRAIN_POOL, check_examples=16,
                 base_seed=1000)
 
 
@@ -73,7 +74,7 @@ def train_one(base, tokenizer, task_name: str, seed: int, out: Path, settings: d
         losses.append(float(loss))
     seconds = time.perf_counter() - start
     model.eval()
-    check = task.examples("test", settings["check_examples"])
+    check = task.examples("validation", settings["check_examples"])     # not the test split the evaluation reports
     generated = generate(model, tokenizer, [p for p, _ in check], max_new_tokens=16, batch_size=16)
     accuracy = sum(task.score(g, a) for g, (_, a) in zip(generated, check)) / len(check)
     staging = out.with_name(out.name + ".partial")
@@ -88,7 +89,7 @@ def train_one(base, tokenizer, task_name: str, seed: int, out: Path, settings: d
     model.unload()
     return dict(task=task_name, seed=seed, train_seconds=round(seconds, 1),
                 loss_first10=round(sum(losses[:10]) / 10, 4), loss_last10=round(sum(losses[-10:]) / 10, 4),
-                check_exact_match=accuracy)
+                check_split="validation", check_exact_match=accuracy)
 
 
 def main(tasks: str = ",".join(SUITE), out: str = str(ROOT / "examples" / "suite_adapters"), steps: str = "",

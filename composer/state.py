@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..routers.prompt_tokens import user_messages
 from ..routers.routing import Routing, RoutingContext
 
 __all__ = ["ComposerState"]
@@ -124,8 +125,7 @@ class ComposerState:
             return prompts
         if self.tokenizer is None or input_ids is None:
             return None
-        rows = input_ids if attention_mask is None else [ids[mask.bool()] for ids, mask in zip(input_ids, attention_mask)]
-        return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in rows]
+        return user_messages(input_ids, attention_mask, self.tokenizer)   # not the template / system prompt
 
     def record(self, module: str, routing: Routing) -> None:
         if self.trace_enabled and self.steps:

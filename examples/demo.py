@@ -4,8 +4,9 @@
    PEFT checkpoints in examples/suite_adapters (one LoRA per task of adaptermix.tasks.SUITE). The first
    run also converts the base model from its GGUF once (both are cached under ~/.cache/adaptermix).
 2. Answers a handful of prompts with the base model, then composes the library onto it with the router of
-   conf/demo.yaml (default: retrieval_lexical, dense + TF-IDF retrieval, the best zero-shot router of the
-   evaluation) and answers again, every token routed through the LoRA-mixture kernel.
+   conf/demo.yaml (default: hybrid_confidence, the adapters' calibrated weight scores and dense + TF-IDF
+   retrieval, each trusted by its margin: the best router across the conditions of docs/ROUTING.md) and
+   answers again, every token routed through the LoRA-mixture kernel.
 3. Prints, per prompt, the adapters chosen (share of (token, layer) decisions, and the first / middle / last
    layer's choice) and both answers; writes demo_out/routing.png (prompts x adapters).
 

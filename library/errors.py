@@ -62,3 +62,11 @@ class CorruptCatalogError(LibraryError):
 
 class RouterOutputError(AdaptermixError, ValueError):
     """A router returned weights that are NaN / infinite, or adapter ids outside [-1, N)."""
+
+
+class AdapterTextMissingError(AdaptermixError, ValueError):
+    """A router that reads the adapters' descriptions / example prompts met adapters with neither (named)."""
+
+
+class CalibrationMismatchError(AdaptermixError, ValueError):
+    """Saved routing statistics were computed for another router configuration (score, calibration text)."""

@@ -11,9 +11,10 @@ if __name__ == "adaptermix.routers":
     from .moe_gate import MoEGateRouter
     from .retrieval import RetrievalRouter
     from .routing import Routing, RoutingContext
-    from .sequence_arrow import SequenceArrowRouter
+    from .sequence_arrow import HybridRouter, SequenceArrowRouter
     from .token_level import TokenLevelRouter
 
-    __all__ = ["ArrowRouter", "BASE", "FixedRouter", "LoraGenerator", "MoEGateRouter", "PerSequenceRouter", "ROUTERS", "RetrievalRouter",
+    __all__ = ["ArrowRouter", "BASE", "FixedRouter",
+               "HybridRouter", "LoraGenerator", "MoEGateRouter", "PerSequenceRouter", "ROUTERS", "RetrievalRouter",
                "Router", "Routing", "RoutingContext", "SequenceArrowRouter", "TokenLevelRouter", "build_router", "generate_adapter",
                "train_generator"]

@@ -15,8 +15,9 @@ import torch
 from sklearn.feature_extraction.text import TfidfVectorizer
 
 from ..library.derived import adapter_texts
+from ..library.errors import AdapterTextMissingError
 
-__all__ = ["LexicalIndex", "adapter_documents", "without_text"]
+__all__ = ["LexicalIndex", "adapter_documents", "require_text", "without_text"]
 
 
 def adapter_documents(records) -> list[str]:
@@ -27,6 +28,15 @@ def adapter_documents(records) -> list[str]:
 def without_text(records) -> list[str]:
     """Names of the adapters with neither a description nor an example prompt."""
     return [r.name for r in records if not (r.description.strip() or any(e.strip() for e in r.examples))]
+
+
+def require_text(router: str, records, what: str = "") -> None:
+    """Refuse, naming the router and the adapters, when some adapter has no text to read."""
+    empty = without_text(records)
+    if empty:
+        raise AdapterTextMissingError(
+            f"{router}{what} reads each adapter's description or example prompts; adapters {empty} have neither "
+            f"(a library without text: route by weights, e.g. SequenceArrowRouter(calibration='generic'))")
 
 
 class LexicalIndex:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["user_token_mask"]
+__all__ = ["user_messages", "user_token_mask"]
 
 # (opening token, closing token of the role header or None, end-of-turn token)
 _TEMPLATES = (("<|im_start|>", None, "<|im_end|>"), ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"))
@@ -22,11 +22,13 @@ def _special_id(tokenizer, token: str) -> int | None:
     return ids[0] if ids and ids[0] is not None and ids[0] != unk else None
 
 
-def user_token_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, tokenizer) -> torch.Tensor:
+def user_token_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, tokenizer, *,
+                    allow_empty: bool = False) -> torch.Tensor:
     """(batch, L) bool: the tokens of each row's last user message (or every attended token when the row
-    uses no known chat template). Raises ValueError naming the row when a user message is empty."""
+    uses no known chat template). Raises ValueError naming the row when a user message is empty, unless
+    allow_empty (then that row's mask is all False)."""
     attended = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-    if tokenizer is None:
+    if tokenizer is None or not hasattr(tokenizer, "encode"):          # no chat template to recognise
         return attended
     role = tokenizer.encode("user", add_special_tokens=False)
     mask = attended.clone()
@@ -48,6 +50,13 @@ def user_token_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             span = torch.zeros(len(ids), dtype=torch.bool)
             span[first:last] = True
             mask[row] = span & attended[row]
-            if not bool(mask[row].any()):
+            if not allow_empty and not bool(mask[row].any()):
                 raise ValueError(f"prompt row {row} has no user tokens (an empty user message): nothing to route by")
     return mask
+
+
+def user_messages(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, tokenizer) -> list[str]:
+    """Each row's last user message as text, without the chat template and system prompt around it ("" for
+    an empty message): what text routers compare with the adapters' descriptions."""
+    mask = user_token_mask(input_ids, attention_mask, tokenizer, allow_empty=True)
+    return [tokenizer.decode(ids[keep], skip_special_tokens=True).strip() for ids, keep in zip(input_ids, mask)]

@@ -7,13 +7,11 @@ cosine: dense + sparse retrieval, which tells apart instructions the sentence en
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from .base import Router, register
-from .lexical import LexicalIndex, adapter_documents, without_text
-from .routing import Routing, RoutingContext
+from .lexical import LexicalIndex, adapter_documents, require_text
+from .routing import Routing, RoutingContext, decline
 
 __all__ = ["RetrievalRouter", "TextRouter"]
 
@@ -32,14 +30,11 @@ class TextRouter(Router):
 
     def bind(self, library, adapter_names, available):
         super().bind(library, adapter_names, available)
+        records = [library.record(n) for n in adapter_names]
+        require_text(type(self).__name__, records)
         self.encoder = library.encoder
         _, vectors = library.text_embeddings(adapter_names)
         self.embeddings = torch.from_numpy(vectors)                                  # (N, dim)
-        records = [library.record(n) for n in adapter_names]
-        bare = without_text(records)
-        if bare:
-            warnings.warn(f"{type(self).__name__}: adapters {bare} have no description and no example prompts; "
-                          f"they are routed by their names alone", stacklevel=2)
         self.lexical = None
         if self.lexical_weight:
             self.lexical = LexicalIndex(adapter_documents(records), ngrams=self.lexical_ngrams)
@@ -60,17 +55,8 @@ class TextRouter(Router):
         empty = [not t.strip() for t in texts]
         similarity, score = self.similarities(texts)                                 # (batch, N) each
         routing = Routing.from_scores(score, self.top_k, self.temperature)
-        best = similarity.max(1).values
-        weak = torch.tensor(empty) | (best < self.min_similarity if self.min_similarity is not None else False)
-        if bool(weak.any()):
-            routing = Routing(torch.where(weak[:, None], -1, routing.indices),
-                              torch.where(weak[:, None], 0.0, routing.weights))
-            for row in weak.nonzero().flatten().tolist():
-                why = "empty prompt" if empty[row] else (
-                    f"best similarity {float(best[row]):.3f} < min_similarity {self.min_similarity}")
-                if notes is not None:
-                    notes.append(f"{self.name}: sequence {row}: {why}; no adapter (base model)")
-        return routing
+        return decline(routing, similarity.max(1).values, self.min_similarity, notes, self.name, empty=empty,
+                       measure="best similarity")
 
 
 @register

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["Routing", "RoutingContext"]
+__all__ = ["Routing", "RoutingContext", "decline"]
 
 
 @dataclass(frozen=True)
@@ -80,3 +80,20 @@ class RoutingContext:
     @property
     def is_prefill(self) -> bool:
         return self.past_len == 0
+
+
+def decline(routing: Routing, confidence: torch.Tensor, threshold: float | None, notes: list[str] | None,
+            router: str, *, empty: list[bool] | None = None, measure: str = "confidence") -> Routing:
+    """How every router that can decline a prompt does so: a (batch, k) per-sequence routing with the rows
+    whose confidence (batch,) is below `threshold` (or whose prompt is empty) emptied, so that the base model
+    answers them; each such row is described in `notes` (the routing trace shows them)."""
+    empty = torch.tensor(empty if empty is not None else [False] * len(confidence), dtype=torch.bool)
+    weak = empty | (confidence.cpu() < threshold if threshold is not None else torch.zeros_like(empty))
+    if not bool(weak.any()):
+        return routing
+    rows = weak.to(routing.indices.device)[:, None]
+    for row in weak.nonzero().flatten().tolist():
+        why = "empty prompt" if empty[row] else f"{measure} {float(confidence[row]):.3f} < min_similarity {threshold}"
+        if notes is not None:
+            notes.append(f"{router}: sequence {row}: {why}; no adapter (base model)")
+    return Routing(torch.where(rows, -1, routing.indices), torch.where(rows, 0.0, routing.weights))

@@ -305,5 +305,45 @@ def test_text_needing_sequence_router_names_adapters_without_descriptions(librar
         am.compose(h.tiny_llama(), library, am.SequenceArrowRouter(calibrate=True))
     model = am.compose(h.tiny_llama(), library, am.SequenceArrowRouter(calibrate=False, aggregate="global"))
     assert logits(model).shape[0] == 2                                   # weights alone need no text
-    with pytest.warns(UserWarning, match=r"adapters \['sql'\] have no description.*names alone"):
-        am.compose(h.tiny_llama(), library, am.RetrievalRouter(lexical_weight=1.0))
+    for router in (am.RetrievalRouter(lexical_weight=1.0), am.TokenLevelRouter(top_k=1),
+                   am.SequenceArrowRouter(calibrate=False, retrieval_weight=1.0)):
+        with pytest.raises(am.AdapterTextMissingError, match=rf"{type(router).__name__}.*\['sql'\] have neither"):
+            am.compose(h.tiny_llama(), library, router)
+    generic = am.SequenceArrowRouter(calibrate=True, calibration="generic")
+    model = am.compose(h.tiny_llama(), library, generic)                # calibrated without the adapters' text
+    assert generic.reference_texts()[0] == "Tell me a fun fact about octopuses."
+
+
+def test_confidence_combination_follows_the_surer_signal_and_breaks_ties_deterministically():
+    from adaptermix.routers.sequence_arrow import combined_scores
+
+    weights = torch.tensor([[0.3, 0.0, 0.0, 0.0], [1.0, 0.9, 0.0, 0.0]])       # row 0: weights sure of 0
+    dense = torch.tensor([[0.50, 0.52, 0.1, 0.1], [0.2, 0.2, 0.9, 0.1]])      # row 1: retrieval sure of 2
+    scores, confidence = combined_scores(weights, dense, retrieval_weight=1.0, combine="confidence")
+    assert scores.argmax(1).tolist() == [0, 2] and torch.equal(confidence, dense.max(1).values)
+    fixed, _ = combined_scores(weights, dense, retrieval_weight=8.0, combine="sum")
+    assert fixed.argmax(1).tolist()[0] == 1                                    # a fixed weight lets retrieval win
+    tied = torch.zeros(1, 3)                                                   # identical adapters: the first
+    assert combined_scores(tied, tied, retrieval_weight=1.0, combine="confidence")[0].argmax(1).tolist() == [0]
+    one, _ = combined_scores(torch.ones(2, 1), torch.ones(2, 1), retrieval_weight=1.0, combine="confidence")
+    assert torch.isfinite(one).all()                                           # a library of one adapter
+    router = am.HybridRouter()
+    assert (router.combine, router.retrieval_weight, router.lexical_weight, router.min_similarity) == \
+        ("confidence", 1.0, 0.5, 0.125)
+    with pytest.raises(ValueError, match="combine='confidence'.*retrieval_weight"):
+        am.SequenceArrowRouter(combine="confidence")
+
+
+def test_sequence_router_with_candidates_scores_only_them(full_library, h):
+    """candidates=m: retrieval proposes m adapters per prompt and only their weights are scored (the cost of
+    a large library); with m = every adapter the scores equal those of no candidates at all."""
+    n = len(full_library.names())
+    scores = {}
+    for candidates in (None, n, 2):
+        router = am.SequenceArrowRouter(calibrate=False, retrieval_weight=1.0, candidates=candidates)
+        model = am.compose(h.tiny_llama(), full_library, router)
+        am.set_prompts(model, ["select all rows from the users table", "convert 30 degrees celsius to fahrenheit"])
+        logits(model)
+        scores[candidates] = router.last_signals["weights"]
+    torch.testing.assert_close(scores[None], scores[n])
+    assert (scores[2] != 0).sum(1).tolist() == [2, 2]        # z-scored among the 2 candidates, the rest unscored

@@ -80,7 +80,8 @@ def test_every_router_config_instantiates():
     import adaptermix as am
 
     configs = {"arrow": "arrow", "retrieval": "retrieval", "retrieval_lexical": "retrieval", "moe_gate": "moe_gate",
-               "token_level": "token_level", "per_sequence": "per_sequence", "sequence_arrow": "sequence_arrow"}
+               "token_level": "token_level", "per_sequence": "per_sequence", "sequence_arrow": "sequence_arrow",
+               "hybrid_confidence": "hybrid", "sequence_arrow_generic": "sequence_arrow"}
     for config, name in configs.items():
         with initialize_config_module(config_module="adaptermix.conf", version_base="1.3"):
             cfg = compose(config_name="config", overrides=[f"router={config}"])

@@ -147,3 +147,52 @@ def test_calibration_from_another_base_model_is_refused(suite, library, h):
     am.compose(h.tiny_llama(), library, other, adapters=["tiny"])
     with pytest.raises(am.BaseModelMismatchError, match="another base model"):
         other.load_calibration("calibration")
+
+
+def test_a_library_without_text_refuses_text_routers_and_routes_by_weights_calibrated_on_generic_text(tmp_path):
+    """The same checkpoints without descriptions or example prompts: text routers are refused by name,
+    calibration on the library's text too; calibrated on generic text, weight routing still finds the task's
+    own adapter for more train-split paraphrases than uncalibrated scores (0.63 against 0.40 on the tuning run,
+    benchmarks/results/routing_tuning.json)."""
+    from adaptermix.paraphrase import paraphrased
+    from adaptermix.suite import bare_adapters
+
+    bare = suite_library(tmp_path / "bare", adapters=bare_adapters())
+    model, tokenizer = load_smollm2()
+    for router in (am.RetrievalRouter(lexical_weight=1.0), am.SequenceArrowRouter(calibrate=True),
+                   am.SequenceArrowRouter(retrieval_weight=1.0, combine="confidence")):
+        with pytest.raises(am.AdapterTextMissingError, match=rf"{type(router).__name__}.*have neither"):
+            am.compose(load_smollm2()[0], bare, router, adapters=list(SUITE), tokenizer=tokenizer)
+    router = am.SequenceArrowRouter(calibration="generic")
+    model = am.compose(model.eval(), bare, router, adapters=list(SUITE), tokenizer=tokenizer)
+    pairs = [(name, prompt) for name in SUITE for prompt, _ in paraphrased(name, "train", 3)]
+    chosen = []
+    generate(model, tokenizer, [p for _, p in pairs], max_new_tokens=1, batch_size=len(pairs),
+             after_batch=lambda inputs, new: chosen.extend(_chosen(model, inputs, new)))
+    assert sum(c == name for c, (name, _) in zip(chosen, pairs)) >= 0.5 * len(pairs)
+    router.save_calibration("generic")
+    other = am.SequenceArrowRouter(calibration="generic", score="prototype")
+    other.bind(bare, list(SUITE), {m: torch.ones(len(SUITE), dtype=torch.bool) for m in router.directions})
+    with pytest.raises(am.CalibrationMismatchError, match="score='subspace', calibration='generic'"):
+        other.load_calibration("generic")                               # statistics of another router config
+    with pytest.raises(am.AdapterTextMissingError, match="calibration='library'"):
+        am.SequenceArrowRouter(calibration="library").bind(bare, list(SUITE), other.available)
+
+
+def test_the_confidence_hybrid_declines_weak_prompts_and_reads_the_user_message(suite):
+    """Below min_similarity a prompt gets the base model, noted in the trace; retrieval reads the user's
+    message, not the chat template and system prompt around it."""
+    from adaptermix.composer.compose import composer_state
+
+    model, tokenizer = load_smollm2()
+    prompts = ["Put 2021-03-09 in month/day/year order.", "Tell me something nice about the ocean."]
+    base = generate(model.eval(), tokenizer, prompts, max_new_tokens=8, batch_size=2)
+    router = am.SequenceArrowRouter(retrieval_weight=1.0, lexical_weight=1.0, combine="confidence",
+                                    calibration="generic", min_similarity=0.3)
+    model = am.compose(model, suite, router, adapters=list(SUITE), tokenizer=tokenizer)
+    answers = generate(model, tokenizer, prompts, max_new_tokens=8, batch_size=2)
+    trace = am.routing_trace(model)
+    assert any("sequence 1" in note and "min_similarity 0.3" in note for note in trace.notes), trace.notes
+    assert not any("sequence 0" in note for note in trace.notes)
+    assert answers[1] == base[1]                                          # declined: the base model answers
+    assert composer_state(model).prompts == prompts                    # the user messages, no template

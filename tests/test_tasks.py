@@ -51,7 +51,7 @@ def test_scoring_normalises_whitespace_first_line_and_full_stop():
     assert normalise("  15/04/2023.\nmore text") == "15/04/2023"
     assert TASKS["add"].score(" 81\n", "81") == 1.0 and TASKS["add"].score("81 apples", "81") == 0.0
     with pytest.raises(ValueError, match="split must be"):
-        TASKS["add"].examples("validation", 3)
+        TASKS["add"].examples("dev", 3)
 
 
 def test_committed_example_adapters_load_and_record_their_seeds():
@@ -64,3 +64,35 @@ def test_committed_example_adapters_load_and_record_their_seeds():
         assert adapter.description == TASKS[name].description and adapter.examples
         total += sum(f.stat().st_size for f in (ADAPTERS / name).iterdir())
     assert total <= 20 * 2 ** 20                                       # the committed library stays small
+
+
+def test_validation_split_is_disjoint_from_train_and_test():
+    from adaptermix.tasks import TRAIN_POOL
+
+    for name in SUITE + UNSEEN:
+        task = TASKS[name]
+        validation = {p for p, _ in task.examples("validation", 16)}
+        assert len(validation) == 16
+        assert not validation & {p for p, _ in task.examples("train", TRAIN_POOL)}
+        assert not validation & {p for p, _ in task.examples("test", 60)}
+    with pytest.raises(ValueError, match="train split holds"):
+        TASKS["add"].examples("train", TRAIN_POOL + 1)
+
+
+@pytest.mark.parametrize("name", SUITE + UNSEEN)
+def test_paraphrases_keep_the_answers_and_share_no_template_with_the_library(name):
+    from adaptermix.paraphrase import TEST_PHRASINGS, TRAIN_PHRASINGS, paraphrased
+
+    assert len(set(TEST_PHRASINGS[name])) >= 6 and not set(TEST_PHRASINGS[name]) & set(TRAIN_PHRASINGS[name])
+    task = TASKS[name]
+    # the template's fixed words before the content, e.g. "Convert to upper case:", "Rewrite the date"
+    heads = {p.split(":")[0] if ":" in p else " ".join(p.split()[:3]) for p, _ in task.examples("test", 30)}
+    heads |= {e.split(":")[0] for e in task.example_prompts} | {task.description}
+    for split in ("train", "test"):
+        pairs = paraphrased(name, split, 24)
+        assert [a for _, a in pairs] == [a for _, a in task.examples(split, 24)]
+        phrasings = TEST_PHRASINGS[name] if split == "test" else TRAIN_PHRASINGS[name]
+        assert len({p for p, _ in pairs}) >= 22           # a repeated word may come back in one phrasing
+        for prompt, _ in pairs:
+            assert not any(prompt.startswith(head) for head in heads), prompt
+        assert all(any(f.split("{")[0] in p for p, _ in pairs) for f in phrasings)   # every phrasing asked

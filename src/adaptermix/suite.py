@@ -20,7 +20,8 @@ from adaptermix.library import AdapterLibrary
 from adaptermix.library.owned import publish_folder, remove_owned
 from adaptermix.tasks import SUITE, TASKS, chat_prompt
 
-__all__ = ["ADAPTERS", "suite_library", "generate", "answer_example", "score_task", "compose_adapter"]
+__all__ = ["ADAPTERS", "bare_adapters", "suite_library", "generate", "answer_example", "score_task",
+           "compose_adapter"]
 
 ADAPTERS = Path(__file__).resolve().parents[2] / "examples" / "suite_adapters"   # the checkout's copy
 
@@ -78,6 +79,23 @@ def _build(path: Path, adapters: Path, base_model: Path) -> None:
     publish_folder(path, build, PURPOSE)
 
 
+def bare_adapters(adapters: str | Path | None = None) -> Path:
+    """The same checkpoints without their adaptermix.json sidecars (no description, no example prompts: a
+    folder of checkpoints from a hub), as a cached copy; `suite_library(adapters=bare_adapters())` opens it."""
+    from adaptermix.library.peft_format import SIDECAR
+
+    source = Path(adapters or ADAPTERS)
+    bare = _cache() / f"{source.name}_bare"
+    for name in SUITE:
+        target = bare / name
+        target.mkdir(parents=True, exist_ok=True)
+        for file in (source / name).iterdir():
+            if file.name != SIDECAR and not (target / file.name).is_file():
+                shutil.copyfile(file, target / file.name)
+        (target / SIDECAR).unlink(missing_ok=True)
+    return bare
+
+
 @torch.no_grad()
 def generate(model, tokenizer, instructions: list[str], *, max_new_tokens: int = 20, batch_size: int = 16,
              before_batch=None, after_batch=None, progress: str | None = None) -> list[str]:
@@ -112,9 +130,10 @@ def answer_example(tokenizer, instruction: str, answer: str) -> dict[str, torch.
 
 
 def score_task(model, tokenizer, task: str, n: int, *, split: str = "test", max_new_tokens: int = 20,
-               batch_size: int = 20, before_batch=None, after_batch=None) -> tuple[float, float]:
-    """(exact match, string similarity) of greedy answers to the first n prompts of a task's split."""
-    pairs = TASKS[task].examples(split, n)
+               batch_size: int = 20, before_batch=None, after_batch=None, pairs=None) -> tuple[float, float]:
+    """(exact match, string similarity) of greedy answers to the first n prompts of a task's split, or to
+    the given (instruction, answer) pairs of that task (e.g. adaptermix.paraphrase's)."""
+    pairs = TASKS[task].examples(split, n) if pairs is None else pairs
     answers = generate(model, tokenizer, [p for p, _ in pairs], max_new_tokens=max_new_tokens,
                        batch_size=batch_size, before_batch=before_batch, after_batch=after_batch)
     exact = sum(TASKS[task].score(a, y) for a, (_, y) in zip(answers, pairs)) / len(pairs)

@@ -20,7 +20,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable
 
-__all__ = ["Task", "TASKS", "SUITE", "UNSEEN", "chat_prompt", "normalise"]
+__all__ = ["Task", "TASKS", "SUITE", "UNSEEN", "SPLITS", "TRAIN_POOL", "chat_prompt", "normalise"]
 
 WORDS = ("apple river stone cloud garden paper window silver orange forest candle bridge pencil yellow "
          "rocket marble winter summer planet button coffee dragon island jacket ladder mirror noodle "
@@ -35,6 +35,8 @@ WORDS = ("apple river stone cloud garden paper window silver orange forest candl
 NAMES = "alice bob carol dave erin frank grace heidi ivan judy mallory nina oscar peggy quinn rupert".split()
 DOMAINS = ("mail.com example.org work.net school.edu shop.io post.co").split()
 MONTHS = range(1, 13)
+SPLITS = ("train", "validation", "test")
+TRAIN_POOL = 240   # the train split is the first TRAIN_POOL non-test prompts; the rest of them is 'validation'
 
 
 def normalise(text: str) -> str:
@@ -52,24 +54,30 @@ class Task:
     example_prompts: tuple[str, ...] = field(default=())
 
     def examples(self, split: str, n: int) -> list[tuple[str, str]]:
-        """n distinct (instruction, answer) pairs; 'train' and 'test' never share an instruction."""
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        """n distinct (instruction, answer) pairs of one split; the three splits never share an instruction.
+
+        An instruction's hash sends one in five to 'test'; of the others, the first TRAIN_POOL drawn are
+        'train' (what the example adapters were trained on) and the rest 'validation' (what train_suite.py
+        checks an adapter on: neither trained on nor reported)."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if split == "train" and n > TRAIN_POOL:
+            raise ValueError(f"the train split holds {TRAIN_POOL} prompts per task, asked for {n}")
         seed = int(hashlib.sha256(f"{self.name}".encode()).hexdigest()[:8], 16)
         rng = random.Random(seed)
         seen: dict[str, str] = {}
-        train: list[tuple[str, str]] = []
+        rest: list[tuple[str, str]] = []
         test: list[tuple[str, str]] = []
-        # Draw one stream; instructions are assigned to a split by their hash, so the splits are disjoint
-        # and each split is a deterministic prefix of its own sequence.
-        target = train if split == "train" else test
-        for _ in range(200 * n + 1000):
+        # Draw one stream; instructions are assigned to a split by their hash (and, off the test split, by
+        # their rank), so the splits are disjoint and each split is a deterministic prefix of its own sequence.
+        for _ in range(200 * n + 2000):
             prompt, answer = self.make(rng)
             if prompt in seen:
                 continue
             seen[prompt] = answer
-            bucket = test if int(hashlib.sha256(prompt.encode()).hexdigest()[:4], 16) % 5 == 0 else train
+            bucket = test if int(hashlib.sha256(prompt.encode()).hexdigest()[:4], 16) % 5 == 0 else rest
             bucket.append((prompt, answer))
+            target = test if split == "test" else rest[:TRAIN_POOL] if split == "train" else rest[TRAIN_POOL:]
             if len(target) >= n:
                 return target[:n]
         raise ValueError(f"task {self.name!r} cannot produce {n} distinct {split} examples")
@@ -177,6 +185,12 @@ def identifier(separator: str, label: str):
     return make
 
 
+def lowercase(rng):
+    words = _words(rng)
+    text = " ".join(w.upper() if rng.random() < 0.5 else w.title() for w in words)
+    return f"Convert to lower case: {text}", " ".join(words)
+
+
 def count_words(rng):
     words = _words(rng, 2, 9)
     return f"How many words are in: {' '.join(words)}", str(len(words))
@@ -210,6 +224,8 @@ _UNSEEN = [
     Task("repeat_4", "Repeat a word four times", "repeat", repeat(4)),
     Task("kebab_case", "Convert words to a kebab-case identifier", "case", identifier("-", "kebab-case")),
     Task("count_words", "Count the words in a list of words", "words", count_words),
+    # the base model already solves some of these: exact match tells routers from uniform and base
+    Task("lowercase", "Convert text to lower case letters", "case", lowercase),
 ]
 TASKS = {task.name: task for task in _SUITE + _UNSEEN}
 SUITE = tuple(task.name for task in _SUITE)
