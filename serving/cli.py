@@ -1,8 +1,9 @@
 """`adaptermix serve LIBRARY key=value ...`: the OpenAI-compatible server over a library.
 
 Defaults come from conf/serve.yaml; `key=value` overrides them (`adaptermix serve LIB port=9000 router=arrow
-max_batch_size=8`). The router for `model="auto"` is the project's default zero-shot router (the one
-conf/demo.yaml selects) unless `router=` names another file of conf/router/.
+max_batch_size=8`). The router for `model="auto"` is conf/serve.yaml's (retrieval_lexical: the project's default,
+hybrid_confidence, needs a probe pass per prompt that the batched engine does not run yet) unless `router=` names
+another file of conf/router/.
 """
 
 from __future__ import annotations
@@ -20,16 +21,12 @@ API_KEY_ENV = "ADAPTERMIX_API_KEY"
 
 
 def load_serve_config(overrides: list[str]):
-    """(config, router label): conf/serve.yaml with the overrides; the router defaults to conf/demo.yaml's."""
+    """(config, router label): conf/serve.yaml with the overrides."""
     from hydra import compose, initialize_config_module
 
     with initialize_config_module(config_module="adaptermix.conf", version_base="1.3"):
         cfg = compose(config_name="serve", overrides=overrides, return_hydra_config=True)
-        label = cfg.hydra.runtime.choices.get("router")
-        if label is None:
-            label = compose(config_name="demo", return_hydra_config=True).hydra.runtime.choices.router
-            cfg = compose(config_name="serve", overrides=[*overrides, f"router={label}"], return_hydra_config=True)
-    return cfg, label
+    return cfg, cfg.hydra.runtime.choices.router
 
 
 def load_base_model(name: str, dtype: str):

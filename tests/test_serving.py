@@ -453,8 +453,11 @@ def test_serve_command(served, h, tmp_path, capsys):
     assert adaptermix(["serve", str(served.root), "no_such_key=1"]) == 2
     folder = tiny_model_folder(h, tmp_path / "base")
     cfg, label = load_serve_config([f"model={folder}", "max_batch_size=2", "api_key=sesame", "port=0"])
-    demo = OmegaConf.to_container(OmegaConf.load(h.repo / "conf" / "demo.yaml").defaults)
-    assert label == next(d["router"] for d in demo if isinstance(d, dict) and "router" in d)   # the project default
+    serve = OmegaConf.to_container(OmegaConf.load(h.repo / "conf" / "serve.yaml").defaults)
+    assert label == next(d["router"] for d in serve if isinstance(d, dict) and "router" in d)
+    hybrid = load_serve_config([f"model={folder}", "router=hybrid_confidence"])
+    with pytest.raises(ValueError, match="hybrid_confidence.*cannot route requests in the server"):
+        build_app(str(served.root), *hybrid)     # the project's default needs a probe pass: refused by name
     assert (cfg.host, cfg.max_batch_size, cfg.router.min_similarity) == ("127.0.0.1", 2, None)
     with Server(build_app(str(served.root), cfg, label)) as running:
         assert running.app.state.engine.max_batch_size == 2
