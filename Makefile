@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.adaptermix-installed
 
-.PHONY: demo test bench-search bench-kernels bench-compose bench-routing train-suite clean
+.PHONY: demo test bench-search bench-kernels bench-compose bench-routing bench-reliability train-suite clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,9 @@ bench-routing: $(STAMP)   # the zero-shot routing evaluation (~16 min), then the
 	$(PY) benchmarks/evaluate_routing.py
 	$(PY) benchmarks/diagnose_routing.py
 	$(PY) benchmarks/router_cost.py
+
+bench-reliability: $(STAMP)  # kill at every write step, 4 writers x 4 readers x 10 min, 100k fuzz cases (~30 min)
+	$(PY) benchmarks/reliability.py
 
 train-suite: $(STAMP)     # retrain the committed example adapters (~25 min on 2 cores)
 	$(PY) benchmarks/train_suite.py
