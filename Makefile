@@ -7,7 +7,8 @@ STAMP  := $(VENV)/.adaptermix-installed
 VLLM_VENV  := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.vllm-installed
 
-.PHONY: vllm demo test bench-search bench-kernels bench-compose bench-routing bench-serve train-suite clean
+.PHONY: vllm demo test bench-search bench-kernels bench-compose bench-routing bench-serve bench-reliability \
+	train-suite clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +55,9 @@ bench-routing: $(STAMP)   # the zero-shot routing evaluation (~16 min), then the
 
 bench-serve: $(STAMP)     # the server under load (~35 min with its 10-minute soak; docs/SERVING.md)
 	nice -n 10 $(PY) -P benchmarks/serve_load.py
+
+bench-reliability: $(STAMP)  # kill at every write step, 4 writers x 4 readers x 10 min, 100k fuzz cases (~30 min)
+	$(PY) benchmarks/reliability.py
 
 train-suite: $(STAMP)     # retrain the committed example adapters (~25 min on 2 cores)
 	$(PY) benchmarks/train_suite.py
