@@ -77,8 +77,16 @@ def _read_config(folder: Path) -> dict:
         if not isinstance(config.get(option), (int, float)) or isinstance(config.get(option), bool):
             raise AdapterFormatError(f"malformed {config_path}: '{option}' must be a number")
     for option in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(option) or {}, dict):
+        patterns = config.get(option) or {}
+        if not isinstance(patterns, dict):
             raise AdapterFormatError(f"malformed {config_path}: '{option}' must be an object")
+        for key, value in patterns.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise AdapterFormatError(f"malformed {config_path}: {option}[{key!r}] must be a number")
+            try:
+                re.compile(key)
+            except re.error as exc:
+                raise AdapterFormatError(f"malformed {config_path}: {option} key {key!r} is not a regex: {exc}") from exc
     return config
 
 

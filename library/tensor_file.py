@@ -108,7 +108,7 @@ def _unique_keys(pairs: list) -> dict:
 
 
 def _tensor(buffer, base: int, data_bytes: int, name: str, entry, source: str) -> torch.Tensor:
-    if not isinstance(entry, dict) or entry.get("dtype") not in _DTYPES:
+    if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str) or entry["dtype"] not in _DTYPES:
         raise AdapterFormatError(f"{source}: tensor {name!r} has no supported dtype")
     shape, offsets = entry.get("shape"), entry.get("data_offsets")
     if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
