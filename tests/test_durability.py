@@ -54,7 +54,7 @@ def test_killed_mid_add_leaves_library_unchanged(library, checkpoints, stage, h)
     library.add(checkpoints["reverse"])
     library.search("warm the index", k=1)
     before = h.snapshot(library.root)
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(library.root), str(checkpoints["celsius"]), stage],
+    child = subprocess.Popen([sys.executable, "-P", "-c", CHILD, str(library.root), str(checkpoints["celsius"]), stage],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = child.stdout.readline().strip()
@@ -94,7 +94,7 @@ def test_two_processes_adding_at_once_both_succeed(library, tmp_path, h):
             h.make_peft_checkpoint(h.tiny_llama, tmp_path / side / f"{side}{i}", seed=100 * j + i)
         folders.append(tmp_path / side)
     go = tmp_path / "go"
-    children = [subprocess.Popen([sys.executable, "-c", ADDER, str(library.root), str(f), str(go)],
+    children = [subprocess.Popen([sys.executable, "-P", "-c", ADDER, str(library.root), str(f), str(go)],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for f in folders]
     go.write_text("go")
     results = [c.communicate(timeout=300) for c in children]

@@ -336,7 +336,7 @@ def test_two_processes_publishing_one_folder_never_mix_files(tmp_path):
 
     target = tmp_path / "model"
     (tmp_path / ".model.partial").mkdir()                 # what a killed conversion of old left behind
-    children = [subprocess.Popen([sys.executable, "-c", PUBLISHER, str(target), label],
+    children = [subprocess.Popen([sys.executable, "-P", "-c", PUBLISHER, str(target), label],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for label in "ab"]
     for child in children:
         out, err = child.communicate(timeout=120)
@@ -372,7 +372,7 @@ def test_the_native_kernel_build_ignores_a_stale_lock_and_checks_its_cache(tmp_p
     import sys
 
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), "OMP_NUM_THREADS": "1"}
-    child = subprocess.run([sys.executable, "-c", KERNEL_BUILD], env=env, capture_output=True, text=True,
+    child = subprocess.run([sys.executable, "-P", "-c", KERNEL_BUILD], env=env, capture_output=True, text=True,
                            timeout=300)
     assert child.returncode == 0, child.stderr[-2000:]
     assert child.stdout.split() == ["True", "None", "True"], child.stdout
