@@ -19,8 +19,8 @@ exact SVD's; benchmarks/fuse_speed.py times both paths side by side.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from collections import defaultdict
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -81,54 +81,33 @@ def _disjoint_merge(deltas: torch.Tensor, weights: torch.Tensor, majority_sign_m
     return agree.sum(1).div_(count)
 
 
-class DenseMerge(ABC):
-    """A merge of dense updates: deltas (G, n, d_out, d_in), weights (n,) -> (G, d_out, d_in). May consume
-    (overwrite) `deltas`."""
+def _linear_merge(deltas: torch.Tensor, weights: torch.Tensor, majority_sign_method: str) -> torch.Tensor:
+    """(G, n, ...) -> (G, ...): the weighted sum of the deltas."""
+    return (deltas * weights.view(1, -1, *([1] * (deltas.dim() - 2)))).sum(1)
+
+
+@dataclass(frozen=True)
+class DenseMerge:
+    """A merge of dense updates: deltas (G, n, d_out, d_in), weights (n,) -> (G, d_out, d_in): a prune step
+    (magnitude: TIES' top-`density` entries; random: DARE) below density 1, then a combine step (disjoint:
+    TIES' sign election; linear: the weighted sum). May consume (overwrite) `deltas`."""
 
     name: str
+    prune: str          # "magnitude" | "random"
+    disjoint: bool
 
-    @abstractmethod
     def merge(self, deltas: torch.Tensor, weights: torch.Tensor, *, density: float, majority_sign_method: str,
-              generator: torch.Generator) -> torch.Tensor: ...
-
-
-class Ties(DenseMerge):
-    name = "ties"
-
-    def merge(self, deltas, weights, *, density, majority_sign_method, generator):
+              generator: torch.Generator) -> torch.Tensor:
         if density < 1:
-            deltas = _magnitude_prune(deltas, density)
-        return _disjoint_merge(deltas, weights, majority_sign_method)
+            deltas = (_magnitude_prune(deltas, density) if self.prune == "magnitude"
+                      else _random_prune(deltas, density, generator))
+        return (_disjoint_merge if self.disjoint else _linear_merge)(deltas, weights, majority_sign_method)
 
 
-class MagnitudePrune(DenseMerge):
-    name = "magnitude_prune"
-
-    def merge(self, deltas, weights, *, density, majority_sign_method, generator):
-        if density < 1:
-            deltas = _magnitude_prune(deltas, density)
-        return (deltas * weights.view(1, -1, 1, 1)).sum(1)
-
-
-class DareLinear(DenseMerge):
-    name = "dare_linear"
-
-    def merge(self, deltas, weights, *, density, majority_sign_method, generator):
-        if density < 1:
-            deltas = _random_prune(deltas, density, generator)
-        return (deltas * weights.view(1, -1, 1, 1)).sum(1)
-
-
-class DareTies(DenseMerge):
-    name = "dare_ties"
-
-    def merge(self, deltas, weights, *, density, majority_sign_method, generator):
-        if density < 1:
-            deltas = _random_prune(deltas, density, generator)
-        return _disjoint_merge(deltas, weights, majority_sign_method)
-
-
-DENSE_MERGES: dict[str, DenseMerge] = {m.name: m for m in (Ties(), DareLinear(), DareTies(), MagnitudePrune())}
+DENSE_MERGES: dict[str, DenseMerge] = {m.name: m for m in (
+    DenseMerge("ties", prune="magnitude", disjoint=True), DenseMerge("dare_linear", prune="random", disjoint=False),
+    DenseMerge("dare_ties", prune="random", disjoint=True),
+    DenseMerge("magnitude_prune", prune="magnitude", disjoint=False))}
 FUSION_METHODS = ("linear", "cat", "svd", *DENSE_MERGES)
 
 

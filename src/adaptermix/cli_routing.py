@@ -117,34 +117,36 @@ def _report(prompts: list[str], summaries: list[dict], as_json: bool) -> int:
 
 
 @torch.no_grad()
+def _run_prompts(args, cfg, max_new_tokens: int) -> int:
+    """Compose, run the prompts (max_new_tokens 0: one forward, no answer; else greedy generation) and report
+    each prompt's routing (and answer)."""
+    from adaptermix.composer import routing_trace, set_prompts
+
+    with open_library(args.library, cfg, writable=False) as lib:
+        model, tokenizer, label = _composed(args, cfg, lib)
+        inputs = _inputs(tokenizer, args.prompts)
+        set_prompts(model, args.prompts)
+        new = None
+        if max_new_tokens:
+            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                    pad_token_id=tokenizer.pad_token_id)
+            new = output[:, inputs.input_ids.shape[1]:]
+        else:
+            model(**inputs)
+        answered = () if new is None else (new, tokenizer.eos_token_id)
+        summaries = routing_summaries(routing_trace(model), inputs.attention_mask, label, cfg.route.layers, *answered)
+    if new is not None:
+        for summary, answer in zip(summaries, tokenizer.batch_decode(new, skip_special_tokens=True)):
+            summary["answer"] = answer.strip()
+    return _report(args.prompts, summaries, args.json)
+
+
 def route(args, cfg) -> int:
-    from adaptermix.composer import routing_trace, set_prompts
-
-    with open_library(args.library, cfg, writable=False) as lib:
-        model, tokenizer, label = _composed(args, cfg, lib)
-        inputs = _inputs(tokenizer, args.prompts)
-        set_prompts(model, args.prompts)
-        model(**inputs)
-        summaries = routing_summaries(routing_trace(model), inputs.attention_mask, label, cfg.route.layers)
-    return _report(args.prompts, summaries, args.json)
+    return _run_prompts(args, cfg, max_new_tokens=0)
 
 
-@torch.no_grad()
 def generate(args, cfg) -> int:
-    from adaptermix.composer import routing_trace, set_prompts
-
-    with open_library(args.library, cfg, writable=False) as lib:
-        model, tokenizer, label = _composed(args, cfg, lib)
-        inputs = _inputs(tokenizer, args.prompts)
-        set_prompts(model, args.prompts)
-        output = model.generate(**inputs, max_new_tokens=cfg.generate.max_new_tokens, do_sample=False,
-                                pad_token_id=tokenizer.pad_token_id)
-        new = output[:, inputs.input_ids.shape[1]:]
-        summaries = routing_summaries(routing_trace(model), inputs.attention_mask, label, cfg.route.layers,
-                                      new, tokenizer.eos_token_id)
-    for summary, answer in zip(summaries, tokenizer.batch_decode(new, skip_special_tokens=True)):
-        summary["answer"] = answer.strip()
-    return _report(args.prompts, summaries, args.json)
+    return _run_prompts(args, cfg, max_new_tokens=cfg.generate.max_new_tokens)
 
 
 def fuse(args, cfg) -> int:
