@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine  # noqa: E402
 
 from adaptermix.composer.training import pad_examples  # noqa: E402
+from adaptermix.library.owned import check_replaceable, make_owned, remove_owned  # noqa: E402
 from adaptermix.models import load_smollm2  # noqa: E402
 from adaptermix.suite import answer_example, generate  # noqa: E402
 from adaptermix.tasks import SUITE, TASKS, TRAIN_POOL  # noqa: E402
@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = dict(rank=4, alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"],
                 steps=100, batch_size=8, lr=3e-3, warmup=10, train_examples=TRAIN_POOL, check_examples=16,
                 base_seed=1000)
+OWNED = "trained adapter"   # the marker (library/owned.py) on each folder this script writes; no other is replaced
 
 
 def answer_loss(causal_lm, batch):
@@ -78,13 +79,14 @@ def train_one(base, tokenizer, task_name: str, seed: int, out: Path, settings: d
     generated = generate(model, tokenizer, [p for p, _ in check], max_new_tokens=16, batch_size=16)
     accuracy = sum(task.score(g, a) for g, (_, a) in zip(generated, check)) / len(check)
     staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
+    remove_owned(staging, OWNED)                             # a killed run's leftover, if it is ours
+    make_owned(staging, OWNED)
     lora_state = {k: v.detach().half() for k, v in model.state_dict().items() if "lora_" in k}
     model.save_pretrained(staging, state_dict=lora_state)   # float16 on disk: the committed library stays small
     (staging / "README.md").unlink(missing_ok=True)          # PEFT's model-card template
     (staging / "adaptermix.json").write_text(json.dumps({
         "description": task.description, "examples": list(task.example_prompts), "tags": [task.family]}, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
+    remove_owned(out, OWNED)                                 # FolderNotOwnedError for a folder not ours
     staging.rename(out)
     model.unload()
     return dict(task=task_name, seed=seed, train_seconds=round(seconds, 1),
@@ -101,6 +103,9 @@ def main(tasks: str = ",".join(SUITE), out: str = str(ROOT / "examples" / "suite
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for name in tasks.split(","):                     # refuse a folder not ours before any training
+        check_replaceable(out_dir / name, OWNED)
+        check_replaceable(out_dir / f"{name}.partial", OWNED)
     manifest_path = out_dir / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"adapters": {}}
     base, tokenizer = load_smollm2()

@@ -2,6 +2,7 @@
 
     make_owned(folder, "example library")      # creates the folder (must be new or empty) and marks it
     remove_owned(folder, "example library")    # rmtree, only if the marker says so; else FolderNotOwnedError
+    check_replaceable(folder, "example library")  # the same refusal up front, before long work
 
     publish_folder(target, write, "base model")  # write into a per-process staging folder, rename into place
 
@@ -21,7 +22,8 @@ from pathlib import Path
 from .errors import FolderNotOwnedError
 from .files import fsync_dir, write_atomic
 
-__all__ = ["MARKER", "make_owned", "mark_owned", "is_owned", "remove_owned", "publish_folder"]
+__all__ = ["MARKER", "make_owned", "mark_owned", "is_owned", "check_replaceable", "remove_owned",
+           "publish_folder"]
 
 MARKER = ".adaptermix-owned"
 
@@ -52,16 +54,23 @@ def is_owned(folder: Path, purpose: str) -> bool:
         return False
 
 
-def remove_owned(folder: Path, purpose: str) -> None:
-    """Delete `folder` and everything in it, only if adaptermix created and marked it for `purpose`."""
+def check_replaceable(folder: Path, purpose: str) -> bool:
+    """True if `folder` exists and adaptermix may replace it (marked for `purpose`); False if it is absent;
+    FolderNotOwnedError if it is anything else (a user's folder, a link, another purpose's folder)."""
     folder = Path(folder)
     if not folder.exists() and not folder.is_symlink():
-        return
+        return False
     if not is_owned(folder, purpose):
         raise FolderNotOwnedError(
             f"{folder} is not an adaptermix {purpose} (no {MARKER} marker for it), so it was left untouched; "
             "pass a new or empty folder instead, or move or delete this one yourself")
-    shutil.rmtree(folder)
+    return True
+
+
+def remove_owned(folder: Path, purpose: str) -> None:
+    """Delete `folder` and everything in it, only if adaptermix created and marked it for `purpose`."""
+    if check_replaceable(folder, purpose):
+        shutil.rmtree(folder)
 
 
 def publish_folder(target: Path, write, purpose: str) -> Path:
