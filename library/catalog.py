@@ -51,6 +51,7 @@ CREATE TABLE IF NOT EXISTS derived (
     file TEXT,
     data BLOB,
     sha256 TEXT NOT NULL,
+    file_check TEXT,
     PRIMARY KEY (kind, config_hash, key)
 );
 CREATE TABLE IF NOT EXISTS derived_configs (
@@ -143,18 +144,23 @@ class Catalog:
                                       "from a backup, or rebuild the library from its checkpoints") from exc
         if version != FORMAT_VERSION:
             raise LibraryError(f"{self.path}: library format {version!r}, this adaptermix reads {FORMAT_VERSION!r}")
-        self._add_file_check_column()
+        self._add_file_check_columns()
 
-    def _add_file_check_column(self) -> None:
-        """Libraries made before the cheap content check get its column (NULL: reads fall back to sha256)."""
-        if "file_check" in {r[1] for r in self.conn.execute("PRAGMA table_info(adapters)")}:
+    def _add_file_check_columns(self) -> None:
+        """Libraries made before the cheap content check get its columns (adapters, and derived files). NULL:
+        reads of those rows fall back to sha256."""
+        def missing() -> list[str]:
+            return [t for t in ("adapters", "derived")
+                    if "file_check" not in {r[1] for r in self.conn.execute(f"PRAGMA table_info({t})")}]
+
+        if not missing():
             return
         try:
             with self.write():
-                if "file_check" not in {r[1] for r in self.conn.execute("PRAGMA table_info(adapters)")}:
-                    self.conn.execute("ALTER TABLE adapters ADD COLUMN file_check TEXT")
+                for table in missing():
+                    self.conn.execute(f"ALTER TABLE {table} ADD COLUMN file_check TEXT")
         except (LibraryBusyError, sqlite3.OperationalError):
-            pass  # read-only or busy: the column is added by the next writer that opens it
+            pass  # read-only or busy: the columns are added by the next writer that opens it
 
     # -- transactions ----------------------------------------------------------------------------
 
@@ -273,9 +279,10 @@ class Catalog:
             return self.conn.execute("SELECT * FROM derived").fetchall()
         return self.conn.execute("SELECT * FROM derived WHERE kind = ?", (kind,)).fetchall()
 
-    def put_derived(self, kind, config_hash, key, *, file=None, data=None, sha256: str, config: dict) -> None:
-        self.conn.execute("INSERT OR REPLACE INTO derived VALUES (?, ?, ?, ?, ?, ?)",
-                          (kind, config_hash, key, file, data, sha256))
+    def put_derived(self, kind, config_hash, key, *, file=None, data=None, sha256: str, config: dict,
+                    file_check: str | None = None) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO derived (kind, config_hash, key, file, data, sha256, file_check) "
+                          "VALUES (?, ?, ?, ?, ?, ?, ?)", (kind, config_hash, key, file, data, sha256, file_check))
         self.conn.execute("INSERT OR IGNORE INTO derived_configs VALUES (?, ?, ?)",
                           (kind, config_hash, json.dumps(config, sort_keys=True)))
 

@@ -1,5 +1,10 @@
-"""Persisting derived data: tensor dicts as files (memory-mapped) or as catalog blobs, keyed by
-(kind, config hash, key) where key is the adapter's content hash or text hash."""
+"""Persisting derived data: tensor dicts as files or as catalog blobs, keyed by (kind, config hash, key)
+where key is the adapter's content hash or text hash.
+
+Every read checks the bytes against the catalog's record before a tensor is made, as for adapter files:
+a file by its size and word sum (tensor_file.py; sha256 for rows written before that column existed), a
+blob by its sha256 (blobs are a few KB). A mismatch is a CorruptAdapterError naming the item: derived data
+is never used silently when damaged."""
 
 from __future__ import annotations
 
@@ -9,14 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load as st_load, save as st_save
+from safetensors.torch import save as st_save
 
 from . import faults
 from .catalog import Catalog
 from .derived import DerivedKind
-from .errors import LibraryError
+from .errors import AdapterFormatError, CorruptAdapterError, CorruptCatalogError, LibraryError
 from .files import library_file, write_temp
+from .tensor_file import content_check, parse_safetensors, read_checked
 
 __all__ = ["DerivedStore", "PendingFile"]
 
@@ -51,12 +56,12 @@ class DerivedStore:
     def put(self, kind: DerivedKind, key: str, tensors: dict[str, torch.Tensor]) -> None:
         """Inside a catalog write: store one item (file moved into place, or blob)."""
         pending, blob, sha = self.encode(kind, key, tensors)
-        file = None
+        file = check = None
         if pending is not None:
             self.place(pending)
-            file = pending.relpath
+            file, check = pending.relpath, content_check(pending.data)
         self.catalog.put_derived(kind.kind, kind.config_hash, key, file=file, data=blob, sha256=sha,
-                                 config=kind.config)
+                                 config=kind.config, file_check=check)
 
     def place(self, pending: PendingFile) -> None:
         """Inside a catalog write: write to tmp/, fsync, rename into place; undone if the write fails."""
@@ -75,16 +80,34 @@ class DerivedStore:
         row = self.catalog.derived_row(kind.kind, kind.config_hash, key)
         if row is None:
             return None
-        if row["data"] is not None:
-            tensors = st_load(bytes(row["data"]))
-            return tensors if names is None else {n: tensors[n] for n in names if n in tensors}
+        label = f"derived {kind.kind} data {key[:12]}"
+        buffer = self._checked_bytes(row, label)
+        try:
+            _, tensors = parse_safetensors(buffer, label)
+        except AdapterFormatError as exc:
+            raise CorruptAdapterError(f"{exc}; run verify()") from exc
+        return tensors if names is None else {n: tensors[n] for n in names if n in tensors}
+
+    def _checked_bytes(self, row, label: str) -> bytearray:
+        """The stored bytes of a derived row, checked against the catalog's record of them."""
+        check = row["file_check"] if "file_check" in row.keys() else None
+        if not isinstance(row["sha256"], str) or not (check is None or isinstance(check, str)):
+            raise CorruptCatalogError(f"catalog row of {label} is malformed: its hashes are not text")
+        if row["file"] is None:
+            data = row["data"]
+            if not isinstance(data, bytes):
+                raise CorruptCatalogError(f"catalog row of {label} is malformed: its data is not a blob")
+            if hashlib.sha256(data).hexdigest() != row["sha256"]:
+                raise CorruptAdapterError(f"{label}: the blob in the catalog does not match its recorded sha256 "
+                                          "(the catalog is damaged); run verify(), then restore it from a backup")
+            return bytearray(data)
         path = library_file(self.root, row["file"])
         try:
-            with safe_open(str(path), framework="pt") as handle:
-                stored = set(handle.keys())
-                return {n: handle.get_tensor(n) for n in (stored if names is None else names) if n in stored}
-        except (OSError, RuntimeError) as exc:
-            raise LibraryError(f"derived file {path} is unreadable: {exc}; run verify()") from exc
+            return read_checked(path, check, None if check else row["sha256"])
+        except CorruptAdapterError as exc:
+            raise CorruptAdapterError(f"{label}: {exc}") from exc
+        except OSError as exc:
+            raise LibraryError(f"{label}: file {path} is unreadable: {exc}; run verify()") from exc
 
     def missing(self, kind: DerivedKind, needed: set[str]) -> set[str]:
         return needed - self.catalog.derived_keys(kind.kind, kind.config_hash)

@@ -124,7 +124,9 @@ def verify_storage(root: Path, catalog) -> list[str]:
                 problems.append(f"{label}: file {row['file']} is missing")
             elif _sha256(path) != row["sha256"]:
                 problems.append(f"{label}: file {row['file']} does not match its recorded hash")
-        elif hashlib.sha256(bytes(row["data"])).hexdigest() != row["sha256"]:
+        elif not isinstance(row["data"], bytes):
+            problems.append(f"{label}: the catalog row holds neither a file nor a blob")
+        elif hashlib.sha256(row["data"]).hexdigest() != row["sha256"]:
             problems.append(f"{label}: stored blob does not match its recorded hash")
     orphans = sorted(_stored_files(root) - _referenced_files(conn))
     problems += [f"orphan file not in the catalog: {rel}" for rel in orphans]

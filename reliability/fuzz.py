@@ -168,8 +168,10 @@ def fuzz_peft(workdir: Path, config_examples: int, weight_examples: int) -> dict
     return counts
 
 
-_COLUMNS = ["file", "file_check", "file_sha256", "tags", "examples", "name", "description", "text_hash",
-            "content_hash", "max_rank", "source"]
+_COLUMNS = [("adapters", c) for c in ("file", "file_check", "file_sha256", "tags", "examples", "name", "description",
+                                       "text_hash", "content_hash", "max_rank", "source")]
+_COLUMNS += [(f"derived {kind}", c) for kind in ("arrow", "sketch", "text")      # derived data, read by use
+             for c in ("file", "data", "sha256", "file_check")]
 
 
 def fuzz_library(workdir: Path, examples: int) -> dict:
@@ -191,7 +193,8 @@ def fuzz_library(workdir: Path, examples: int) -> dict:
     @_settings(examples)
     @given(st.sampled_from(_COLUMNS), st.one_of(st.sampled_from(BAD_PATHS), _json_leaf, st.text(max_size=40)),
            st.sampled_from(["none", "link_adapters", "link_file", "plant_index"]))
-    def case(column, value, plant):
+    def case(table_column, value, plant):
+        table, column = table_column
         counts["library"] += 1
         root = workdir / "mutated"
         shutil.rmtree(root, ignore_errors=True)
@@ -199,7 +202,10 @@ def fuzz_library(workdir: Path, examples: int) -> dict:
         value = value.replace("VICTIM", str(sentinel / "victim.safetensors")) if isinstance(value, str) else value
         conn = sqlite3.connect(str(root / "catalog.sqlite"))
         try:
-            conn.execute(f"UPDATE adapters SET {column} = ? WHERE name = 'a0'", (value,))
+            if table == "adapters":
+                conn.execute(f"UPDATE adapters SET {column} = ? WHERE name = 'a0'", (value,))
+            else:
+                conn.execute(f"UPDATE derived SET {column} = ? WHERE kind = ?", (value, table.split()[1]))
             conn.commit()
         except (sqlite3.IntegrityError, OverflowError):
             return                                   # the schema itself refuses this value
@@ -211,6 +217,7 @@ def fuzz_library(workdir: Path, examples: int) -> dict:
             try:
                 for action in (library.names, lambda: library.verify(deep=True), lambda: library.search("task", k=2),
                                lambda: [library.get(n) for n in library.names()],
+                               lambda: library.prototypes(library.names()[0]), library.parameter_embeddings,
                                lambda: library.rename(library.names()[0], "renamed"),
                                lambda: library.remove(library.names()[-1])):
                     try:
@@ -223,7 +230,7 @@ def fuzz_library(workdir: Path, examples: int) -> dict:
             pass
         if _tree_digest(sentinel) != fingerprint:
             counts["outside_touched"] += 1
-            raise AssertionError(f"a file outside the library changed: column {column} = {value!r}, {plant}")
+            raise AssertionError(f"a file outside the library changed: {table}.{column} = {value!r}, {plant}")
 
     case()
     return counts

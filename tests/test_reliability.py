@@ -3,12 +3,13 @@ hostile libraries are refused, corrupt content is caught on read, failures are w
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
 import adaptermix as am
 from adaptermix.library.errors import FolderNotOwnedError
-from adaptermix.library.owned import MARKER, make_owned, remove_owned
+from adaptermix.library.owned import MARKER, check_replaceable, make_owned, remove_owned
 
 
 # -- 1. only folders adaptermix created and marked are ever deleted -----------------------------------
@@ -54,6 +55,23 @@ def test_remove_owned_deletes_only_what_it_marked_for_that_purpose(tmp_path):
         make_owned(plain, "example library")
     remove_owned(owned, "example library")
     assert not owned.exists() and not os.path.lexists(owned / "data")
+
+
+def test_train_suite_refuses_to_replace_a_folder_it_did_not_make(tmp_path):
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    for foreign in ("add.partial", "add"):     # a user's folder at the staging path, then at the output path
+        (tmp_path / foreign).mkdir()
+        (tmp_path / foreign / "adapter_model.safetensors").write_text("a user's own adapter")
+        run = subprocess.run([sys.executable, "-P", str(repo / "benchmarks" / "train_suite.py"), "tasks=add",
+                              f"out={tmp_path}"], capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert run.returncode != 0 and "FolderNotOwnedError" in run.stderr and foreign in run.stderr
+        assert (tmp_path / foreign / "adapter_model.safetensors").read_text() == "a user's own adapter"
+    for folder in repo.glob("examples/suite_adapters*/*/"):      # the committed adapters it made: replaceable
+        assert check_replaceable(folder, "trained adapter")
 
 
 # -- 2. no race between the clean-up after a commit and another writer; the index is one file ------------
@@ -154,7 +172,8 @@ def test_a_derived_file_field_that_escapes_is_never_deleted_by_garbage_collectio
 
     victim = _hostile(library, checkpoints, tmp_path, "adapters/x.safetensors")
     conn = sqlite3.connect(str(library.root / "catalog.sqlite"))
-    conn.execute("INSERT INTO derived VALUES ('arrow', 'c', 'orphan-key', ?, NULL, 'x')",
+    conn.execute("INSERT INTO derived (kind, config_hash, key, file, data, sha256) "
+                 "VALUES ('arrow', 'c', 'orphan-key', ?, NULL, 'x')",
                  ("derived/../../outside/victim.safetensors",))
     conn.commit()
     conn.close()
@@ -244,6 +263,84 @@ def test_a_library_without_the_checksum_column_falls_back_to_sha256(library, che
         older.get("reverse")
     older.add(checkpoints["celsius"])
     assert older.record("celsius").file_check and older.get("celsius").modules
+
+
+def test_the_content_check_catches_every_single_flipped_bit_truncation_and_extension(tmp_path, monkeypatch):
+    from adaptermix.library import tensor_file
+    from adaptermix.library.tensor_file import content_check, read_checked
+
+    def reference(data: bytes) -> str:    # the format catalogs store: size, sum of LE 64-bit words mod 2^64
+        words = sum(int.from_bytes(data[i:i + 8], "little") for i in range(0, len(data), 8))
+        return f"{len(data)}:{words % (1 << 64):016x}"
+
+    monkeypatch.setattr(tensor_file, "_BLOCK", 16)     # many blocks: the read-time sum crosses block edges
+    path = tmp_path / "f.safetensors"
+    for data in (b"", b"\x01", b"\xff" * 43, os.urandom(61), b"\xff" * 64):   # sums that wrap past 2^64
+        check = content_check(data)
+        assert check == reference(data) == content_check(bytearray(data))
+        path.write_bytes(data)
+        assert bytes(read_checked(path, check)) == data
+        for bit in range(len(data) * 8):
+            flipped = bytearray(data)
+            flipped[bit // 8] ^= 1 << (bit % 8)
+            path.write_bytes(flipped)
+            with pytest.raises(am.CorruptAdapterError, match="checksum"):
+                read_checked(path, check)
+        for damaged in [d for d in (data[:-1], data + b"\x00") if len(d) != len(data)]:
+            path.write_bytes(damaged)
+            with pytest.raises(am.CorruptAdapterError, match="bytes but the catalog recorded"):
+                read_checked(path, check)
+
+
+def test_a_flipped_bit_in_derived_data_is_caught_on_read(library, checkpoints):
+    import sqlite3
+
+    library.add(checkpoints["reverse"])
+    record = library.record("reverse")
+    conn = sqlite3.connect(str(library.root / "catalog.sqlite"))
+    rel, check = conn.execute("SELECT file, file_check FROM derived WHERE kind = 'arrow'").fetchone()
+    assert rel and check and library.prototypes("reverse")
+    path = library.root / rel
+    data = bytearray(path.read_bytes())
+    for position in (len(data) - 3, 20):                          # a prototype's bytes, and the header
+        flipped = bytearray(data)
+        flipped[position] ^= 0x04
+        path.write_bytes(flipped)
+        with pytest.raises(am.CorruptAdapterError, match="derived arrow data .*checksum"):
+            library.prototypes("reverse")
+    path.write_bytes(data)
+    assert set(library.prototypes("reverse")) == set(library.get("reverse").modules)
+    # a blob in the catalog (the parameter sketch), flipped: caught too, by its sha256
+    blob, sha = conn.execute("SELECT data, sha256 FROM derived WHERE kind = 'sketch'").fetchone()
+    damaged = bytearray(blob)
+    damaged[-2] ^= 0x01
+    conn.execute("UPDATE derived SET data = ? WHERE kind = 'sketch'", (bytes(damaged),))
+    conn.commit()
+    with pytest.raises(am.CorruptAdapterError, match="derived sketch data .*sha256"):
+        library.parameter_embeddings(["reverse"])
+    conn.execute("UPDATE derived SET data = ?, file_check = NULL WHERE kind = 'sketch'", (blob,))
+    conn.execute("UPDATE derived SET file_check = NULL WHERE kind = 'arrow'")   # as a library made before it
+    conn.commit()
+    conn.close()
+    assert library.parameter_embeddings(["reverse"])[1].shape[0] == 1
+    path.write_bytes(flipped)
+    with pytest.raises(am.CorruptAdapterError, match="derived arrow data .*sha256"):
+        library.prototypes("reverse")
+    assert record.content_hash == library.record("reverse").content_hash
+
+
+def test_a_library_without_the_derived_checksum_column_gains_it_on_open(library, checkpoints):
+    import sqlite3
+
+    library.add(checkpoints["reverse"])
+    conn = sqlite3.connect(str(library.root / "catalog.sqlite"))
+    conn.execute("ALTER TABLE derived DROP COLUMN file_check")
+    conn.commit()
+    conn.close()
+    older = am.AdapterLibrary.open(library.root)
+    assert older.prototypes("reverse")                  # rows without the column: checked by sha256
+    older.add(checkpoints["celsius"])
+    assert older.prototypes("celsius") and not older.verify(deep=True)
 
 
 def test_a_corrupt_catalog_is_a_clear_error(library, checkpoints):
