@@ -76,7 +76,8 @@ class DerivedStore:
             self.catalog.track_new_file(target)
 
     def get(self, kind: DerivedKind, key: str, names: list[str] | None = None) -> dict[str, torch.Tensor] | None:
-        """The stored tensors (only `names` that exist, if given), or None if this item was never derived."""
+        """The stored tensors (only `names` that exist, if given), or None if this item was never derived.
+        FileNotFoundError if its file is gone (a writer removed the item after this row was read)."""
         row = self.catalog.derived_row(kind.kind, kind.config_hash, key)
         if row is None:
             return None
@@ -106,6 +107,8 @@ class DerivedStore:
             return read_checked(path, check, None if check else row["sha256"])
         except CorruptAdapterError as exc:
             raise CorruptAdapterError(f"{label}: {exc}") from exc
+        except FileNotFoundError:
+            raise                        # the caller tells "removed meanwhile" from "missing"
         except OSError as exc:
             raise LibraryError(f"{label}: file {path} is unreadable: {exc}; run verify()") from exc
 

@@ -206,7 +206,14 @@ class AdapterLibrary:
             raise ValueError(f"module(s) {unknown[:3]} are not in the base model {self.base_model.name!r}")
         self.ensure_derived(kinds=("arrow",), names=[name], progress=False)
         wanted = None if modules is None else [f"{m}::{p}" for m in modules for p in ("vectors", "values")]
-        tensors = self.derived.get(self.arrow, record.content_hash, wanted)
+        try:
+            tensors = self.derived.get(self.arrow, record.content_hash, wanted)
+        except FileNotFoundError:
+            tensors = None
+        if tensors is None:
+            if self.catalog.record(name) != record:   # another process removed or replaced it meanwhile
+                raise AdapterNotFoundError(f"adapter {name!r} was removed or replaced while being read")
+            raise CorruptAdapterError(f"the Arrow prototypes of adapter {name!r} are missing; run verify()")
         present = sorted({k.split("::")[0] for k in tensors})  # modules the adapter does not target are absent
         return {m: (tensors[f"{m}::vectors"], tensors[f"{m}::values"]) for m in present}
 

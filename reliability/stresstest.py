@@ -3,11 +3,12 @@
     results = run_stress(workdir, writers=4, readers=4, seconds=600, kill_every=(2.0, 6.0))
 
 Writers loop over add / remove / rename / update of their own adapters (names `w<id>-<n>`), logging each
-operation before it starts and after it returns (fsynced); a killed writer is restarted. Readers loop over
-names / get / search / a composed forward pass, and log every error. Afterwards the library is reopened
-and must pass `verify(deep=True)` (no unreferenced file either), every operation a writer saw return must
-be in it (the one a kill interrupted may have happened or not), and readers may have seen no error but a
-clear busy error, or an adapter removed between listing and reading.
+operation before it starts and after it returns (fsynced); a killed writer is restarted and logs the names
+it finds. Readers loop over names / get / prototypes / search / a composed forward pass, and log every
+error. Afterwards the library is reopened and must pass `verify(deep=True)` (no unreferenced file either);
+every operation a writer saw return must be in it, at each restart and at the end (an operation a kill cut
+may have happened or not: what the restarted writer finds settles it); and readers may have seen no error
+but a clear busy error, or an adapter removed between listing and reading.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ def _writer(root: str, writer_id: int, log_path: str, seed: int) -> None:
     prefix = f"w{writer_id}-"
     counter = sum(1 for _ in open(log_path)) if os.path.exists(log_path) else 0
     with open(log_path, "a") as log:
+        # what this writer finds on (re)start: settles whether the operation a kill cut was committed
+        _log(log, status="start", names=sorted(n for n in library.names() if n.startswith(prefix)))
         while True:
             mine = [n for n in library.names() if n.startswith(prefix)]
             op = rng.choice(["add", "add", "remove", "rename", "update"] if mine else ["add"])
@@ -77,11 +80,13 @@ def _reader(root: str, log_path: str, seed: int) -> None:
     model = _tiny_model()
     with open(log_path, "a") as log:
         while True:
-            kind = rng.choice(["names", "get", "search", "compose"])
+            kind = rng.choice(["names", "get", "search", "compose", "prototypes"])
             try:
                 names = library.names()
                 if kind == "get" and names:
                     library.get(rng.choice(names))
+                elif kind == "prototypes" and names:    # derived data from a file, checked on read
+                    library.prototypes(rng.choice(names))
                 elif kind == "search":
                     library.search("adapter task", k=3)
                 elif kind == "compose" and names:
@@ -122,17 +127,25 @@ def _size(path: Path) -> int:
     return path.stat().st_size if path.exists() else 0
 
 
-def _expected_names(log_path: Path, prefix: str) -> tuple[set[str], dict | None]:
-    """A writer's names after every operation it saw return; and the operation a kill may have cut."""
-    names, pending = set(), None
+def _expected_names(log_path: Path, prefix: str) -> tuple[set[str], dict | None, list[str]]:
+    """Replay a writer's log: its names after every operation it saw return, the operation a kill may have
+    cut at the end, and problems. At each restart the writer logged the names it found: they must be the
+    names before the cut operation or after it (never a lost committed write), and they settle its outcome."""
+    names, pending, problems = set(), None, []
     for line in log_path.read_text().splitlines():
         entry = json.loads(line)
-        if entry["status"] == "begin":
+        if entry["status"] == "start":
+            found = set(entry["names"])
+            if found not in [names] + ([_apply(set(names), pending)] if pending else []):
+                problems.append(f"{prefix} on restart found {sorted(found ^ names)[:5]} differing from the "
+                                "operations it saw committed")
+            names, pending = found, None
+        elif entry["status"] == "begin":
             pending = entry
-            continue
-        pending = None
-        _apply(names, entry)
-    return names, pending
+        else:
+            pending = None
+            _apply(names, entry)
+    return names, pending, problems
 
 
 def _apply(names: set[str], entry: dict) -> set[str]:
@@ -211,7 +224,8 @@ def _audit(root: Path, writer_logs: list[Path], reader_logs: list[Path], kills: 
     for i, log_path in enumerate(writer_logs):
         if not log_path.exists():
             continue
-        expected, pending = _expected_names(log_path, f"w{i}-")
+        expected, pending, found = _expected_names(log_path, f"w{i}-")
+        problems += found
         writes += sum(1 for line in log_path.read_text().splitlines() if '"done"' in line)
         have = {n for n in names if n.startswith(f"w{i}-")}
         allowed = [expected] + ([_apply(set(expected), pending)] if pending else [])
