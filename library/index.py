@@ -117,8 +117,14 @@ class TextIndex:
         if self._centroids is not None:
             arrays["centroids"] = np.ascontiguousarray(self._centroids, np.float32)
         metadata = {"format": FORMAT, "generation": str(self.generation), "sha256": _digest(arrays)}
-        self.folder.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.path, st_save_numpy(arrays, metadata=metadata))
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.path, st_save_numpy(arrays, metadata=metadata))
+        except OSError:
+            # The file is a cache and readers save it without the writer lock, so a writer's recovery may
+            # sweep the temp file away mid-save (or the folder is read-only, or the disk full): the search
+            # stands, the index stays dirty and the next save tries again.
+            return
         self.dirty = False
 
     @property

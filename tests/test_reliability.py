@@ -131,6 +131,33 @@ def test_index_saves_of_two_processes_never_stamp_stale_content_current(library,
     assert sorted(hit.name for hit in fresh.search("convert", k=5)) == ["celsius", "reverse"]
 
 
+def test_a_writer_recovering_while_a_reader_saves_the_index_costs_the_reader_nothing(library, checkpoints,
+                                                                                    monkeypatch):
+    """Found by the 10-minute stress run: a reader saves the index cache without the writer lock, and a
+    restarting writer's recovery swept its temp file away mid-save; the reader's search raised
+    FileNotFoundError."""
+    from adaptermix.library import faults
+
+    library.add(checkpoints["reverse"])
+    library.add(checkpoints["celsius"])
+    root = library.root
+    library.close()
+    for cached in (root / "index").iterdir():
+        cached.unlink()
+    reader = am.AdapterLibrary.open(root, recover=False)
+
+    def writer_restarts(name):
+        if name == "rename" and list((root / "index").glob(".tmp-*")):
+            faults.hook = None
+            am.AdapterLibrary.open(root).close()           # its recovery sweeps leftover temp files
+
+    monkeypatch.setattr(faults, "hook", writer_restarts)
+    assert reader.search("Convert temperatures from Celsius to Fahrenheit", k=1)[0].name == "celsius"
+    assert faults.hook is None and not list((root / "index").glob("*"))   # the race did happen
+    reader.close()                                                        # the next save writes it
+    assert [p.suffix for p in (root / "index").iterdir()] == [".safetensors"]
+
+
 # -- 3. hostile libraries: paths that escape, links, a planted index ----------------------------------
 
 def _hostile(library, checkpoints, tmp_path, file_field):
@@ -476,6 +503,25 @@ def test_the_native_kernel_build_ignores_a_stale_lock_and_checks_its_cache(tmp_p
                            timeout=300)
     assert child.returncode == 0, child.stderr[-2000:]
     assert child.stdout.split() == ["True", "None", "True"], child.stdout
+
+
+def test_a_router_artifact_is_read_like_every_library_file(library, tmp_path):
+    import torch
+
+    library.save_artifact("gate", {"w": torch.ones(2, 3)}, {"kind": "gate"})
+    tensors, metadata = library.load_artifact("gate")
+    assert torch.equal(tensors["w"], torch.ones(2, 3)) and metadata == {"kind": "gate"}
+    path = library.root / "routers" / "gate.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[:-5])                                   # truncated: offsets beyond the file
+    with pytest.raises(am.AdapterFormatError, match="gate.safetensors"):
+        library.load_artifact("gate")
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes(data)
+    path.unlink()
+    path.symlink_to(outside)
+    with pytest.raises(am.UnsafeLibraryError, match="symbolic link"):
+        library.load_artifact("gate")
 
 
 def test_a_linked_catalog_is_refused_on_open(library, tmp_path):
