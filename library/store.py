@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import save as st_save
 from tqdm.auto import tqdm
 
@@ -33,12 +32,12 @@ from .catalog import AdapterRecord, Catalog
 from .derived import ArrowPrototypes, ParameterSketch, TextEmbedding, adapter_texts, text_hash
 from .derived_store import DerivedStore, PendingFile
 from .encoders import TextEncoder, default_encoder
-from .errors import (AdapterNotFoundError, AdapterValidationError, BaseModelMismatchError, CorruptAdapterError,
-                     DuplicateAdapterError, LibraryError)
+from .errors import (AdapterFormatError, AdapterNotFoundError, AdapterValidationError, BaseModelMismatchError,
+                     CorruptAdapterError, DuplicateAdapterError, LibraryError, UnsafeLibraryError)
 from .files import adapter_file_bytes, check_layout, fsync_dir, library_file, read_adapter_file, write_atomic
 from .index import IndexConfig, TextIndex
 from .owned import MARKER
-from .tensor_file import content_check
+from .tensor_file import content_check, parse_safetensors, read_checked
 from .validation import check_against_base, coerce_texts
 
 __all__ = ["AdapterLibrary", "LibraryConfig", "SearchHit"]
@@ -504,12 +503,22 @@ class AdapterLibrary:
         return path
 
     def load_artifact(self, name: str) -> tuple[dict[str, torch.Tensor], dict]:
+        """A saved router artifact, read like every library file: no link followed, every header field checked
+        (AdapterFormatError names what is wrong), tensors owned by the caller."""
         path = self.root / "routers" / f"{check_adapter_name(name)}.safetensors"
+        if path.is_symlink():
+            raise UnsafeLibraryError(f"{path} is a symbolic link; a library may not hold links (they can point "
+                                     "anywhere), so it is not followed")
         if not path.is_file():
             raise LibraryError(f"no router artifact {name!r} in {self.root}")
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = json.loads((handle.metadata() or {}).get("adaptermix", "{}"))
-            return {k: handle.get_tensor(k) for k in handle.keys()}, metadata
+        header, tensors = parse_safetensors(read_checked(path), str(path))
+        try:
+            metadata = json.loads(header.get("adaptermix", "{}"))
+        except ValueError as exc:
+            raise AdapterFormatError(f"{path}: its adaptermix metadata is not JSON: {exc}") from exc
+        if not isinstance(metadata, dict):
+            raise AdapterFormatError(f"{path}: its adaptermix metadata is not a JSON object")
+        return tensors, metadata
 
     def content_hashes(self, names: list[str]) -> list[str]:
         return [self.record(n).content_hash for n in names]
