@@ -4,11 +4,13 @@
     python benchmarks/reliability.py sections=checksum,crash  # some sections; the others stay as they were
     python benchmarks/reliability.py sections=stress writers=4 readers=4 seconds=600
     python benchmarks/reliability.py sections=fuzz fuzz_scale=1.0    # >= 100,000 cases at scale 1
+    python benchmarks/reliability.py sections=fuzz fuzz_targets=cli  # one target; the others' counts are kept
 
 Sections:
     crash     reliability/crashtest.py: SIGKILL at every step of every write operation
     stress    reliability/stresstest.py: W writers x R readers, writers SIGKILLed every 2-6 s
-    fuzz      reliability/fuzz.py: hypothesis over the safetensors reader, the PEFT loader, hostile libraries
+    fuzz      reliability/fuzz.py: hypothesis over the safetensors reader, the PEFT loader, hostile libraries,
+              the CLI's arguments
     checksum  cost of the content check on read, against the load it guards (side by side, same process)
     overhead  cost of a fault point with no hook set; cost of the composer's router-output check
 """
@@ -51,16 +53,31 @@ def stress(args: dict) -> dict:
 
 
 def fuzz(args: dict) -> dict:
+    """Every target, or those in `fuzz_targets` (e.g. fuzz_targets=cli): their counts replace the earlier
+    run's, the other targets' counts are kept from reliability.json."""
     from adaptermix.reliability.fuzz import run_fuzz
 
     scale = float(args.get("fuzz_scale", 1.0))
-    examples = {"safetensors": 90_000, "peft_config": 4_000, "peft_weights": 4_000, "library": 2_000}
-    examples = {k: max(10, int(v * scale)) for k, v in examples.items()}
+    examples = {"safetensors": 90_000, "peft_config": 4_000, "peft_weights": 4_000, "library": 2_000, "cli": 300}
+    targets = args.get("fuzz_targets", "safetensors,peft,library,cli").split(",")
+    chosen = {k for k in examples if k in targets or (k.startswith("peft_") and "peft" in targets)}
+    examples = {k: max(10, int(v * scale)) for k, v in examples.items() if k in chosen}
+    before = json.loads(RESULTS.read_text()).get("fuzz", {}) if RESULTS.exists() else {}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="am-fuzz-") as work:
         counts = run_fuzz(Path(work), examples)
-    return {"cases": counts, "total": sum(v for k, v in counts.items() if k != "outside_touched"),
-            "crashes": 0, "seconds": round(time.perf_counter() - started, 1)}
+    runs = dict(before.get("runs", {}))
+    if not runs and "seconds" in before:        # a result written before runs were kept per target
+        targets_then = sorted(k for k in before["cases"] if k != "outside_touched")
+        runs[",".join(targets_then)] = {"seconds": before["seconds"], "args": before.get("args", {})}
+    for key in [k for k in runs if set(k.split(",")) & chosen]:
+        runs.pop(key)                            # the targets rerun now: their old run no longer counts
+    runs[",".join(sorted(chosen))] = {"seconds": round(time.perf_counter() - started, 1),
+                                      "args": {k: v for k, v in args.items() if k != "sections"}}
+    merged = {**before.get("cases", {}), **counts}
+    merged["outside_touched"] = merged.get("outside_touched", 0) + merged.pop("cli_outside_touched", 0)
+    return {"cases": merged, "total": sum(v for k, v in merged.items() if k != "outside_touched"),
+            "crashes": 0, "runs": runs}
 
 
 def checksum(args: dict) -> dict:

@@ -1,5 +1,6 @@
 """Property-based fuzzing (hypothesis) of what reads untrusted bytes: every input ends in success or an
-`AdaptermixError` subclass naming the problem, never another exception, a hang, or a touch outside.
+`AdaptermixError` subclass naming the problem, never another exception, a hang (each case runs under a
+120 s alarm), or a touch outside.
 
     counts = run_fuzz(workdir, examples={"safetensors": 2000, "peft_config": 300, "library": 100})
 
@@ -9,15 +10,19 @@ Targets:
     peft_config   load_peft_adapter on mutated adapter_config.json (types, ranks, patterns, unknown options)
     peft_weights  load_peft_adapter on mutated adapter_model.safetensors headers
     library       opening and using a library whose catalog rows are mutated (paths with traversal,
-                  absolute paths, links, junk in every column), beside a sentinel folder that must stay
-                  byte-identical and present
+                  absolute paths, links, junk in every column, derived rows too), beside a sentinel folder
+                  that must stay byte-identical and present
+    cli           the `adaptermix` command's arguments: commands, paths, names, key=value options and flags,
+                  valid and hostile, on a small library beside the same sentinel folder
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
+import signal
 import sqlite3
 from pathlib import Path
 
@@ -26,7 +31,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from adaptermix.library.errors import AdaptermixError
 
-__all__ = ["run_fuzz", "BAD_PATHS"]
+__all__ = ["run_fuzz", "fuzz_cli", "BAD_PATHS", "TARGETS"]
 
 # Path values tried in every path field (with random text besides).
 BAD_PATHS = ["../x.safetensors", "../../outside/victim.safetensors", "/etc/passwd", "adapters/../../x.safetensors",
@@ -39,6 +44,29 @@ _json_leaf = st.one_of(st.none(), st.booleans(), st.integers(min_value=-2**70, m
 _json = st.recursive(_json_leaf, lambda inner: st.one_of(st.lists(inner, max_size=4),
                                                          st.dictionaries(st.text(max_size=8), inner, max_size=4)),
                      max_leaves=12)
+
+
+class FuzzCaseHung(BaseException):
+    """A fuzz case ran past its time limit: a hang is a finding. A BaseException, so that no handler of the
+    code under test (the CLI catches Exception) can take it for a clear error."""
+
+
+def _bounded(case, seconds: int = 120):
+    """Run each fuzz case under SIGALRM: a case that takes longer than `seconds` fails as a hang."""
+    @functools.wraps(case)
+    def bounded(*args, **kwargs):
+        def expired(signum, frame):
+            raise FuzzCaseHung(f"a fuzz case ran over {seconds} s: {args!r:.300}")
+
+        previous = signal.signal(signal.SIGALRM, expired)
+        signal.alarm(seconds)
+        try:
+            return case(*args, **kwargs)
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, previous)
+
+    return bounded
 
 
 def _settings(examples: int):
@@ -100,6 +128,7 @@ def fuzz_safetensors(examples: int) -> int:
 
     @_settings(examples)
     @given(safetensors_bytes())
+    @_bounded
     def case(data):
         count[0] += 1
         try:
@@ -142,6 +171,7 @@ def fuzz_peft(workdir: Path, config_examples: int, weight_examples: int) -> dict
     @given(st.dictionaries(st.sampled_from(sorted(base_config) + ["use_dora", "fan_in_fan_out", "use_rslora",
                                                                    "layer_replication", "modules_to_save"]),
                            _json, max_size=4), st.booleans())
+    @_bounded
     def config_case(changes, as_text):
         counts["peft_config"] += 1
         folder = Path(workdir) / "peft-config"
@@ -153,6 +183,7 @@ def fuzz_peft(workdir: Path, config_examples: int, weight_examples: int) -> dict
 
     @_settings(weight_examples)
     @given(st.data())
+    @_bounded
     def weights_case(data):
         counts["peft_weights"] += 1
         folder = Path(workdir) / "peft-weights"
@@ -193,6 +224,7 @@ def fuzz_library(workdir: Path, examples: int) -> dict:
     @_settings(examples)
     @given(st.sampled_from(_COLUMNS), st.one_of(st.sampled_from(BAD_PATHS), _json_leaf, st.text(max_size=40)),
            st.sampled_from(["none", "link_adapters", "link_file", "plant_index"]))
+    @_bounded
     def case(table_column, value, plant):
         table, column = table_column
         counts["library"] += 1
@@ -256,8 +288,93 @@ def _tree_digest(folder: Path) -> str:
     return digest.hexdigest()
 
 
+_CLI_OPTIONS = ["verify.deep=true", "verify.deep=maybe", "build.replace=true", "build.skip_invalid=true",
+                "build.allow_pickle=true", "progress=false", "library.busy_timeout=-1", "library.busy_timeout=1e308",
+                "library.busy_timeout=nan", "search.k=-5", "search.k=99999999999999999999", "k=2", "+x=1", "=",
+                "a==b", "library=", "base_model=", "base_model=/nonexistent", "base_model=../../etc",
+                "library.max_chunk_bytes=0", "${oc.env:HOME}", "x=${oc.env:HOME}", "library.encoder=null",
+                "~library", "hydra.run.dir=/tmp/x", "--json", "--help", "-h", "--description", "--tags", "--",
+                "--from-file", "-", "\x00", "é" * 3]
+_CLI_COMMANDS = ["build", "add", "list", "show", "verify", "export", "remove", "describe", "Build", ""]
+
+
+def fuzz_cli(workdir: Path, examples: int) -> dict:
+    """`adaptermix.cli.main(argv)` on arguments drawn from commands, paths (a library, absent, a file, a
+    folder inside the library, the sentinel), adapter names and hostile options: it must return an exit
+    code (0, 1, 2 or 130) with a one-line message, never raise, and never change the sentinel folder."""
+    import contextlib
+    import io
+
+    from adaptermix.cli import main as cli
+    from adaptermix.library.base_model import BaseModelSpec
+    from adaptermix.reliability.crashtest import _make_before, _tiny_llama
+
+    workdir = Path(workdir)
+    pristine = workdir / "cli-pristine"
+    _make_before(pristine, BaseModelSpec.from_model(_tiny_llama()))
+    sentinel = workdir / "outside"
+    sentinel.mkdir(exist_ok=True)
+    (sentinel / "victim.safetensors").write_bytes(_valid_file())
+    (sentinel / "notes.txt").write_text("must survive")
+    fingerprint = _tree_digest(sentinel)
+    play = workdir / "cli"
+    library, junk = play / "lib", play / "file.txt"
+    paths = [str(library), str(play / "absent"), str(junk), str(library / "adapters"), str(play / "empty"),
+             str(sentinel), str(sentinel / "victim.safetensors"), "", "."]
+    names = ["a0", "a1", "missing", "../a0", "a0/../a1", "a" * 300, "\x00", " "]
+    counts = {"cli": 0, "cli_outside_touched": 0}
+    import adaptermix.cli_library as cli_library
+
+    printed = cli_library.failure_message     # the CLI prints any OSError / ValueError / TypeError as one line:
+
+    def clear_only(exc):                      # here only ours and the OS's count as clear
+        if not isinstance(exc, (AdaptermixError, OSError)):
+            raise AssertionError(f"an unclear {type(exc).__name__} reached the CLI: {exc}") from exc
+        return printed(exc)
+
+    @_settings(examples)
+    @given(st.sampled_from(_CLI_COMMANDS), st.sampled_from(paths),
+           st.lists(st.one_of(st.sampled_from(paths + names), st.text(max_size=12)), max_size=3),
+           st.lists(st.one_of(st.sampled_from(_CLI_OPTIONS), st.text(max_size=12).map(lambda t: f"{t}=1")),
+                    max_size=3))
+    @_bounded
+    def case(command, library_path, positionals, options):
+        counts["cli"] += 1
+        shutil.rmtree(play, ignore_errors=True)
+        shutil.copytree(pristine, library)
+        junk.write_text("not a library")
+        (play / "empty").mkdir()
+        argv = [a for a in [command, library_path, *positionals, *options] if a != "" or command == ""]
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli(argv)
+        assert code in (0, 1, 2, 130), (argv, code)
+        if code in (1, 2):
+            assert err.getvalue().strip(), (argv, "a failure without a message")
+        if _tree_digest(sentinel) != fingerprint:
+            counts["cli_outside_touched"] += 1
+            raise AssertionError(f"a file outside the library changed: {argv!r}")
+
+    cli_library.failure_message = clear_only
+    try:
+        case()
+    finally:
+        cli_library.failure_message = printed
+    return counts
+
+
+TARGETS = ("safetensors", "peft", "library", "cli")
+
+
 def run_fuzz(workdir: Path, examples: dict[str, int]) -> dict:
-    counts = {"safetensors": fuzz_safetensors(examples.get("safetensors", 500))}
-    counts.update(fuzz_peft(workdir, examples.get("peft_config", 100), examples.get("peft_weights", 100)))
-    counts.update(fuzz_library(workdir, examples.get("library", 30)))
+    """Run the targets that `examples` names (peft_config / peft_weights for the PEFT loader)."""
+    counts = {}
+    if "safetensors" in examples:
+        counts["safetensors"] = fuzz_safetensors(examples["safetensors"])
+    if "peft_config" in examples or "peft_weights" in examples:
+        counts.update(fuzz_peft(workdir, examples.get("peft_config", 10), examples.get("peft_weights", 10)))
+    if "library" in examples:
+        counts.update(fuzz_library(workdir, examples["library"]))
+    if "cli" in examples:
+        counts.update(fuzz_cli(workdir, examples["cli"]))
     return counts

@@ -1,7 +1,7 @@
 """Short fuzz runs (hypothesis): untrusted bytes end in success or an AdaptermixError subclass, nothing
 outside the library is touched (benchmarks/reliability.py runs the long ones)."""
 
-from adaptermix.reliability.fuzz import fuzz_library, fuzz_peft, fuzz_safetensors
+from adaptermix.reliability.fuzz import fuzz_cli, fuzz_library, fuzz_peft, fuzz_safetensors
 
 
 def test_fuzz_the_safetensors_reader():
@@ -16,6 +16,11 @@ def test_fuzz_the_peft_loader(tmp_path):
 def test_fuzz_opening_hostile_libraries(tmp_path):
     counts = fuzz_library(tmp_path, examples=25)
     assert counts["library"] >= 25 and counts["outside_touched"] == 0
+
+
+def test_fuzz_the_cli_arguments(tmp_path):
+    counts = fuzz_cli(tmp_path, examples=12)
+    assert counts["cli"] >= 12 and counts["cli_outside_touched"] == 0
 
 
 def test_a_non_string_dtype_is_a_format_error():
@@ -48,3 +53,15 @@ def test_a_bad_pattern_in_a_peft_config_is_a_format_error(tmp_path):
         (folder / "adapter_config.json").write_text(json.dumps({**config, "alpha_pattern": patterns}))
         with pytest.raises(AdapterFormatError, match=message):
             load_peft_adapter(folder)
+
+
+def test_a_fuzz_case_that_hangs_is_a_finding():
+    import time
+
+    import pytest
+
+    from adaptermix.reliability.fuzz import FuzzCaseHung, _bounded
+
+    with pytest.raises(FuzzCaseHung, match="ran over 1 s"):
+        _bounded(lambda: time.sleep(30), seconds=1)()
+    assert _bounded(lambda x: x + 1, seconds=5)(1) == 2
