@@ -85,6 +85,38 @@ def test_add_many_takes_adapter_objects(tmp_path, llama, h):
     assert library.verify() == []
 
 
+def test_add_many_progress_moves_per_adapter_before_its_chunk_commits(tmp_path, llama, monkeypatch):
+    """The bar advances as each adapter is prepared, not only when a long transaction ends."""
+    from adaptermix.library import store
+
+    events = []
+
+    class Bar:
+        def __init__(self, *args, total=None, desc="", disable=False, **kwargs):
+            self.items, self.desc = args[0] if args else None, desc
+
+        def __iter__(self):
+            return iter(self.items)
+
+        def update(self, n=1):
+            events.append(f"{self.desc} +{n}")
+
+        def set_postfix(self, **kwargs):
+            pass
+
+        def close(self):
+            pass
+
+    library = am.AdapterLibrary.create(tmp_path / "lib", base_model=llama)
+    commit = library._commit
+    monkeypatch.setattr(store, "tqdm", Bar)
+    monkeypatch.setattr(library, "_commit", lambda items, replace: (events.append(f"commit {len(items)}"),
+                                                                     commit(items, replace))[1])
+    adapters = [random_adapter(library.base_model, f"bar{i}", seed=40 + i) for i in range(5)]
+    library.add_many(adapters, chunk_size=3)
+    assert events == ["add +1"] * 3 + ["commit 3"] + ["add +1"] * 2 + ["commit 2"]
+
+
 @pytest.mark.parametrize("case, error, words", [
     ("unknown_module", am.BaseModelMismatchError, "not in the base model"),
     ("wrong_shape", am.BaseModelMismatchError, "shape mismatch"),
