@@ -77,7 +77,8 @@ class DerivedStore:
 
     def get(self, kind: DerivedKind, key: str, names: list[str] | None = None) -> dict[str, torch.Tensor] | None:
         """The stored tensors (only `names` that exist, if given), or None if this item was never derived.
-        FileNotFoundError if its file is gone (a writer removed the item after this row was read)."""
+        CorruptAdapterError if the bytes differ from the record, or the file is gone (which is also what a
+        reader sees when a writer removed the item after this row was read: callers can tell)."""
         row = self.catalog.derived_row(kind.kind, kind.config_hash, key)
         if row is None:
             return None
@@ -108,7 +109,7 @@ class DerivedStore:
         except CorruptAdapterError as exc:
             raise CorruptAdapterError(f"{label}: {exc}") from exc
         except FileNotFoundError:
-            raise                        # the caller tells "removed meanwhile" from "missing"
+            raise CorruptAdapterError(f"{label}: its file {path} is missing; run verify()") from None
         except OSError as exc:
             raise LibraryError(f"{label}: file {path} is unreadable: {exc}; run verify()") from exc
 

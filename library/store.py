@@ -207,10 +207,12 @@ class AdapterLibrary:
         wanted = None if modules is None else [f"{m}::{p}" for m in modules for p in ("vectors", "values")]
         try:
             tensors = self.derived.get(self.arrow, record.content_hash, wanted)
-        except FileNotFoundError:
-            tensors = None
-        if tensors is None:
+        except CorruptAdapterError:
             if self.catalog.record(name) != record:   # another process removed or replaced it meanwhile
+                raise AdapterNotFoundError(f"adapter {name!r} was removed or replaced while being read") from None
+            raise
+        if tensors is None:
+            if self.catalog.record(name) != record:
                 raise AdapterNotFoundError(f"adapter {name!r} was removed or replaced while being read")
             raise CorruptAdapterError(f"the Arrow prototypes of adapter {name!r} are missing; run verify()")
         present = sorted({k.split("::")[0] for k in tensors})  # modules the adapter does not target are absent

@@ -296,6 +296,24 @@ _CLI_OPTIONS = ["verify.deep=true", "verify.deep=maybe", "build.replace=true", "
                 "~library", "hydra.run.dir=/tmp/x", "--json", "--help", "-h", "--description", "--tags", "--",
                 "--from-file", "-", "\x00", "é" * 3]
 _CLI_COMMANDS = ["build", "add", "list", "show", "verify", "export", "remove", "describe", "Build", ""]
+_CLI_ARITY = {"build": 1, "add": 1, "show": 1, "export": 2, "remove": 1, "describe": 1}   # positionals after LIB
+_CLI_VALID = {"build": ["progress=false", "build.replace=true", "build.skip_invalid=true"],
+              "add": ["build.replace=true"], "list": ["--json"], "verify": ["--json", "verify.deep=true"],
+              "describe": ["--description=a new description", "--tags=x"]}   # the options each command takes
+
+
+def _fitting_checkpoint(folder: Path) -> Path:
+    """A PEFT checkpoint for the crash-test base model (the tiny Llama): `add` of it succeeds."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"],
+              "base_model_name_or_path": "tiny-llama"}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    save_file({f"{prefix}.lora_A.weight": torch.randn(2, 64), f"{prefix}.lora_B.weight": torch.randn(64, 2)},
+              str(folder / "adapter_model.safetensors"))
+    return folder
 
 
 def fuzz_cli(workdir: Path, examples: int) -> dict:
@@ -322,6 +340,9 @@ def fuzz_cli(workdir: Path, examples: int) -> dict:
     paths = [str(library), str(play / "absent"), str(junk), str(library / "adapters"), str(play / "empty"),
              str(sentinel), str(sentinel / "victim.safetensors"), "", "."]
     names = ["a0", "a1", "missing", "../a0", "a0/../a1", "a" * 300, "\x00", " "]
+    checkpoints = workdir / "cli-checkpoints"
+    paths += [str(_fitting_checkpoint(checkpoints / "fits")), str(_peft_checkpoint(checkpoints / "misfit")),
+              str(checkpoints)]
     counts = {"cli": 0, "cli_outside_touched": 0}
     import adaptermix.cli_library as cli_library
 
@@ -335,11 +356,19 @@ def fuzz_cli(workdir: Path, examples: int) -> dict:
     @_settings(examples)
     @given(st.sampled_from(_CLI_COMMANDS), st.sampled_from(paths),
            st.lists(st.one_of(st.sampled_from(paths + names), st.text(max_size=12)), max_size=3),
-           st.lists(st.one_of(st.sampled_from(_CLI_OPTIONS), st.text(max_size=12).map(lambda t: f"{t}=1")),
-                    max_size=3))
+           st.lists(st.one_of(st.sampled_from(sum(_CLI_VALID.values(), [])), st.sampled_from(_CLI_OPTIONS),
+                              st.text(max_size=12).map(lambda t: f"{t}=1")), max_size=2),
+           st.booleans())
     @_bounded
-    def case(command, library_path, positionals, options):
+    def case(command, library_path, positionals, options, well_formed):
         counts["cli"] += 1
+        if well_formed:     # half the cases get past argument parsing: as many positionals as the command takes
+            positionals = (positionals + names[:3])[:_CLI_ARITY.get(command, 0)]
+            options = [o for o in options if o in _CLI_VALID.get(command, [])]
+            if command == "describe":
+                options.append(_CLI_VALID["describe"][0])
+            if command != "build":
+                library_path = str(library)
         shutil.rmtree(play, ignore_errors=True)
         shutil.copytree(pristine, library)
         junk.write_text("not a library")
