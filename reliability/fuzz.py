@@ -319,7 +319,7 @@ def _fitting_checkpoint(folder: Path) -> Path:
 def fuzz_cli(workdir: Path, examples: int) -> dict:
     """`adaptermix.cli.main(argv)` on arguments drawn from commands, paths (a library, absent, a file, a
     folder inside the library, the sentinel), adapter names and hostile options: it must return an exit
-    code (0, 1, 2 or 130) with a one-line message, never raise, and never change the sentinel folder."""
+    code (0, 1, 2 or 130), a failure with a message, never raise, and never change the sentinel folder."""
     import contextlib
     import io
 
