@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import shutil
 import signal
 import sqlite3
@@ -385,9 +386,12 @@ def fuzz_cli(workdir: Path, examples: int) -> dict:
             raise AssertionError(f"a file outside the library changed: {argv!r}")
 
     cli_library.failure_message = clear_only
+    cwd = os.getcwd()
+    os.chdir(workdir)              # relative paths drawn (an export's `out`) land in the work folder
     try:
         case()
     finally:
+        os.chdir(cwd)
         cli_library.failure_message = printed
     return counts
 
