@@ -149,10 +149,11 @@ def test_version_module_entry_and_startup_without_torch(lib):
                          env=env)
     assert out.returncode == 0 and out.stdout.strip() == f"adaptermix {am.__version__}"
     probe = ("import sys; from adaptermix.cli import main; codes = [main(a) for a in "
-             f"(['list', {str(lib)!r}], ['show', {str(lib)!r}, 'sql'], ['--help'], ['search', '--help'])]; "
+             f"(['list', {str(lib)!r}], ['show', {str(lib)!r}, 'sql'], ['verify', {str(lib)!r}], ['--help'], "
+             "['search', '--help'])]; "
              "print(codes, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-P", "-c", probe], capture_output=True, text=True, env=env)
-    assert out.stdout.strip().splitlines()[-1] == "[0, 0, 0, 0] False", out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[0, 0, 0, 0, 0] False", out.stderr
 
 
 def test_describe_sets_texts_that_search_reads(tmp_path, lib, capsys):
