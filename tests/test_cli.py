@@ -253,3 +253,13 @@ def test_serve_dispatches_to_the_server_cli(capsys, tmp_path):
     assert main(["serve", str(tmp_path / "nothing-here")]) == 1
     assert "no adapter library" in capsys.readouterr().err
 
+
+
+@pytest.mark.parametrize("config", ["demo", "evaluate", "evaluate_shared_seed"])
+def test_demo_and_evaluate_take_your_library_path(config, tmp_path):
+    """`library_path=DIR` points the demo and the evaluation at your library (`library=` would name the
+    `library` config group, which Hydra refuses to override outside a defaults list)."""
+    cfg = load_config([f"library_path={tmp_path}"], config_name=config)
+    assert cfg.library_path == str(tmp_path)
+    if config != "demo":                                                 # the key the evaluation scripts read
+        assert cfg.library == str(tmp_path)
