@@ -78,6 +78,9 @@ def test_build_refuses_bad_input_and_leaves_no_library(tmp_path, checkpoints, ll
     code, _, err = cli(capsys, "build", folder, new, f"base_model={llama_folder}")     # the old order
     assert code == 2 and "the library comes first" in err and not new.exists()
 
+    code, _, err = cli(capsys, "build", new, folder, f"base_model={tmp_path / 'no-such-model'}")
+    assert code == 1 and "no-such-model" in err and len(err.strip().splitlines()) == 1 and not new.exists()
+
     (folder / "sql" / "adapter_model.safetensors").write_bytes(b"junk")
     code, _, err = cli(capsys, "build", new, folder, f"base_model={llama_folder}", "progress=false")
     assert code == 1 and "sql" in err and "build.skip_invalid=true" in err and not new.exists()
@@ -115,6 +118,14 @@ def test_usage_errors_name_the_fix_and_exit_2(lib, capsys):
     assert code == 2
     code, _, err = cli(capsys, "show", lib, "sqll")
     assert code == 1 and "did you mean 'sql'" in err
+    for wrong in (["fuse", lib, "sql", "celsiuss", "--name", "x"], ["export", lib, "sqll", lib.parent / "out"],
+                  ["remove", lib, "sqll"], ["describe", lib, "sqll", "--description", "d"]):
+        code, _, err = cli(capsys, *wrong)
+        assert code == 1 and "did you mean" in err and len(err.strip().splitlines()) == 1, wrong
+    code, _, err = cli(capsys, "fuse", lib, "sql", "celsius", "--method", "tie", "--name", "x")
+    assert code == 2 and "ties" in err and "--method" in err
+    code, _, err = cli(capsys, "fuse", lib, "sql", "celsius", "--weights", "0.5", "--name", "x")
+    assert code == 2 and "one weight per adapter" in err
     code, _, err = cli(capsys, "list", lib.parent / "missing")
     assert code == 1 and "no adaptermix library" in err and "adaptermix build" in err
 
