@@ -104,9 +104,11 @@ def check_inputs(x, A, B, scales, idx, weights, ranks, base, validate: bool) -> 
         ranks = ranks.to(torch.int32)
     if validate:
         check_routing_values(idx, weights, N)
-        _WEIGHT_SETS.get(scales, _check_scales)
-        if not is_full_ranks(ranks, r_max):
-            _WEIGHT_SETS.get(ranks, lambda ranks: _check_ranks(ranks, r_max), key=r_max)
+        if not _WEIGHT_SETS.get(scales, _all_finite):
+            raise ValueError("scales contain NaN or Inf")
+        low, high = (r_max, r_max) if is_full_ranks(ranks, r_max) else _WEIGHT_SETS.get(ranks, _bounds)
+        if low < 1 or high > r_max:
+            raise ValueError(f"ranks must lie in [1, r_max={r_max}], found [{low}, {high}]")
     return ranks
 
 
@@ -137,14 +139,10 @@ def check_routing_values(idx: torch.Tensor, weights: torch.Tensor, num_adapters:
 _WEIGHT_SETS = VersionedCache()
 
 
-def _check_scales(scales: torch.Tensor) -> bool:
-    if not bool(torch.isfinite(scales).all()):
-        raise ValueError("scales contain NaN or Inf")
-    return True
+def _all_finite(scales: torch.Tensor) -> bool:
+    return bool(torch.isfinite(scales).all())
 
 
-def _check_ranks(ranks: torch.Tensor, r_max: int) -> bool:
-    low, high = (int(value) for value in torch.aminmax(ranks))
-    if low < 1 or high > r_max:
-        raise ValueError(f"ranks must lie in [1, r_max={r_max}], found [{low}, {high}]")
-    return True
+def _bounds(ranks: torch.Tensor) -> tuple[int, int]:
+    low, high = torch.aminmax(ranks)
+    return int(low), int(high)
