@@ -241,7 +241,7 @@ def test_fuse_adds_to_the_library_or_writes_peft(tmp_path, lib, capsys):
     code, _, err = cli(capsys, "fuse", lib, "sql", "nope", "--name", "x")
     assert code == 1 and "nope" in err
     code, _, err = cli(capsys, "fuse", lib, "sql", "celsius", "--method", "avg")
-    assert code == 1 and "unknown fusion method" in err
+    assert code == 2 and "unknown fusion method" in err and "--method" in err
 
 
 def test_every_option_of_every_router_has_a_meaning():
