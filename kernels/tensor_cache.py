@@ -4,14 +4,15 @@ An adapter stack (A, B, scales, ranks) is made once and read by every forward; w
 (B's rows in the layout the CPU kernel reads, the check that scales are finite and ranks in range) is kept
 beside the tensor and reused while
 
-  - the tensor is alive: entries are held weakly by the tensor's identity (torch.utils.weak), so a freed
-    tensor's entry goes with it and a new tensor at the same address never sees it;
+  - the tensor is alive: an entry is keyed by the tensor's identity and holds only a weak reference to it,
+    whose callback drops the entry when the tensor is freed, so a new tensor at the same address never
+    sees it;
   - its version counter is unchanged: any in-place write (to it or a view sharing its storage) bumps the
     counter and the next call recomputes.
 
 Not cached (recomputed every call, as if there were no cache): inference tensors (they carry no version
-counter), tensors seen while torch.compile traces (fake tensors) and writes through `.data`, which bypass the
-version counter (the usual autograd caveat).
+counter) and tensors seen while torch.compile traces (fake tensors). Not detected: writes through `.data`,
+which bypass the version counter (the usual autograd caveat).
 """
 
 from __future__ import annotations
