@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..kernels import lora_mixture
+from ..kernels.validation import routing_bounds
 from ..library.errors import RouterOutputError
 from .state import ComposerState
 
@@ -65,18 +66,13 @@ class MixtureLinear(nn.Module):
 
 def check_routing(routing, num_adapters: int, module_name: str, router) -> None:
     """A router's output before it reaches the op (which trusts it): finite weights, ids in [-1, N).
-    Three reductions and one device sync per layer; `ComposerState.validate_routing = False` skips it."""
-    weights, indices = routing.weights, routing.indices
-    if weights.numel() == 0:
+    Three reductions and one device sync per layer (kernels.validation.routing_bounds, the op's own check);
+    `ComposerState.validate_routing = False` skips it."""
+    if routing.weights.numel() == 0:
         return
-    if weights.device.type == "cpu" and weights.dtype != torch.bfloat16:   # numpy: ~1 us an op, not ~5
-        flat_weights, flat_ids = weights.detach().numpy(), indices.numpy()
-        total, lowest, highest = float(flat_weights.sum()), int(flat_ids.min()), int(flat_ids.max())
-    else:
-        lowest, highest = torch.aminmax(indices)
-        total, lowest, highest = torch.stack((weights.sum().double(), lowest.double(), highest.double())).tolist()
-    if not math.isfinite(total):
+    total, lowest, highest = routing_bounds(routing.indices, routing.weights)
+    if not math.isfinite(total) and not bool(torch.isfinite(routing.weights).all()):
         raise RouterOutputError(f"{type(router).__name__} returned NaN or infinite weights at {module_name}")
     if lowest < -1 or highest >= num_adapters:
-        raise RouterOutputError(f"{type(router).__name__} returned adapter ids in [{int(lowest)}, {int(highest)}] "
+        raise RouterOutputError(f"{type(router).__name__} returned adapter ids in [{lowest}, {highest}] "
                                 f"at {module_name}; valid ids are -1 (an empty slot) to {num_adapters - 1}")

@@ -11,8 +11,10 @@ Built on first use with torch.utils.cpp_extension (the host's C++ compiler, -O3 
 cached under ~/.cache/torch_extensions/adaptermix by source and CPU (each build in a private folder renamed
 into place, its sha256 checked before every load); the OpenMP runtime is the one torch already loaded,
 so threads follow torch.set_num_threads. Without a compiler `available()` is False and 'auto' takes the
-torch backend. float32 / float64 only. B is read by rows (N, r_max, d_out): pass it as the transposed view
-of such a tensor (as the composer stores it), or a contiguous (N, d_out, r_max) B is transposed per call.
+torch backend. float32 / float64 only. B is read by rows (N, r_max, d_out): the transposed view of such a
+tensor (as the composer stores it) is read in place; any other layout (PEFT's: a contiguous (N, d_out, r_max)
+B) is copied into rows once per tensor and version and the copy kept while B lives (kernels/tensor_cache.py;
+memory: one more copy of such a B), so no call after the first pays the transpose.
 
 Backward (adapters frozen): one more pass in the forward's order: per pair, B[e]'s rank dots with dy serve
 both d(weights) (with A[e]'s dots with x) and dx (axpys of A[e]'s rows); either gradient alone skips the
@@ -34,6 +36,7 @@ from pathlib import Path
 import torch
 
 from .plan import cast
+from .tensor_cache import VersionedCache
 
 __all__ = ["DTYPES", "available", "ready", "build_error", "forward_", "backward"]
 
@@ -160,6 +163,17 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+_B_ROWS = VersionedCache()
+
+
+def _rows_of_B(B: torch.Tensor) -> torch.Tensor:
+    """B's rows (N, r_max, d_out) with unit stride: a view for the composer's layout, else a cached copy."""
+    rows = B.transpose(1, 2)
+    if rows.stride(-1) == 1:
+        return rows
+    return _B_ROWS.get(B, lambda B: B.detach().transpose(1, 2).contiguous())
+
+
 def _check(status: int) -> None:
     if status:
         raise ValueError(" and ".join(message for bit, message in _ERRORS.items() if status & bit))
@@ -190,7 +204,7 @@ def forward_(out, x, A, B, scales, idx, weights, ranks) -> None:
     """out += mixture, in place. x, A, B float32 or float64 on the CPU."""
     if idx.numel() == 0:
         return
-    x, A, B_rows = _rows(x), _rows(A), _rows(B.transpose(1, 2))                         # B_rows (N, r_max, d_out)
+    x, A, B_rows = _rows(x), _rows(A), _rows_of_B(B)                         # B_rows (N, r_max, d_out)
     scales, idx, coef, ranks = _small(scales, idx, weights, ranks, x.dtype)
     direct = out.dtype == x.dtype and out.stride(-1) == 1
     y = out if direct else torch.zeros(out.shape, dtype=x.dtype)
@@ -201,7 +215,7 @@ def forward_(out, x, A, B, scales, idx, weights, ranks) -> None:
 
 def backward(grad, x, A, B, scales, idx, weights, ranks, need_x: bool, need_weights: bool):
     """(dx or None, dweights or None) for frozen adapters: one fused pass (kernels/cpu_mixture.cpp, backward)."""
-    grad, x, A, B_rows = _rows(grad.to(x.dtype)), _rows(x), _rows(A), _rows(B.transpose(1, 2))
+    grad, x, A, B_rows = _rows(grad.to(x.dtype)), _rows(x), _rows(A), _rows_of_B(B)
     scales, idx, coef, ranks = _small(scales, idx, weights, ranks, x.dtype)
     dx = torch.zeros_like(x) if need_x else None
     dweights = torch.empty(idx.shape, dtype=x.dtype) if need_weights else None

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from . import faults
 from .errors import AdapterFormatError, AdaptermixError, LibraryBusyError, UnsafeLibraryError
-from .files import library_file
+from .paths import library_file
 
 __all__ = ["recover", "delete_unreferenced", "verify", "verify_storage", "ensure_derived"]
 

@@ -78,6 +78,9 @@ def test_build_refuses_bad_input_and_leaves_no_library(tmp_path, checkpoints, ll
     code, _, err = cli(capsys, "build", folder, new, f"base_model={llama_folder}")     # the old order
     assert code == 2 and "the library comes first" in err and not new.exists()
 
+    code, _, err = cli(capsys, "build", new, folder, f"base_model={tmp_path / 'no-such-model'}")
+    assert code == 1 and "no-such-model" in err and len(err.strip().splitlines()) == 1 and not new.exists()
+
     (folder / "sql" / "adapter_model.safetensors").write_bytes(b"junk")
     code, _, err = cli(capsys, "build", new, folder, f"base_model={llama_folder}", "progress=false")
     assert code == 1 and "sql" in err and "build.skip_invalid=true" in err and not new.exists()
@@ -115,6 +118,14 @@ def test_usage_errors_name_the_fix_and_exit_2(lib, capsys):
     assert code == 2
     code, _, err = cli(capsys, "show", lib, "sqll")
     assert code == 1 and "did you mean 'sql'" in err
+    for wrong in (["fuse", lib, "sql", "celsiuss", "--name", "x"], ["export", lib, "sqll", lib.parent / "out"],
+                  ["remove", lib, "sqll"], ["describe", lib, "sqll", "--description", "d"]):
+        code, _, err = cli(capsys, *wrong)
+        assert code == 1 and "did you mean" in err and len(err.strip().splitlines()) == 1, wrong
+    code, _, err = cli(capsys, "fuse", lib, "sql", "celsius", "--method", "tie", "--name", "x")
+    assert code == 2 and "ties" in err and "--method" in err
+    code, _, err = cli(capsys, "fuse", lib, "sql", "celsius", "--weights", "0.5", "--name", "x")
+    assert code == 2 and "one weight per adapter" in err
     code, _, err = cli(capsys, "list", lib.parent / "missing")
     assert code == 1 and "no adaptermix library" in err and "adaptermix build" in err
 
@@ -149,10 +160,11 @@ def test_version_module_entry_and_startup_without_torch(lib):
                          env=env)
     assert out.returncode == 0 and out.stdout.strip() == f"adaptermix {am.__version__}"
     probe = ("import sys; from adaptermix.cli import main; codes = [main(a) for a in "
-             f"(['list', {str(lib)!r}], ['show', {str(lib)!r}, 'sql'], ['--help'], ['search', '--help'])]; "
+             f"(['list', {str(lib)!r}], ['show', {str(lib)!r}, 'sql'], ['verify', {str(lib)!r}], ['--help'], "
+             "['search', '--help'])]; "
              "print(codes, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-P", "-c", probe], capture_output=True, text=True, env=env)
-    assert out.stdout.strip().splitlines()[-1] == "[0, 0, 0, 0] False", out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[0, 0, 0, 0, 0] False", out.stderr
 
 
 def test_describe_sets_texts_that_search_reads(tmp_path, lib, capsys):
@@ -229,7 +241,7 @@ def test_fuse_adds_to_the_library_or_writes_peft(tmp_path, lib, capsys):
     code, _, err = cli(capsys, "fuse", lib, "sql", "nope", "--name", "x")
     assert code == 1 and "nope" in err
     code, _, err = cli(capsys, "fuse", lib, "sql", "celsius", "--method", "avg")
-    assert code == 1 and "unknown fusion method" in err
+    assert code == 2 and "unknown fusion method" in err and "--method" in err
 
 
 def test_every_option_of_every_router_has_a_meaning():
@@ -252,3 +264,13 @@ def test_serve_dispatches_to_the_server_cli(capsys, tmp_path):
     assert main(["serve", str(tmp_path / "nothing-here")]) == 1
     assert "no adapter library" in capsys.readouterr().err
 
+
+
+@pytest.mark.parametrize("config", ["demo", "evaluate", "evaluate_shared_seed"])
+def test_demo_and_evaluate_take_your_library_path(config, tmp_path):
+    """`library_path=DIR` points the demo and the evaluation at your library (`library=` would name the
+    `library` config group, which Hydra refuses to override outside a defaults list)."""
+    cfg = load_config([f"library_path={tmp_path}"], config_name=config)
+    assert cfg.library_path == str(tmp_path)
+    if config != "demo":                                                 # the key the evaluation scripts read
+        assert cfg.library == str(tmp_path)

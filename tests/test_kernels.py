@@ -659,6 +659,58 @@ def test_cpu_backend_layouts_strided_out_and_other_out_dtype():
     assert_close_to(double_out, expected, torch.float32)
 
 
+def test_cpu_backend_copies_a_contiguous_B_once_per_version():
+    """PEFT's layout (contiguous (N, d_out, r_max)) is copied into rows once and reused; an in-place write to
+    B (or a view of it) makes the next call see the new values; the copy goes when B does."""
+    import gc
+
+    from adaptermix.kernels.cpu_backend import _B_ROWS
+
+    case = build("awkward_d", torch.float32)
+    B = case["B"].clone()
+    assert B.is_contiguous() and B.transpose(1, 2).stride(-1) != 1
+    first = run(dict(case, B=B), "cpu", base=case["base"])
+    copy = _B_ROWS.get(B, lambda B: pytest.fail("the copy was not cached"))
+    run(dict(case, B=B), "cpu", base=case["base"])
+    assert _B_ROWS.get(B, lambda B: pytest.fail("recopied without a write")) is copy
+    assert_close_to(first, reference_of(case), torch.float32)
+    B[0].mul_(2.0)                                                             # a write through a view
+    changed = dict(case, B=B)
+    assert_close_to(run(changed, "cpu", base=case["base"]), reference_of(changed), torch.float32)
+    assert not torch.equal(run(changed, "cpu", base=case["base"]), first)
+    grad = torch.randn(case["base"].shape, generator=torch.Generator().manual_seed(3))
+    assert_gradients_match(changed, "cpu", torch.float32, grad=grad)
+    held = len(_B_ROWS)
+    del B, changed
+    gc.collect()
+    assert len(_B_ROWS) == held - 1
+
+
+def test_validation_checks_scales_and_ranks_once_per_version():
+    """Scales and ranks are checked once per tensor and version: a write after a passing call is caught on
+    the next call; finite weights whose sum overflows still pass, NaN weights never do."""
+    case = build("aligned", torch.float32)
+    scales, ranks = case["scales"].clone(), case["ranks"].clone()
+    case.update(scales=scales, ranks=ranks)
+    run(case, "cpu", base=case["base"])
+    scales[1] = float("inf")
+    with pytest.raises(ValueError, match="scales contain NaN"):
+        run(case, "cpu", base=case["base"])
+    scales[1] = 1.0
+    run(case, "cpu", base=case["base"])
+    ranks[0] = case["A"].shape[1] + 1
+    with pytest.raises(ValueError, match="ranks must lie in"):
+        run(case, "cpu", base=case["base"])
+    ranks[0] = 1
+    huge = torch.full_like(case["weights"], 3e38)                              # finite; their sum is inf
+    assert torch.isinf(huge.sum())
+    for backend in ("cpu", "torch"):
+        run(dict(case, weights=huge), backend, base=case["base"])              # accepted (the output may overflow)
+    huge[-1, -1] = float("nan")
+    with pytest.raises(ValueError, match="weights contain NaN"):
+        run(dict(case, weights=huge), "cpu", base=case["base"])
+
+
 @pytest.mark.parametrize("threads", [1, 3])
 def test_cpu_backend_splits_tokens_across_threads(threads):
     """Big enough to wake the thread pool: each thread sorts its own tokens' pairs; duplicates, -1 slots, mixed

@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass, field
 
 from adaptermix.cli_options import (UsageError, check_overrides, format_options, load_config, options,
-                                    split_overrides)
+                                    own_config, reads_groups, split_overrides)
 
 __all__ = ["main", "COMMANDS", "load_config"]
 
@@ -157,7 +157,12 @@ def _run(argv: list[str]) -> int:
     spec = COMMANDS[args.command]
     overrides = overrides + _flag_overrides(spec, args)     # `--router NAME` decides which router keys are valid
     overrides = check_overrides(args.command, overrides, options(spec.sections, overrides))
-    cfg = _compose(overrides) if spec.sections else None
+    if not spec.sections:
+        cfg = None
+    elif reads_groups(spec.sections):
+        cfg = _compose(overrides)
+    else:                                                   # no config group: no Hydra
+        cfg = own_config(overrides)
     module, function = spec.run.split(":")
     return getattr(importlib.import_module(f"adaptermix.{module}"), function)(args, cfg)
 

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 from adaptermix.cli_options import UsageError
-from adaptermix.library.errors import AdaptermixError, LibraryError
+from adaptermix.library.errors import AdaptermixError, AdapterNotFoundError, LibraryError
 
 __all__ = ["build", "add", "list_", "show", "search", "verify", "describe", "export", "remove", "failure_message"]
 
@@ -59,6 +59,21 @@ def _catalog(path: str):
     return catalog, json.loads(catalog.get_meta("base_model"))["name"]
 
 
+def _no_adapter(name: str, names: list[str], library: str) -> AdapterNotFoundError:
+    from difflib import get_close_matches
+
+    close = get_close_matches(name, names, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; `adaptermix list {library}` lists them"
+    return AdapterNotFoundError(f"no adapter named {name!r} in {library}{hint}")
+
+
+def check_names(lib, names: list[str], library: str) -> None:
+    """Every name is an adapter of the library, or the error names the closest one."""
+    for name in names:
+        if name not in lib:
+            raise _no_adapter(name, lib.names(), library)
+
+
 # -- reading -------------------------------------------------------------------------------------------
 
 
@@ -79,12 +94,7 @@ def show(args, cfg) -> int:
     catalog, _ = _catalog(args.library)
     record = catalog.record(args.name)
     if record is None:
-        names = catalog.names()
-        from difflib import get_close_matches
-
-        close = get_close_matches(args.name, names, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else f"; `adaptermix list {args.library}` lists them"
-        raise LibraryError(f"no adapter named {args.name!r} in {args.library}{hint}")
+        raise _no_adapter(args.name, catalog.names(), args.library)
     print(json.dumps(record.as_dict(), indent=2))
     return 0
 
@@ -196,7 +206,7 @@ def build(args, cfg) -> int:
             total, base = len(lib), lib.base_model.name
     except BaseException:
         if created:  # leave no half-made library: remove exactly what this command made
-            for path in (set(root.iterdir()) - before if existed else [root]):
+            for path in (set(root.iterdir()) - before if existed else [root] if root.exists() else []):
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
         raise
     print(f"added {len(added)} adapter(s){': ' + ', '.join(r.name for r in added) if added else ''}")
@@ -244,6 +254,7 @@ def describe(args, cfg) -> int:
     if not texts:
         raise UsageError("nothing to change: give --description, --examples, --tags or --from-file")
     with open_library(args.library, cfg) as lib:
+        check_names(lib, [args.name], args.library)
         record = lib.update(args.name, **texts)
     print(f"{record.name}: {record.description!r}; {len(record.examples)} example prompt(s); "
           f"tags {list(record.tags)}")
@@ -252,12 +263,14 @@ def describe(args, cfg) -> int:
 
 def export(args, cfg) -> int:
     with open_library(args.library, cfg, writable=False, encoder=False) as lib:
+        check_names(lib, [args.name], args.library)
         print(f"wrote {lib.get(args.name).save_peft(args.out)}")
     return 0
 
 
 def remove(args, cfg) -> int:
     with open_library(args.library, cfg, encoder=False) as lib:
+        check_names(lib, [args.name], args.library)
         lib.remove(args.name)
     print(f"removed {args.name}")
     return 0

@@ -12,7 +12,8 @@ import time
 
 import torch
 
-from adaptermix.cli_library import open_library
+from adaptermix.cli_library import check_names, open_library
+from adaptermix.cli_options import UsageError
 
 __all__ = ["route", "generate", "fuse", "routing_summaries"]
 
@@ -43,9 +44,13 @@ def _inputs(tokenizer, prompts: list[str]):
 
 def _composed(args, cfg, lib):
     """(the base model with the library composed on it behind the configured router, tokenizer, router label)."""
+    from transformers.utils import logging as hf_logging
+
     from adaptermix.composer import compose
     from adaptermix.models import load_model
 
+    if not cfg.progress:                          # transformers' own "Loading weights" bar
+        hf_logging.disable_progress_bar()
     model, tokenizer = load_model(cfg.base_model or lib.base_model.name)
     router, label = _router(cfg)
     return compose(model, lib, router, tokenizer=tokenizer), tokenizer, label
@@ -153,10 +158,18 @@ def fuse(args, cfg) -> int:
     from omegaconf import OmegaConf
 
     from adaptermix.composer import fuse as fuse_adapters
+    from adaptermix.composer.fusion import FUSION_METHODS
 
     settings = OmegaConf.to_container(cfg.fuse, resolve=True)
+    if settings["method"] not in FUSION_METHODS:
+        raise UsageError(f"unknown fusion method {settings['method']!r}; choose one of {', '.join(FUSION_METHODS)} "
+                         "(--method NAME)")
+    if settings["weights"] is not None and len(settings["weights"]) != len(args.adapters):
+        raise UsageError(f"--weights takes one weight per adapter: {len(args.adapters)} adapter(s), "
+                         f"{len(settings['weights'])} weight(s)")
     start = time.perf_counter()
     with open_library(args.library, cfg, writable=args.out is None) as lib:
+        check_names(lib, list(args.adapters), args.library)
         adapter = fuse_adapters(lib, list(args.adapters), settings["weights"], method=settings["method"],
                                 rank=settings["rank"], density=settings["density"], seed=settings["seed"],
                                 name=args.name, progress=cfg.progress)
