@@ -63,6 +63,7 @@ from adaptermix.library.errors import AdapterTextMissingError  # noqa: E402
 from adaptermix.paraphrase import paraphrased  # noqa: E402
 from adaptermix.suite import ADAPTERS, answer_example, bare_adapters, score_task, suite_library  # noqa: E402
 from adaptermix.tasks import SUITE, TASKS, UNSEEN  # noqa: E402
+from adaptermix.trained_sets import require as require_set  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINED: dict = {}   # routers trained in this run (the MoE gate), by method
@@ -98,9 +99,12 @@ def routed_model(method: str, library, tokenizer, cfg, train_examples):
 
 
 def adapters_dir(cfg) -> Path:
-    """The PEFT checkpoints of the library: the committed example adapters unless cfg.adapters names others."""
+    """The PEFT checkpoints of the library: the committed example adapters unless cfg.adapters names others
+    (a folder, or set:NAME for a set trained on demand into the cache, adaptermix.trained_sets)."""
     if cfg.adapters is None:
         return ADAPTERS
+    if str(cfg.adapters).startswith("set:"):
+        return require_set(str(cfg.adapters).removeprefix("set:"))
     return Path(cfg.adapters) if Path(cfg.adapters).is_absolute() else ROOT / cfg.adapters
 
 
