@@ -6,6 +6,7 @@ held-out prompts and routing accuracy, per method, under each condition of conf/
     bare         the paraphrase prompts on the same adapters without descriptions or example prompts
                  (text routers are refused by name: their entries record the error)
     unseen       tasks without an adapter of their own (exact match and string similarity)
+    large        a library grown from 12 to 40 adapters with near neighbours (benchmarks/evaluate_large.py)
 
     python benchmarks/evaluate_routing.py                       # config: conf/evaluate.yaml
     python benchmarks/evaluate_routing.py per_task=5 'conditions.template.methods=[base,retrieval]'
@@ -53,6 +54,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from diagnose_routing import prototype_overlap  # noqa: E402
+from evaluate_large import run_large  # noqa: E402
 from machine import machine  # noqa: E402
 from routing_signals import answers, choices, signals  # noqa: E402
 
@@ -353,6 +355,8 @@ def run_decided(name: str, condition, methods: list[str], library, cfg, summary)
 
 
 def run_condition(name: str, condition, libraries, tokenizer, cfg, train_examples, summary) -> None:
+    if condition.library == "large":                         # a library of its own (benchmarks/evaluate_large.py)
+        return run_large(name, condition, cfg, summary)
     tasks = SUITE if condition.tasks == "suite" else UNSEEN
     library = libraries[condition.library]
     refused = [m for m in condition.methods if condition.library == "bare" and needs_text(m, cfg)]
