@@ -428,11 +428,14 @@ def _zscore(scores: torch.Tensor) -> torch.Tensor:
 
 
 def _margin(zscores: torch.Tensor) -> torch.Tensor:
-    """(batch, 1): how far a row's best z-score leads its second (0 with one adapter)."""
+    """(batch, 1): how far a row's best z-score leads the best lower one (0 with one adapter, or when every
+    score ties). Ties at the top do not count as doubt: two adapters with the same text (two seeds of one
+    task) tie in retrieval, which is still as sure that the prompt belongs to one of them."""
     if zscores.shape[1] < 2:
         return torch.zeros(zscores.shape[0], 1, device=zscores.device)
-    top = zscores.topk(2, dim=1).values
-    return torch.nan_to_num(top[:, :1] - top[:, 1:], posinf=0.0, neginf=0.0).clamp_min(0)
+    best = zscores.max(1, keepdim=True).values
+    below = zscores.masked_fill(zscores >= best - 1e-6, float("-inf")).max(1, keepdim=True).values
+    return torch.nan_to_num(best - below, posinf=0.0, neginf=0.0).clamp_min(0)
 
 
 def combined_scores(weights: torch.Tensor, dense: torch.Tensor | None = None, lexical: torch.Tensor | None = None,
