@@ -49,29 +49,29 @@ PURPOSE = "large example library"               # the cached library's ownership
 DECIDED = ("base", "oracle", "retrieval", "retrieval_lexical")   # + conf/evaluate.yaml's sequence_routers
 
 
-def large_library() -> AdapterLibrary:
-    """The 40-adapter library (the committed example adapters + the cached large set), built once into the
-    cache and rebuilt when an adapter's checkpoint changed."""
+def large_library(size: int = len(ADAPTER_ORDER)) -> AdapterLibrary:
+    """The library of the first `size` adapters of ADAPTER_ORDER (the committed example adapters, then the
+    cached large set), built once into the cache and rebuilt when an adapter's checkpoint changed."""
     from adaptermix.cli import main as cli
     from adaptermix.library.peft_format import load_peft_adapter
     from adaptermix.models import smollm2_path
 
-    folders = [ADAPTERS, require("large")]
-    path = cache_dir() / "large-library"
-    expected = [load_peft_adapter(folder / name).content_hash() for name in ADAPTER_ORDER
-                for folder in folders if (folder / name / "adapter_config.json").is_file()]
+    names = list(ADAPTER_ORDER[:size])
+    folder = require("large", first=max(0, size - len(SUITE)))
+    checkpoints = [ADAPTERS / name if name in SUITE else folder / name for name in names]
+    path = cache_dir() / ("large-library" if size == len(ADAPTER_ORDER) else f"large-library-{size}")
+    expected = [load_peft_adapter(checkpoint).content_hash() for checkpoint in checkpoints]
     if (path / "catalog.sqlite").is_file():
         with AdapterLibrary.open(path) as library:
-            if sorted(library.names()) == sorted(ADAPTER_ORDER) and \
-                    library.content_hashes(list(ADAPTER_ORDER)) == expected:
+            if sorted(library.names()) == sorted(names) and library.content_hashes(names) == expected:
                 return AdapterLibrary.open(path)
         remove_owned(path, PURPOSE)
 
-    def build(folder: Path) -> None:
-        if cli(["build", str(folder), *map(str, folders), f"base_model={smollm2_path()}"]):
+    def build(staging: Path) -> None:
+        if cli(["build", str(staging), *map(str, checkpoints), f"base_model={smollm2_path()}"]):
             raise RuntimeError("`adaptermix build` of the large library failed")
 
-    print(f"building the large library at {path}")
+    print(f"building the large library ({size} adapters) at {path}")
     publish_folder(path, build, PURPOSE)
     return AdapterLibrary.open(path)
 
@@ -129,7 +129,7 @@ def run_large(name: str, condition, cfg, summary: dict) -> None:
     stages = [int(s) for s in condition.get("stages", LARGE_STAGES)]
     if stages != sorted(stages) or stages[0] < 1 or stages[-1] > len(ADAPTER_ORDER):
         raise ValueError(f"condition {name}: stages must grow within 1..{len(ADAPTER_ORDER)}, got {stages}")
-    library = large_library()
+    library = large_library(stages[-1])
     started = time.perf_counter()
     decided = {}
     for size in stages:
@@ -141,7 +141,7 @@ def run_large(name: str, condition, cfg, summary: dict) -> None:
              for adapters, items, picks in decided.values() for chosen in picks.values()
              for i, pick in enumerate(chosen)}
     table = answers(library, pairs, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                    adapters=list(ADAPTER_ORDER))
+                    adapters=list(ADAPTER_ORDER[:stages[-1]]))
     section = summary.setdefault(name, {})
     for method in condition.methods:
         per_stage = {}
@@ -154,7 +154,7 @@ def run_large(name: str, condition, cfg, summary: dict) -> None:
     summary.setdefault("seconds", {})[f"{name}/decided"] = round(time.perf_counter() - started, 1)
     library_info = {"stages": stages, "adapters": list(ADAPTER_ORDER[:stages[-1]]),
                     "tasks": list(dict.fromkeys(task_of(a) for a in ADAPTER_ORDER[:stages[-1]])),
-                    "training": training_record()}
+                    "training": training_record(stages[-1])}
     out = Path(cfg.out_dir) if Path(cfg.out_dir).is_absolute() else ROOT / cfg.out_dir
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(
@@ -164,13 +164,15 @@ def run_large(name: str, condition, cfg, summary: dict) -> None:
                                                 f"task - {summary.get('date')}")
 
 
-def training_record() -> dict:
-    """How the large set's adapters were trained (its manifest.json): settings and validation exact match."""
-    manifest = json.loads((require("large") / "manifest.json").read_text())
+def training_record(size: int) -> dict:
+    """How the large set's adapters in a library of `size` were trained (the set's manifest.json): settings,
+    validation exact match, seconds."""
+    extra = LARGE_ADAPTERS[:max(0, size - len(SUITE))]
+    manifest = json.loads((require("large", first=len(extra)) / "manifest.json").read_text())
     adapters = manifest["adapters"]
-    return {"settings": next(iter(adapters.values()))["settings"], "machine": manifest.get("machine"),
-            "validation_exact_match": {name: adapters[name]["check_exact_match"] for name in LARGE_ADAPTERS},
-            "train_seconds": round(sum(adapters[name]["train_seconds"] for name in LARGE_ADAPTERS), 1)}
+    return {"settings": adapters[extra[0]]["settings"] if extra else None, "machine": manifest.get("machine"),
+            "validation_exact_match": {name: adapters[name]["check_exact_match"] for name in extra},
+            "train_seconds": round(sum(adapters[name]["train_seconds"] for name in extra), 1)}
 
 
 def growth_chart(section: dict, path: Path, title: str = "") -> Path:

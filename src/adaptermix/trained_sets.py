@@ -95,11 +95,12 @@ def complete(trained: TrainedSet, folder: Path | None = None) -> list[str]:
     return missing
 
 
-def require(name: str) -> Path:
-    """The cached folder of a complete set; SetMissingError naming the make target otherwise."""
+def require(name: str, first: int | None = None) -> Path:
+    """The cached folder of a complete set (or of its first `first` adapters); SetMissingError naming the make
+    target otherwise."""
     trained = SETS[name]
     folder = cache_dir() / trained.folder
-    missing = complete(trained, folder)
+    missing = [a for a in complete(trained, folder) if first is None or trained.adapters.index(a) < first]
     if missing:
         raise SetMissingError(f"{len(missing)} adapter(s) of the {name!r} set are not trained in {folder} "
                               f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}); "
