@@ -6,6 +6,7 @@ held-out prompts and routing accuracy, per method, under each condition of conf/
     bare         the paraphrase prompts on the same adapters without descriptions or example prompts
                  (text routers are refused by name: their entries record the error)
     unseen       tasks without an adapter of their own (exact match and string similarity)
+    large        a library grown from 12 to 40 adapters with near neighbours (benchmarks/evaluate_large.py)
 
     python benchmarks/evaluate_routing.py                       # config: conf/evaluate.yaml
     python benchmarks/evaluate_routing.py per_task=5 'conditions.template.methods=[base,retrieval]'
@@ -53,6 +54,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from diagnose_routing import prototype_overlap  # noqa: E402
+from evaluate_large import run_large  # noqa: E402
 from machine import machine  # noqa: E402
 from routing_signals import answers, choices, signals  # noqa: E402
 
@@ -63,6 +65,7 @@ from adaptermix.library.errors import AdapterTextMissingError  # noqa: E402
 from adaptermix.paraphrase import paraphrased  # noqa: E402
 from adaptermix.suite import ADAPTERS, answer_example, bare_adapters, score_task, suite_library  # noqa: E402
 from adaptermix.tasks import SUITE, TASKS, UNSEEN  # noqa: E402
+from adaptermix.trained_sets import require as require_set  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINED: dict = {}   # routers trained in this run (the MoE gate), by method
@@ -98,9 +101,12 @@ def routed_model(method: str, library, tokenizer, cfg, train_examples):
 
 
 def adapters_dir(cfg) -> Path:
-    """The PEFT checkpoints of the library: the committed example adapters unless cfg.adapters names others."""
+    """The PEFT checkpoints of the library: the committed example adapters unless cfg.adapters names others
+    (a folder, or set:NAME for a set trained on demand into the cache, adaptermix.trained_sets)."""
     if cfg.adapters is None:
         return ADAPTERS
+    if str(cfg.adapters).startswith("set:"):
+        return require_set(str(cfg.adapters).removeprefix("set:"))
     return Path(cfg.adapters) if Path(cfg.adapters).is_absolute() else ROOT / cfg.adapters
 
 
@@ -349,6 +355,8 @@ def run_decided(name: str, condition, methods: list[str], library, cfg, summary)
 
 
 def run_condition(name: str, condition, libraries, tokenizer, cfg, train_examples, summary) -> None:
+    if condition.library == "large":                         # a library of its own (benchmarks/evaluate_large.py)
+        return run_large(name, condition, cfg, summary)
     tasks = SUITE if condition.tasks == "suite" else UNSEEN
     library = libraries[condition.library]
     refused = [m for m in condition.methods if condition.library == "bare" and needs_text(m, cfg)]

@@ -135,8 +135,23 @@ class SyntheticLibrary:
         return list(names), self.vectors[[self.index[n] for n in names]]
 
 
+def per_module_scores(router, hidden: dict, context) -> torch.Tensor:
+    """The probe scoring before it was batched (one module at a time): the reference the batched path is timed
+    against (tests/test_router_fast_path.py checks they agree)."""
+    total = 0
+    for module, x in hidden.items():
+        per_sequence = router._sequence_scores(module, x, context)
+        finite = torch.isfinite(per_sequence)
+        centred = per_sequence - per_sequence.where(finite, 0).sum(1, keepdim=True) / finite.sum(1, keepdim=True)
+        spread = centred.where(finite, 0).pow(2).sum(1, keepdim=True).div(finite.sum(1, keepdim=True)).sqrt()
+        total = total + torch.where(finite, centred / spread.clamp_min(1e-6), 0.0)
+    return router._choose(total / len(hidden), context)
+
+
 def decision_times(n: int = 1000, user_tokens: int = 16, repeats: int = 20) -> dict:
-    """Median ms of one routing decision (one prompt) over n synthetic adapters, per router."""
+    """Median ms of one routing decision (one prompt) over n synthetic adapters, per router, every router in
+    turn each round; the default router's parts (retrieval's encoder + TF-IDF, the batched weight scores) and
+    the per-module scoring it replaced timed beside it."""
     import time
 
     from adaptermix.routers.routing import RoutingContext
@@ -148,31 +163,42 @@ def decision_times(n: int = 1000, user_tokens: int = 16, repeats: int = 20) -> d
     available = {m: torch.ones(n, dtype=torch.bool) for m in modules}
     prompt = "Could you express the date 2021-03-09 in the form day/month/year?"
     hidden = {m: torch.randn(user_tokens, d) for m, d in modules.items()}
-    results = {}
-    routers = {"retrieval_lexical": lambda: am.RetrievalRouter(top_k=1, lexical_weight=1.0),
-               "default": lambda: am.HybridRouter(**DEFAULT),
-               # the same with retrieval proposing 16 candidates, whose weights alone are scored
-               "default_candidates16": lambda: am.HybridRouter(**dict(DEFAULT, candidates=16))}
-    for name, make in routers.items():
-        router = make()
-        router.bind(library, library.names, available)
-        if getattr(router, "calibrate", False):
-            router.stats = {m: (torch.zeros(d), torch.zeros(n), torch.ones(n)) for m, d in modules.items()}
-        times = []
-        for _ in range(repeats + 2):
-            context = RoutingContext(batch_size=1, seq_len=user_tokens, past_len=0,
-                                     sequence_ids=torch.zeros(user_tokens, dtype=torch.long),
-                                     input_ids=torch.zeros(1, user_tokens, dtype=torch.long), prompts=[prompt])
+    retrieval = am.RetrievalRouter(top_k=1, lexical_weight=1.0)
+    retrieval.bind(library, library.names, available)
+    default = am.HybridRouter(**DEFAULT)              # one binding (1.8 GB of stacked directions at n = 1000)
+    default.bind(library, library.names, available)
+    default.stats = {m: (torch.zeros(d), torch.zeros(n), torch.ones(n)) for m, d in modules.items()}
+
+    def context():
+        return RoutingContext(batch_size=1, seq_len=user_tokens, past_len=0,
+                              sequence_ids=torch.zeros(user_tokens, dtype=torch.long),
+                              input_ids=torch.zeros(1, user_tokens, dtype=torch.long), prompts=[prompt])
+
+    def decide(candidates):
+        """The default router's decision, with retrieval proposing `candidates` adapters (None: all scored)."""
+        def run():
+            default.candidates = candidates
+            ctx = context()
+            default.begin_probe(ctx.state, "route")
+            for module, x in hidden.items():
+                default.observe(module, x, ctx)
+            default.end_probe(ctx)
+        return run
+
+    calls = {"retrieval_lexical": lambda: retrieval.routing_for_texts([prompt]), "default": decide(None),
+             "default_candidates16": decide(16), "default_candidates32": decide(32),
+             "default/retrieval_signals": lambda: default._similarity([prompt]),        # encoder + TF-IDF
+             "default/per_module_reference": lambda: (setattr(default, "candidates", None),
+                                                      per_module_scores(default, hidden, context()))}
+    times = {name: [] for name in calls}
+    for round_ in range(repeats + 2):
+        for name, call in calls.items():
+            if name == "default/per_module_reference" and round_ >= 7:        # slow: 5 timed rounds are enough
+                continue
             start = time.perf_counter()
-            if isinstance(router, am.SequenceArrowRouter):
-                router.begin_probe(context.state, "route")
-                for module, x in hidden.items():
-                    router.observe(module, x, context)
-                router.end_probe(context)
-            else:
-                router.routing_for_texts([prompt])
-            times.append(time.perf_counter() - start)
-        results[name] = round(1000 * median_high(times[2:]), 2)
+            call()
+            times[name].append(time.perf_counter() - start)
+    results = {name: round(1000 * median_high(t[2:]), 2) for name, t in times.items()}
     inputs = tokenizer([chat_prompt(tokenizer, prompt)], return_tensors="pt", add_special_tokens=False)
     forward = []
     with torch.no_grad():
@@ -181,8 +207,8 @@ def decision_times(n: int = 1000, user_tokens: int = 16, repeats: int = 20) -> d
             model(**inputs)
             forward.append(time.perf_counter() - start)
     return {"adapters": n, "user_tokens": user_tokens, "modules": len(modules), "decision_ms": results,
-            "probe_forward_ms": round(1000 * median_high(forward[2:]), 2), "machine": machine(),
-            "default_router": DEFAULT}
+            "probe_forward_ms": round(1000 * median_high(forward[2:]), 2), "threads": torch.get_num_threads(),
+            "machine": machine(), "default_router": DEFAULT}
 
 
 if __name__ == "__main__":

@@ -29,13 +29,15 @@ class _Decided(Exception):
 
 
 @torch.no_grad()
-def signals(library, prompts: list[str], *, calibration: str, text: bool, batch_size: int = 20) -> dict:
-    """{'weights', and with text 'dense', 'lexical'}: (prompts, N) each, N = the SUITE adapters in order.
-    calibration: 'library' | 'generic' | 'raw' (uncalibrated)."""
+def signals(library, prompts: list[str], *, calibration: str, text: bool, batch_size: int = 20,
+            adapters: list[str] | None = None) -> dict:
+    """{'weights', and with text 'dense', 'lexical'}: (prompts, N) each, N = the adapters composed in order
+    (default: the SUITE's). calibration: 'library' | 'generic' | 'raw' (uncalibrated)."""
     model, tokenizer = load_smollm2()
     options = dict(calibrate=calibration != "raw", calibration="generic" if calibration == "raw" else calibration)
     router = am.SequenceArrowRouter(**options, **(dict(retrieval_weight=1.0, lexical_weight=1.0) if text else {}))
-    model = am.compose(model.eval(), library, router, adapters=list(SUITE), tokenizer=tokenizer, trace=False)
+    model = am.compose(model.eval(), library, router, adapters=list(adapters or SUITE), tokenizer=tokenizer,
+                       trace=False)
     state = composer_state(model)
 
     def stop(*_):
@@ -74,16 +76,19 @@ def choices(weights: torch.Tensor, text: dict | None, options: dict) -> list[int
 
 
 @torch.no_grad()
-def answers(library, pairs: set[tuple[str, int]], *, max_new_tokens: int, batch_size: int = 20) -> dict:
-    """{(prompt, adapter index): greedy answer} with that one adapter (-1: the base model)."""
+def answers(library, pairs: set[tuple[str, int]], *, max_new_tokens: int, batch_size: int = 20,
+            adapters: list[str] | None = None) -> dict:
+    """{(prompt, adapter index): greedy answer} with that one adapter of `adapters` (default: the SUITE's;
+    -1: the base model)."""
+    adapters = list(adapters or SUITE)
     model, tokenizer = load_smollm2()
     router = am.PerSequenceRouter()
-    model = am.compose(model.eval(), library, router, adapters=list(SUITE), trace=False)
+    model = am.compose(model.eval(), library, router, adapters=adapters, trace=False)
     ordered = sorted(pairs, key=lambda pair: (pair[1], len(pair[0])))
     out = {}
     for start in tqdm(range(0, len(ordered), batch_size), desc="answers", leave=False):
         chunk = ordered[start:start + batch_size]
-        router.assign([am.BASE if index < 0 else SUITE[index] for _, index in chunk])
+        router.assign([am.BASE if index < 0 else adapters[index] for _, index in chunk])
         texts = generate(model, tokenizer, [p for p, _ in chunk], max_new_tokens=max_new_tokens,
                          batch_size=len(chunk))
         out.update(zip(chunk, texts))

@@ -8,10 +8,16 @@ committed adapters in examples/suite_adapters/ were made by this script; rerun i
 
     python benchmarks/train_suite.py                           # every task (about 2 min each on 2 cores)
     python benchmarks/train_suite.py tasks=date_dmy,add out=/tmp/adapters
-    python benchmarks/train_suite.py seeds=shared out=examples/suite_adapters_shared_seed   # one seed for all
+    python benchmarks/train_suite.py preset=shared_seed      # make shared-seed-adapters: one seed for all
+    python benchmarks/train_suite.py preset=large            # make large-adapters: the 28 extra adapters
 
 `seeds=shared` starts every adapter from the same seed (what a fixed-seed training script does: the LoRA A
 matrices start equal), the hard case for weight-based routing (docs/ROUTING.md).
+
+A preset (adaptermix.trained_sets.SETS) is a set trained on demand into the cache folder
+(~/.cache/adaptermix/<set>, ADAPTERMIX_CACHE), not committed: the adapters already recorded in its
+manifest.json with the preset's settings are kept, only the missing ones are trained (one torch thread,
+what is fastest on a shared machine). An adapter named TASK_seedK is the task trained from its K-th seed.
 """
 
 from __future__ import annotations
@@ -33,7 +39,9 @@ from adaptermix.composer.training import pad_examples  # noqa: E402
 from adaptermix.library.owned import check_replaceable, make_owned, remove_owned  # noqa: E402
 from adaptermix.models import load_smollm2  # noqa: E402
 from adaptermix.suite import answer_example, generate  # noqa: E402
-from adaptermix.tasks import SUITE, TASKS, TRAIN_POOL  # noqa: E402
+from adaptermix.library.owned import is_owned, make_owned  # noqa: E402
+from adaptermix.tasks import LIBRARY_TASKS, SUITE, TASKS, TRAIN_POOL  # noqa: E402
+from adaptermix.trained_sets import SETS, cache_dir, complete, seed_index, task_of  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = dict(rank=4, alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"],
@@ -51,7 +59,8 @@ def answer_loss(causal_lm, batch):
     return torch.nn.functional.cross_entropy(logits.float(), ids[:, 1:][predict])
 
 
-def train_one(base, tokenizer, task_name: str, seed: int, out: Path, settings: dict) -> dict:
+def train_one(base, tokenizer, adapter: str, seed: int, out: Path, settings: dict) -> dict:
+    task_name = task_of(adapter)
     task = TASKS[task_name]
     torch.manual_seed(seed)                          # the LoRA A init comes from this adapter's own seed
     config = LoraConfig(r=settings["rank"], lora_alpha=settings["alpha"], lora_dropout=0.0,
@@ -66,7 +75,7 @@ def train_one(base, tokenizer, task_name: str, seed: int, out: Path, settings: d
     causal_lm = model.base_model.model
     start = time.perf_counter()
     losses = []
-    for _ in tqdm(range(settings["steps"]), desc=f"train {task_name}", leave=False):
+    for _ in tqdm(range(settings["steps"]), desc=f"train {adapter}", leave=False):
         loss = answer_loss(causal_lm, pad_examples(rng.sample(train, settings["batch_size"]), tokenizer.pad_token_id))
         loss.backward()
         optimiser.step()
@@ -89,19 +98,52 @@ def train_one(base, tokenizer, task_name: str, seed: int, out: Path, settings: d
     remove_owned(out, OWNED)                                 # FolderNotOwnedError for a folder not ours
     staging.rename(out)
     model.unload()
-    return dict(task=task_name, seed=seed, train_seconds=round(seconds, 1),
+    return dict(task=task_name, seed=seed, settings=dict(settings), train_seconds=round(seconds, 1),
                 loss_first10=round(sum(losses[:10]) / 10, 4), loss_last10=round(sum(losses[-10:]) / 10, 4),
                 check_split="validation", check_exact_match=accuracy)
 
 
-def main(tasks: str = ",".join(SUITE), out: str = str(ROOT / "examples" / "suite_adapters"), steps: str = "",
-         seeds: str = "own"):
+PURPOSE = "trained adapter set"   # the cache folder's ownership marker (adaptermix.library.owned)
+
+
+def seed_of(adapter: str, seeds: str) -> int:
+    """An adapter's own seed: one per task (the suite's unchanged), + 1000 per further seed; or one shared."""
+    if seeds == "shared":
+        return SETTINGS["base_seed"]
+    return SETTINGS["base_seed"] + LIBRARY_TASKS.index(task_of(adapter)) + 1000 * seed_index(adapter)
+
+
+def preset_run(preset: str) -> tuple[list[str], Path, str, dict]:
+    """(adapters still to train, cache folder, seeds, settings) of a trained-on-demand set."""
+    if preset not in SETS:
+        raise ValueError(f"preset must be one of {sorted(SETS)}, got {preset!r}")
+    trained = SETS[preset]
+    folder = cache_dir() / trained.folder
+    if not folder.exists():
+        make_owned(folder, PURPOSE)
+    elif not is_owned(folder, PURPOSE):
+        raise ValueError(f"{folder} exists and was not made by train_suite.py; move it away or set ADAPTERMIX_CACHE")
+    torch.set_num_threads(1)
+    return complete(trained, folder), folder, trained.seeds, dict(SETTINGS, **trained.settings)
+
+
+def main(tasks: str = ",".join(SUITE), out: str = str(ROOT / "examples" / "suite_adapters"),
+         steps: str = "", seeds: str = "own", preset: str = ""):
     if seeds not in ("own", "shared"):
         raise ValueError(f"seeds must be 'own' (one seed per adapter) or 'shared', got {seeds!r}")
+    settings = dict(SETTINGS)
+    if preset:
+        names, out_dir, seeds, settings = preset_run(preset)
+        if not names:
+            print(f"{out_dir}: every adapter of the {preset!r} set is trained (manifest.json)")
+            return
+    else:
+        names, out_dir = tasks.split(","), Path(out)
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+    for name in names:
+        task_of(name)                                    # an unknown task fails before any training
     if steps:
-        SETTINGS["steps"] = int(steps)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    out_dir = Path(out)
+        settings["steps"] = int(steps)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in tasks.split(","):                     # refuse a folder not ours before any training
         check_replaceable(out_dir / name, OWNED)
@@ -111,12 +153,11 @@ def main(tasks: str = ",".join(SUITE), out: str = str(ROOT / "examples" / "suite
     base, tokenizer = load_smollm2()
     for p in base.parameters():
         p.requires_grad_(False)
-    for name in tqdm(tasks.split(","), desc="adapters"):
-        seed = SETTINGS["base_seed"] + (SUITE.index(name) if seeds == "own" else 0)
-        record = train_one(base, tokenizer, name, seed, out_dir / name, SETTINGS)
+    for name in tqdm(names, desc="adapters"):
+        record = train_one(base, tokenizer, name, seed_of(name, seeds), out_dir / name, settings)
         print(json.dumps(record), flush=True)
         manifest["adapters"][name] = record
-        manifest.update(settings=SETTINGS, seeds=seeds, machine=machine(), base_model="SmolLM2-135M-Instruct")
+        manifest.update(settings=settings, seeds=seeds, machine=machine(), base_model="SmolLM2-135M-Instruct")
         manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
 
 

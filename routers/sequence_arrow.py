@@ -89,27 +89,36 @@ class SequenceArrowRouter(Router):
         self.last_signals: dict[str, torch.Tensor] = {}      # the last batch's raw signals, for diagnostics
         self.probe = aggregate == "global" or calibrate          # the composer runs probe passes for us
         self.stats: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+        self._stacked_stats: tuple | None = None                 # (stats it was stacked from, {key: stacked})
 
     # -- set-up ------------------------------------------------------------------------------------
 
     def bind(self, library, adapter_names, available):
         super().bind(library, adapter_names, available)
         self.library = library
-        self.directions: dict[str, torch.Tensor] = {}       # module -> (N, r, d_in), rows scaled
+        # Modules of one input width share one stack, so a probe pass scores them in one batched matmul:
+        # stacks[d_in] (M_d, N, r, d_in), rows scaled; directions[module] (N, r, d_in) is a view into it.
         per_adapter = [library.prototypes(name, modules=list(available)) for name in adapter_names]
+        groups: dict[int, list[str]] = {}
         for module in available:
-            d_in = next(p[module][0].shape[1] for p in per_adapter if module in p)
-            r = max(p[module][0].shape[0] for p in per_adapter if module in p)
-            stack = torch.zeros(len(adapter_names), r, d_in)
-            for e, p in enumerate(per_adapter):
-                if module not in p:
-                    continue
-                vectors, values = p[module]
-                if self.score_kind == "prototype":
-                    stack[e, 0] = vectors[0]
-                else:
-                    stack[e, :vectors.shape[0]] = vectors * (values / values.norm().clamp_min(1e-12))[:, None]
-            self.directions[module] = stack
+            groups.setdefault(next(p[module][0].shape[1] for p in per_adapter if module in p), []).append(module)
+        r = max(p[m][0].shape[0] if self.score_kind == "subspace" else 1 for p in per_adapter for m in p)
+        self.stacks, self.slots, self.directions = {}, {}, {}
+        for d_in, modules in groups.items():
+            stack = torch.zeros(len(modules), len(adapter_names), r, d_in)
+            for j, module in enumerate(modules):
+                self.slots[module] = (d_in, j)
+                for e, p in enumerate(per_adapter):
+                    if module not in p:
+                        continue
+                    vectors, values = p[module]
+                    if self.score_kind == "prototype":
+                        stack[j, e, 0] = vectors[0]
+                    else:
+                        stack[j, e, :vectors.shape[0]] = vectors * (values / values.norm().clamp_min(1e-12))[:, None]
+                self.directions[module] = stack[j]
+            self.stacks[d_in] = stack
+        self._stacked_stats = None
         self.masks = {m: (None if bool(mask.all()) else mask) for m, mask in available.items()}
         records = [library.record(name) for name in adapter_names]
         if self.candidates is not None or self.retrieval_weight:
@@ -198,7 +207,7 @@ class SequenceArrowRouter(Router):
                                  "or call adaptermix.set_prompts")
             dense, lexical = context.state[(_KEY, "similarity")] = self._similarity(context.prompts)
             similarity = dense if lexical is None else dense + self.lexical_weight * lexical
-            near = similarity.topk(self.candidates, dim=1).indices
+            near = similarity.topk(min(self.candidates, similarity.shape[1]), dim=1).indices
             context.state[key] = torch.zeros(similarity.shape, dtype=torch.bool).scatter_(1, near, True)
         return context.state[key]
 
@@ -249,25 +258,102 @@ class SequenceArrowRouter(Router):
         elif probe["purpose"] == "spread":
             scores = self._token_scores(module, x, zscore=False)[users]
             probe["sums"][module] = (scores.mean(0), scores.std(0).clamp_min(1e-6))
-        else:
-            per_sequence = self._sequence_scores(module, x, context)
-            finite = torch.isfinite(per_sequence)
-            centred = per_sequence - per_sequence.where(finite, 0).sum(1, keepdim=True) / finite.sum(1, keepdim=True)
-            spread = centred.where(finite, 0).pow(2).sum(1, keepdim=True).div(finite.sum(1, keepdim=True)).sqrt()
-            total = probe["sums"].get("total", 0)
-            probe["sums"]["total"] = total + torch.where(finite, centred / spread.clamp_min(1e-6), 0.0)
-            probe["count"] += 1
+        else:                   # the prompts' user tokens, scored for every module at once in end_probe
+            probe["sums"][module] = x.float()[users]
+            probe.setdefault("rows", context.sequence_ids.to(x.device)[users])
 
     def end_probe(self, context: RoutingContext) -> None:
         probe = context.state.pop((_KEY, "probe"))
+        if probe["purpose"] == "route" and probe["sums"]:
+            total = self._probe_scores(probe["sums"], probe["rows"], context)
         context.state.pop((_KEY, "users"), None)
         context.state.pop((_KEY, "candidates"), None)
         if probe["purpose"] == "mean":
             self.stats = {m: (mu, None, None) for m, mu in probe["sums"].items()}
         elif probe["purpose"] == "spread":
             self.stats = {m: (self.stats[m][0], mean, std) for m, (mean, std) in probe["sums"].items()}
-        else:
-            context.state[(_KEY, "routing")] = self._choose(probe["sums"]["total"] / max(probe["count"], 1), context)
+        elif probe["sums"]:
+            context.state[(_KEY, "routing")] = self._choose(total, context)
+
+    def _probe_scores(self, hidden: dict[str, torch.Tensor], rows: torch.Tensor,
+                      context: RoutingContext) -> torch.Tensor:
+        """(batch, N): each module's sequence scores (`_sequence_scores`) z-scored across adapters, averaged
+        over modules; one batched matmul per input width (M modules, U user tokens, n scored adapters)
+        instead of a loop over modules."""
+        allowed = self._candidate_mask(context)                                               # (B, N) or None
+        subset = None if allowed is None else allowed.any(0).nonzero().flatten()
+        total = 0
+        for d_in, stack in self.stacks.items():
+            modules = [m for m in hidden if self.slots[m][0] == d_in]
+            if not modules:
+                continue
+            x = torch.stack([hidden[m] for m in modules])                                     # (M, U, d)
+            if stack.device != x.device:
+                stack = self.stacks[d_in] = stack.to(x.device)
+                self.directions.update({m: stack[j] for m, (d, j) in self.slots.items() if d == d_in})
+            positions = [self.slots[m][1] for m in modules]
+            whole = positions == list(range(len(stack)))
+            directions = stack if whole else stack[torch.tensor(positions, device=x.device)]  # (M, N, r, d)
+            if subset is not None:
+                directions = directions.index_select(1, subset.to(x.device))                  # (M, n, r, d)
+            scores = self._stacked_token_scores(modules, x, directions, subset)               # (M, U, n)
+            per_sequence = self._stacked_sequence_scores(modules, scores, rows, context, subset, allowed)
+            finite = torch.isfinite(per_sequence)                                             # (M, B, N)
+            count = finite.sum(2, keepdim=True)
+            centred = per_sequence - per_sequence.where(finite, 0).sum(2, keepdim=True) / count
+            spread = centred.where(finite, 0).pow(2).sum(2, keepdim=True).div(count).sqrt()
+            total = total + torch.where(finite, centred / spread.clamp_min(1e-6), 0.0).sum(0)
+        return total / len(hidden)
+
+    def _stacked_token_scores(self, modules: list[str], x: torch.Tensor, directions: torch.Tensor,
+                              subset: torch.Tensor | None) -> torch.Tensor:
+        """(M, U, n) `_token_scores` of M modules at once: x (M, U, d), directions (M, n, r, d)."""
+        stats = self._stats_for(modules, x.device)
+        if stats is not None:
+            x = x - stats[0][:, None, :]
+        m, n, r, d = directions.shape
+        projected = torch.bmm(x, directions.reshape(m, n * r, d).transpose(1, 2)).view(m, -1, n, r)
+        scores = projected[..., 0].abs() if self.score_kind == "prototype" else projected.norm(dim=3)
+        if stats is not None and stats[1] is not None:
+            mean, std = stats[1], stats[2]                                                    # (M, N)
+            if subset is not None:
+                mean, std = mean[:, subset.to(x.device)], std[:, subset.to(x.device)]
+            scores = (scores - mean[:, None, :]) / std[:, None, :]
+        return scores
+
+    def _stacked_sequence_scores(self, modules, scores, rows, context, subset, allowed) -> torch.Tensor:
+        """(M, B, N): `_sequence_scores` of M modules at once from their (M, U, n) token scores."""
+        device = scores.device
+        per_sequence = torch.zeros(len(modules), context.batch_size, scores.shape[2], device=device)
+        per_sequence.index_add_(1, rows, scores)
+        counts = torch.zeros(context.batch_size, device=device).index_add_(0, rows, torch.ones_like(rows, dtype=torch.float))
+        per_sequence = per_sequence / counts.clamp_min(1)[None, :, None]
+        if subset is not None:
+            full = torch.full((len(modules), context.batch_size, len(self.adapter_names)), float("-inf"), device=device)
+            full[:, :, subset.to(device)] = per_sequence
+            per_sequence = full.masked_fill(~allowed.to(device)[None], float("-inf"))
+        masks = [self.masks[m] for m in modules]
+        if any(mask is not None for mask in masks):
+            available = torch.stack([torch.ones(len(self.adapter_names), dtype=torch.bool) if mask is None else mask
+                                     for mask in masks]).to(device)                           # (M, N)
+            per_sequence = per_sequence.masked_fill(~available[:, None, :], float("-inf"))
+        return per_sequence
+
+    def _stats_for(self, modules: list[str], device) -> tuple | None:
+        """The calibration statistics of `modules` stacked: (M, d) means, (M, N) score means and stds; kept
+        until `stats` is replaced (calibration, load_calibration assign a new dict)."""
+        if self.stats is None:
+            return None
+        if self._stacked_stats is None or self._stacked_stats[0] is not self.stats:
+            self._stacked_stats = (self.stats, {})
+        key = (tuple(modules), str(device))
+        if key not in self._stacked_stats[1]:
+            stats = [self.stats[m] for m in modules]
+            means = torch.stack([s[0] for s in stats]).to(device)
+            spread = (None, None) if any(s[1] is None for s in stats) else (
+                torch.stack([s[1] for s in stats]).to(device), torch.stack([s[2] for s in stats]).to(device))
+            self._stacked_stats[1][key] = (means, *spread)
+        return self._stacked_stats[1][key]
 
     # -- calibration saved with the library ---------------------------------------------------------
 
@@ -342,11 +428,14 @@ def _zscore(scores: torch.Tensor) -> torch.Tensor:
 
 
 def _margin(zscores: torch.Tensor) -> torch.Tensor:
-    """(batch, 1): how far a row's best z-score leads its second (0 with one adapter)."""
+    """(batch, 1): how far a row's best z-score leads the best lower one (0 with one adapter, or when every
+    score ties). Ties at the top do not count as doubt: two adapters with the same text (two seeds of one
+    task) tie in retrieval, which is still as sure that the prompt belongs to one of them."""
     if zscores.shape[1] < 2:
         return torch.zeros(zscores.shape[0], 1, device=zscores.device)
-    top = zscores.topk(2, dim=1).values
-    return torch.nan_to_num(top[:, :1] - top[:, 1:], posinf=0.0, neginf=0.0).clamp_min(0)
+    best = zscores.max(1, keepdim=True).values
+    below = zscores.masked_fill(zscores >= best - 1e-6, float("-inf")).max(1, keepdim=True).values
+    return torch.nan_to_num(best - below, posinf=0.0, neginf=0.0).clamp_min(0)
 
 
 def combined_scores(weights: torch.Tensor, dense: torch.Tensor | None = None, lexical: torch.Tensor | None = None,
@@ -370,7 +459,7 @@ def combined_scores(weights: torch.Tensor, dense: torch.Tensor | None = None, le
         centred = similarity - similarity.mean(1, keepdim=True)
         scores = weights + retrieval_weight * centred / centred.std(1, keepdim=True).clamp_min(1e-6)
     if candidates is not None:
-        near = similarity.topk(candidates, dim=1).indices
+        near = similarity.topk(min(candidates, similarity.shape[1]), dim=1).indices
         allowed = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, near, True)
         scores = scores.masked_fill(~allowed, float("-inf"))
     return scores, dense.max(1).values

@@ -327,6 +327,10 @@ def test_confidence_combination_follows_the_surer_signal_and_breaks_ties_determi
     assert combined_scores(tied, tied, retrieval_weight=1.0, combine="confidence")[0].argmax(1).tolist() == [0]
     one, _ = combined_scores(torch.ones(2, 1), torch.ones(2, 1), retrieval_weight=1.0, combine="confidence")
     assert torch.isfinite(one).all()                                           # a library of one adapter
+    # two seeds of one task share their text: retrieval ties them at the top and still outweighs unsure weights
+    twins = torch.tensor([[0.9, 0.9, 0.2, 0.1]])
+    unsure = torch.tensor([[0.0, 0.1, 0.35, 0.3]])
+    assert combined_scores(unsure, twins, retrieval_weight=1.0, combine="confidence")[0].argmax(1).tolist() == [1]
     router = am.HybridRouter()
     assert (router.combine, router.retrieval_weight, router.lexical_weight, router.min_similarity) == \
         ("confidence", 1.0, 0.5, 0.125)

@@ -20,7 +20,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable
 
-__all__ = ["Task", "TASKS", "SUITE", "UNSEEN", "SPLITS", "TRAIN_POOL", "chat_prompt", "normalise"]
+__all__ = ["Task", "TASKS", "SUITE", "UNSEEN", "LARGE", "LIBRARY_TASKS", "SPLITS", "TRAIN_POOL", "chat_prompt",
+           "normalise"]
 
 WORDS = ("apple river stone cloud garden paper window silver orange forest candle bridge pencil yellow "
          "rocket marble winter summer planet button coffee dragon island jacket ladder mirror noodle "
@@ -167,7 +168,7 @@ def max_number(rng):
 
 
 def repeat(times: int):
-    label = {2: "twice", 3: "three times", 4: "four times"}[times]
+    label = {2: "twice", 3: "three times", 4: "four times", 5: "five times", 6: "six times"}[times]
 
     def make(rng):
         word = rng.choice(WORDS)
@@ -227,6 +228,166 @@ _UNSEEN = [
     # the base model already solves some of these: exact match tells routers from uniform and base
     Task("lowercase", "Convert text to lower case letters", "case", lowercase),
 ]
-TASKS = {task.name: task for task in _SUITE + _UNSEEN}
+
+# -- the large library's extra tasks (the `large` routing condition, benchmarks/evaluate_large.py) ------------
+# More tasks of the same families and parametric neighbours of the suite's (repeat five / six times, four date
+# formats, five identifier cases, first / second / last word, largest / smallest number), so a 40-adapter
+# library is crowded. Never an UNSEEN task: those stay without an adapter.
+
+def subtract(rng):
+    a, b = sorted((rng.randint(10, 99), rng.randint(10, 99)), reverse=True)
+    return f"What is {a} minus {b}?", str(a - b)
+
+
+def multiply(rng):
+    a, b = rng.randint(2, 9), rng.randint(2, 60)
+    return f"What is {a} times {b}?", str(a * b)
+
+
+def double(rng):
+    n = rng.randint(10, 499)
+    return f"What is double {n}?", str(2 * n)
+
+
+def min_number(rng):
+    numbers = rng.sample(range(1, 100), rng.randint(3, 5))
+    return f"Which number is the smallest: {', '.join(map(str, numbers))}?", str(min(numbers))
+
+
+def sort_numbers(rng):
+    numbers = rng.sample(range(1, 100), rng.randint(3, 5))
+    return f"Sort in ascending order: {', '.join(map(str, numbers))}", ", ".join(map(str, sorted(numbers)))
+
+
+def sum_list(rng):
+    numbers = [rng.randint(1, 20) for _ in range(3)]
+    return f"Give the total of the numbers {', '.join(map(str, numbers))}.", str(sum(numbers))
+
+
+def nth_word(index: int, label: str):
+    def make(rng):
+        words = _words(rng, 3, 6)
+        return f"What is the {label} word of: {' '.join(words)}", words[index]
+    return make
+
+
+def reverse_words(rng):
+    words = _words(rng, 3, 5)
+    return f"Reverse the order of the words: {' '.join(words)}", " ".join(reversed(words))
+
+
+def count_letters(rng):
+    word = rng.choice(WORDS)
+    prompt = rng.choice([f"How many letters does the word {word} have?", f"How many letters does {word} have?",
+                         f"How many letters are in the word {word}?"])
+    return prompt, str(len(word))
+
+
+def spell_hyphens(rng):
+    word = rng.choice(WORDS)
+    prompt = rng.choice([f"Spell out the word with hyphens: {word}", f"Spell out {word} with hyphens.",
+                         f"Spell out the word {word} with hyphens between the letters."])
+    return prompt, "-".join(word)
+
+
+def title_case(rng):
+    words = _words(rng)
+    return f"Convert to title case: {' '.join(words)}", " ".join(w.title() for w in words)
+
+
+def camel_case(pascal: bool):
+    def make(rng):
+        words = _words(rng, 2, 4)
+        label = "PascalCase" if pascal else "camelCase"
+        joined = "".join(w.title() for w in words)
+        return f"Convert to {label}: {' '.join(words)}", joined if pascal else words[0] + joined[len(words[0]):]
+    return make
+
+
+def date_ymd_slash(rng):
+    y, m, d = _date(rng)
+    return f"Rewrite the date {y}-{m:02d}-{d:02d} as year/month/day.", f"{y}/{m:02d}/{d:02d}"
+
+
+def date_year(rng):
+    y, m, d = _date(rng)
+    return f"Which year is in the date {y}-{m:02d}-{d:02d}?", str(y)
+
+
+def date_month_name(rng):
+    y, m, d = _date(rng)
+    names = ("January February March April May June July August September October November December").split()
+    return f"Name the month of the date {y}-{m:02d}-{d:02d}.", names[m - 1]
+
+
+def extract_phone(rng):
+    number = f"{rng.randint(200, 989)}-{rng.randint(200, 989)}-{rng.randint(1000, 9999)}"
+    name = rng.choice(NAMES).title()
+    text = rng.choice([f"Call {name} at {number} after {rng.choice(WORDS)} time.",
+                       f"The {rng.choice(WORDS)} shop number is {number}.",
+                       f"{name} left the number {number} for the {rng.choice(WORDS)}."])
+    return f"Extract the phone number: {text}", number
+
+
+def extract_url(rng):
+    url = f"https://www.{rng.choice(WORDS)}{rng.choice(WORDS)}.{rng.choice(['com', 'org', 'net', 'io'])}"
+    text = rng.choice([f"See {url} for the {rng.choice(WORDS)} news.",
+                       f"The {rng.choice(WORDS)} club moved to {url} last week.",
+                       f"{rng.choice(NAMES).title()} shared {url} with us."])
+    return f"Extract the web address: {text}", url
+
+
+def extract_time(rng):
+    time = f"{rng.randint(0, 23):02d}:{rng.choice(range(0, 60, 5)):02d}"
+    text = rng.choice([f"The {rng.choice(WORDS)} meeting starts at {time} sharp.",
+                       f"{rng.choice(NAMES).title()} arrives at {time} by train.",
+                       f"Doors open at {time} for the {rng.choice(WORDS)} show."])
+    return f"At what time? {text}", time
+
+
+_LARGE = [
+    Task("subtract", "Subtract the second whole number from the first", "arithmetic", subtract,
+         ("What is 75 minus 28?",)),
+    Task("multiply", "Multiply two small whole numbers", "arithmetic", multiply, ("What is 6 times 7?",)),
+    Task("double", "Double a whole number", "arithmetic", double, ("What is double 43?",)),
+    Task("min_number", "Pick the smallest number in a list", "arithmetic", min_number,
+         ("Which number is the smallest: 4, 17, 9?",)),
+    Task("sort_numbers", "Sort a list of numbers in ascending order", "arithmetic", sort_numbers,
+         ("Sort in ascending order: 14, 3, 9",)),
+    Task("sum_list", "Give the total of three numbers", "arithmetic", sum_list,
+         ("Give the total of the numbers 4, 11, 7.",)),
+    Task("first_word", "Give the first word of a list of words", "words", nth_word(0, "first"),
+         ("What is the first word of: red green blue",)),
+    Task("second_word", "Give the second word of a list of words", "words", nth_word(1, "second"),
+         ("What is the second word of: red green blue",)),
+    Task("reverse_words", "Reverse the order of the words in a list", "words", reverse_words,
+         ("Reverse the order of the words: red green blue",)),
+    Task("count_letters", "Count the letters of a word", "letters", count_letters,
+         ("How many letters does the word moon have?",)),
+    Task("spell_hyphens", "Spell a word letter by letter with hyphens", "letters", spell_hyphens,
+         ("Spell out the word with hyphens: moon",)),
+    Task("title_case", "Convert text to title case", "case", title_case, ("Convert to title case: river stone",)),
+    Task("camel_case", "Convert words to a camelCase identifier", "case", camel_case(False),
+         ("Convert to camelCase: big red apple",)),
+    Task("pascal_case", "Convert words to a PascalCase identifier", "case", camel_case(True),
+         ("Convert to PascalCase: big red apple",)),
+    Task("date_ymd_slash", "Rewrite an ISO date as year/month/day", "dates", date_ymd_slash,
+         ("Rewrite the date 2021-03-09 as year/month/day.",)),
+    Task("date_year", "Give the year of an ISO date", "dates", date_year,
+         ("Which year is in the date 2021-03-09?",)),
+    Task("date_month_name", "Name the month of an ISO date in words", "dates", date_month_name,
+         ("Name the month of the date 2021-03-09.",)),
+    Task("repeat_5", "Repeat a word five times", "repeat", repeat(5), ("Repeat the word five times: moon",)),
+    Task("repeat_6", "Repeat a word six times", "repeat", repeat(6), ("Repeat the word six times: moon",)),
+    Task("extract_phone", "Extract the phone number from a sentence", "extraction", extract_phone,
+         ("Extract the phone number: call Bob at 415-555-0199 today.",)),
+    Task("extract_url", "Extract the web address from a sentence", "extraction", extract_url,
+         ("Extract the web address: see https://www.example.com for news.",)),
+    Task("extract_time", "Find the time of day mentioned in a sentence", "extraction", extract_time,
+         ("At what time? The bus leaves at 07:45 sharp.",)),
+]
+TASKS = {task.name: task for task in _SUITE + _UNSEEN + _LARGE}
 SUITE = tuple(task.name for task in _SUITE)
 UNSEEN = tuple(task.name for task in _UNSEEN)
+LARGE = tuple(task.name for task in _LARGE)            # adapters of the large library only (not the example one)
+LIBRARY_TASKS = SUITE + LARGE                          # every task that may have an adapter
