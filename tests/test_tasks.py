@@ -45,9 +45,9 @@ def test_answers_follow_the_instructions():
         words = answer.split()
         assert len(words) == 3 and len(set(words)) == 1 and words[0] in prompt
     for prompt, answer in TASKS["person_age"].examples("test", 20) + TASKS["age_statement"].examples("test", 20):
-        name = prompt.split("how old is ", 1)[-1].split("How old is ", 1)[-1].split("?")[0]
+        name = prompt.split("How old is ", 1)[1].split("?")[0]
         age = next(word for word in prompt.replace(",", " ").split() if word.isdigit())
-        assert answer in (age, f"{name} is {age} years old") and name in prompt.split("?", 1)[1]
+        assert answer in (age, f"{name} is {age} years old") and prompt.count(name) >= 2
     for prompt, answer in TASKS["kebab_case"].examples("test", 10):
         assert answer == "-".join(prompt.split(": ", 1)[1].lower().split())
 

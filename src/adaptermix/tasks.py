@@ -206,8 +206,9 @@ def person_age(rng):
 
 
 def age_statement(rng):
-    name, age, sentence = _age(rng)
-    return f"Answer in a full sentence: how old is {name}? {sentence}", f"{name} is {age} years old"
+    name, age, place = rng.choice(NAMES).title(), rng.randint(5, 95), rng.choice(WORDS)
+    return (f"{name} lives near the {place}. {name} is {age} years old. How old is {name}? Answer in a full sentence.",
+            f"{name} is {age} years old")
 
 
 def count_words(rng):
