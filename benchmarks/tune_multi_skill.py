@@ -54,7 +54,9 @@ def main(overrides: list[str]):
     condition = OmegaConf.create({"methods": list(PER_TOKEN) + list(SEQUENCE_MIX)})
     run_multi_skill("train", condition, library, tokenizer, cfg, summary, split="train", per_composite=per_composite)
     results.update(summary["train"])
-    best = lambda names: max(names, key=lambda n: (results[n]["accuracy"], -list(results).index(n)))  # noqa: E731
+    # exact match first; on a tie the larger share of decisions going to the prompt's two skills, then the first
+    best = lambda names: max(names, key=lambda n: (results[n]["accuracy"], results[n].get("pair_share") or 0,  # noqa: E731
+                                                   -list(results).index(n)))
     chosen = {"per_token_tuned": best(PER_TOKEN), "seq_mix_tuned": best(SEQUENCE_MIX),
               "pair_weight": float(best([n for n in results if n.startswith("fused_linear")]).rsplit("_w", 1)[1])}
     info = machine()
