@@ -1,8 +1,8 @@
 """Choose the `multi_skill` settings on the composites' train split only (adaptermix.multi_skill; never the
 held-out prompts): the weight of each adapter in a fused pair, and one per-token mixing router (and one
 sequence-level top-k mix) from a small grid, by exact match. Writes benchmarks/results/multi_skill_tuning.json;
-the chosen settings are copied into conf/evaluate.yaml (mixing_routers.per_token_tuned, seq_mix_tuned,
-multi_skill.pair_weight).
+the chosen settings are copied into conf/evaluate.yaml (the per-token pick into mixing_routers, where it was
+token_level's own setting; seq_mix_tuned; multi_skill.pair_weight).
 
     python benchmarks/tune_multi_skill.py                 # 6 train prompts per composite
     python benchmarks/tune_multi_skill.py per_composite=2 # quicker
