@@ -7,6 +7,7 @@ held-out prompts and routing accuracy, per method, under each condition of conf/
                  (text routers are refused by name: their entries record the error)
     unseen       tasks without an adapter of their own (exact match and string similarity)
     large        a library grown from 12 to 40 adapters with near neighbours (benchmarks/evaluate_large.py)
+    multi_skill  prompts that need two library skills in sequence (benchmarks/evaluate_multi_skill.py)
 
     python benchmarks/evaluate_routing.py                       # config: conf/evaluate.yaml
     python benchmarks/evaluate_routing.py per_task=5 'conditions.template.methods=[base,retrieval]'
@@ -55,6 +56,7 @@ from tqdm.auto import tqdm  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from diagnose_routing import prototype_overlap  # noqa: E402
 from evaluate_large import run_large  # noqa: E402
+from evaluate_multi_skill import multi_skill_table, run_multi_skill  # noqa: E402
 from machine import machine  # noqa: E402
 from routing_signals import answers, choices, signals  # noqa: E402
 
@@ -233,7 +235,8 @@ def table(summary) -> str:
     methods = list(dict.fromkeys(m for c in conditions for m in summary[c]))
     lines = [f"Exact match on held-out prompts ({summary['per_task']} per task); {summary['machine_line']}, "
              f"{summary['date']}. Cells: exact match / prompts routed to their own adapter (unseen: exact match / "
-             f"string similarity); '-': not run; refused: the router needs text the library lacks.", "",
+             f"string similarity; multi_skill: exact match / share of decisions going to one of the prompt's two "
+             f"skills); '-': not run; refused: the router needs text the library lacks.", "",
              "| method | " + " | ".join(conditions) + " |", "|---" * (len(conditions) + 1) + "|"]
     for added in summary.get("merged", []):
         lines.insert(1, f"Added with merge=true on {added['date']} ({added['machine']}): {added['methods']}.")
@@ -246,7 +249,8 @@ def table(summary) -> str:
             elif "refused" in entry:
                 cells.append("refused")
             else:
-                second = entry["similarity"] if condition == "unseen" else entry["routing_accuracy"]
+                second = (entry["similarity"] if condition == "unseen" else entry.get("pair_share")
+                          if condition == "multi_skill" else entry["routing_accuracy"])
                 cells.append(f"{entry['accuracy']:.3f} / " + ("n/a" if second is None else f"{second:.2f}"))
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -409,6 +413,9 @@ def main(overrides: list[str]):
     summary["machine"] = f"{info['cpu']}, {info['cores']} cores" + (f", {info['gpu']}" if info["gpu"] else "")
     summary["machine_line"] = summary["machine"] + f", torch {info['torch']}"
     for name, condition in conditions.items():
+        if condition.get("prompts") == "multi_skill":
+            run_multi_skill(name, condition, libraries["text"], tokenizer, cfg, summary)
+            continue
         run_condition(name, condition, libraries, tokenizer, cfg, train_examples, summary)
     summary["seconds"]["total"] = round(time.perf_counter() - started, 1)
     if earlier is not None:
@@ -418,7 +425,7 @@ def main(overrides: list[str]):
         for entry in summary[condition].values():
             entry.pop("_shares", None)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "table.md").write_text(table(summary))
+    (out / "table.md").write_text(table(summary) + multi_skill_table(summary))
     print(table(summary))
     print(f"wrote {out}")
     return summary

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from adaptermix.library.peft_format import load_peft_adapter
-from adaptermix.tasks import SUITE, TASKS, UNSEEN, normalise
+from adaptermix.tasks import BASE_SIGNAL, SUITE, TASKS, UNSEEN, normalise
 
 ADAPTERS = Path(__file__).resolve().parents[1] / "examples" / "suite_adapters"
 
@@ -17,7 +17,8 @@ def test_suite_shape_and_families():
     for name in SUITE + UNSEEN:
         families.setdefault(TASKS[name].family, []).append(name)
     assert sum(len(v) >= 2 for v in families.values()) >= 3          # parametric families: near neighbours
-    for name in UNSEEN:                                                # each unseen task has a library neighbour
+    assert set(BASE_SIGNAL) < set(UNSEEN)
+    for name in set(UNSEEN) - set(BASE_SIGNAL):                        # each unseen task has a library neighbour
         assert any(TASKS[other].family == TASKS[name].family for other in SUITE)
 
 
@@ -43,6 +44,10 @@ def test_answers_follow_the_instructions():
     for prompt, answer in TASKS["repeat_3"].examples("test", 10):
         words = answer.split()
         assert len(words) == 3 and len(set(words)) == 1 and words[0] in prompt
+    for prompt, answer in TASKS["person_age"].examples("test", 20) + TASKS["age_statement"].examples("test", 20):
+        name = prompt.split("How old is ", 1)[1].split("?")[0]
+        age = next(word for word in prompt.replace(",", " ").split() if word.isdigit())
+        assert answer in (age, f"{name} is {age} years old") and prompt.count(name) >= 2
     for prompt, answer in TASKS["kebab_case"].examples("test", 10):
         assert answer == "-".join(prompt.split(": ", 1)[1].lower().split())
 

@@ -41,6 +41,9 @@ _PATTERNS = {
     "max_number": r"Which number is the largest: (?P<text>.+)\?",
     "snake_case": r"Convert to snake_case: (?P<text>.+)",
     "kebab_case": r"Convert to kebab-case: (?P<text>.+)",
+    "person_age": r"How old is (?P<name>\w+)\? (?P<text>.+)",
+    "age_statement": (r"(?P<name>\w+) lives near the (?P<place>\w+)\. \w+ is (?P<age>\d+) years old\. "
+                      r"How old is \w+\? Answer in a full sentence\."),
 }
 _REPEAT = (r"Repeat the word [a-z ]+: (?P<word>\w+)", r"Say the word (?P<word>\w+) [a-z ]+\.",
            r"Write (?P<word>\w+) [a-z ]+, separated by spaces\.")
@@ -162,6 +165,18 @@ TEST_PHRASINGS: dict[str, tuple[str, ...]] = {
                    "How would you name a CSS class for '{text}' in kebab-case?",
                    "Join the words of {text} in lower case with hyphens.",
                    "Give the kebab case form of the following phrase. {text}"),
+    "person_age": ("{text} What is {name}'s age?",
+                   "Tell me {name}'s age in years. {text}",
+                   "{text} -- how many years old is {name}?",
+                   "Read this and give {name}'s age as a number: {text}",
+                   "Here is a sentence: \"{text}\" What age is {name}?",
+                   "What age does this give for {name}? {text}"),
+    "age_statement": ("Near the {place} lives {name}, who is {age}. Say in a complete sentence how old {name} is.",
+                      "Write one whole sentence stating {name}'s age: {name} is {age} years old, near the {place}.",
+                      "{name}, {age} years of age, lives by the {place}. Reply with a whole sentence: {name}'s age?",
+                      "Read this and tell me in a sentence how old {name} is: {name} is {age}, near the {place}.",
+                      "Here is a fact: \"{name} is {age} years old.\" Give {name}'s age as a full sentence.",
+                      "In a complete sentence, what age is {name}? {name} is {age} and lives near the {place}."),
 }
 
 TRAIN_PHRASINGS: dict[str, tuple[str, ...]] = {
@@ -189,6 +204,10 @@ TRAIN_PHRASINGS: dict[str, tuple[str, ...]] = {
     "repeat_4": _REPEAT_4_TRAIN,
     "snake_case": ("snake_case of: {text}", "Lowercase and underscore-join: {text}", "Write {text} in snake case."),
     "kebab_case": ("kebab-case of: {text}", "Lowercase and hyphen-join: {text}", "Write {text} in kebab case."),
+    "person_age": ("{text} Age of {name}?", "{name}'s age from: {text}", "How many years has {name} lived? {text}"),
+    "age_statement": ("{name} is {age} years old. {name}'s age, as a sentence?",
+                      "Sentence please, {name}'s age: {name} is {age}, near the {place}.",
+                      "State {name}'s age in a sentence. {name} is {age} years old."),
 }
 
 

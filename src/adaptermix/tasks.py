@@ -4,7 +4,9 @@ it (no adapter of their own) and test routing to near neighbours.
 
 Families share a transformation with different parameters, so their adapters are near neighbours:
 dates (day-first, month-first; unseen: dotted), repetition (twice, three times; unseen: four times),
-identifier case (snake_case; unseen: kebab-case), extraction (e-mail, price).
+identifier case (snake_case; unseen: kebab-case), extraction (e-mail, price; unseen: a person's age).
+`BASE_SIGNAL` unseen tasks are ones the base model already answers (exact match above zero) and no adapter
+fits: there a router should decline (the base model answers), not route.
 
     task = TASKS["date_dmy"]
     pairs = task.examples("train", 200)      # [(instruction, answer)], the same for a given split and n
@@ -20,8 +22,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable
 
-__all__ = ["Task", "TASKS", "SUITE", "UNSEEN", "LARGE", "LIBRARY_TASKS", "SPLITS", "TRAIN_POOL", "chat_prompt",
-           "normalise"]
+__all__ = ["Task", "TASKS", "SUITE", "UNSEEN", "BASE_SIGNAL", "LARGE", "LIBRARY_TASKS", "SPLITS", "TRAIN_POOL",
+           "chat_prompt", "normalise"]
 
 WORDS = ("apple river stone cloud garden paper window silver orange forest candle bridge pencil yellow "
          "rocket marble winter summer planet button coffee dragon island jacket ladder mirror noodle "
@@ -192,6 +194,24 @@ def lowercase(rng):
     return f"Convert to lower case: {text}", " ".join(words)
 
 
+def _age(rng):
+    name, age, place = rng.choice(NAMES).title(), rng.randint(5, 95), rng.choice(WORDS)
+    sentence = rng.choice([f"{name} is {age} years old and lives near the {place}.",
+                           f"At {age}, {name} still visits the {place}.", f"{name}, aged {age}, bought a {place}."])
+    return name, age, sentence
+
+
+def person_age(rng):
+    name, age, sentence = _age(rng)
+    return f"How old is {name}? {sentence}", str(age)
+
+
+def age_statement(rng):
+    name, age, place = rng.choice(NAMES).title(), rng.randint(5, 95), rng.choice(WORDS)
+    return (f"{name} lives near the {place}. {name} is {age} years old. How old is {name}? Answer in a full sentence.",
+            f"{name} is {age} years old")
+
+
 def count_words(rng):
     words = _words(rng, 2, 9)
     return f"How many words are in: {' '.join(words)}", str(len(words))
@@ -227,6 +247,11 @@ _UNSEEN = [
     Task("count_words", "Count the words in a list of words", "words", count_words),
     # the base model already solves some of these: exact match tells routers from uniform and base
     Task("lowercase", "Convert text to lower case letters", "case", lowercase),
+    # a number in a sentence, as extract_price finds one (the base model answers in sentences: 0 by exact match)
+    Task("person_age", "Give the age of a person mentioned in a sentence", "extraction", person_age),
+    # the base model's own way of answering ("Heidi is 80 years old."): it scores above zero, and a router that
+    # sends this to a library adapter (which answers with a bare number) loses to the base model
+    Task("age_statement", "State the age of a person in a full sentence", "sentence", age_statement),
 ]
 
 # -- the large library's extra tasks (the `large` routing condition, benchmarks/evaluate_large.py) ------------
@@ -387,6 +412,7 @@ _LARGE = [
          ("At what time? The bus leaves at 07:45 sharp.",)),
 ]
 TASKS = {task.name: task for task in _SUITE + _UNSEEN + _LARGE}
+BASE_SIGNAL = ("age_statement",)   # unseen tasks the base model already solves: no library neighbour needed
 SUITE = tuple(task.name for task in _SUITE)
 UNSEEN = tuple(task.name for task in _UNSEEN)
 LARGE = tuple(task.name for task in _LARGE)            # adapters of the large library only (not the example one)
