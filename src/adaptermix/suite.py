@@ -10,6 +10,7 @@ evaluation.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
