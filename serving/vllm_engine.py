@@ -28,13 +28,14 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..library.adapter import LoraAdapter
+from ..library.owned import check_replaceable, is_owned, make_owned
 from .engine import (BadRequestError, Engine, EngineChunk, EngineRequest, EngineUnavailableError,
                      RoutingDecision, UnknownModelError)
 from .lora_cache import LoraCache
 from .routing import RequestRouter
 from .vllm_server import VLLMRequestError, VLLMServer, VLLMServerConfig, VLLMUnavailable
 
-__all__ = ["VLLMEngine", "lora_key"]
+__all__ = ["VLLMEngine", "lora_key", "mixtures_folder", "remove_mixture"]
 
 
 class _Forgotten(Exception):
@@ -229,7 +230,7 @@ class VLLMEngine(Engine):
             raise BadRequestError(f"a mixture of {len(names)} adapters has rank {rank}, above vLLM's "
                                   f"--max-lora-rank {self.config.max_lora_rank}: name fewer adapters or raise "
                                   f"max_lora_rank", param="adapters")
-        folder = self.work_dir / "mixtures" / lora_name
+        folder = mixtures_folder(self.work_dir) / lora_name
         if not folder.exists():
             fuse(adapters, names, weights, method="cat", name=lora_name).save_peft(folder)
         return folder
@@ -237,7 +238,7 @@ class VLLMEngine(Engine):
     async def _unload(self, lora_name: str) -> None:
         await self.server.unload_lora(lora_name)
         if lora_name not in self.exports:
-            shutil.rmtree(self.work_dir / "mixtures" / lora_name, ignore_errors=True)
+            remove_mixture(self.work_dir, lora_name)
 
     # -- completions ---------------------------------------------------------------------------------
 
@@ -274,3 +275,23 @@ class VLLMEngine(Engine):
             raise EngineUnavailableError(f"vLLM failed: {error.message}") from error
         yield EngineChunk(routing=routing, finish_reason=finish or "stop", prompt_tokens=usage.get("prompt_tokens", 0),
                           completion_tokens=usage.get("completion_tokens", 0))
+
+
+MIXTURES = "vLLM mixtures"      # the owned-folder purpose of <work_dir>/mixtures
+
+
+def mixtures_folder(work_dir: Path) -> Path:
+    """<work_dir>/mixtures, made and marked by adaptermix on first use; a folder of that name that adaptermix
+    did not make (a user's work_dir may hold anything) is refused, never written into or deleted from."""
+    folder = Path(work_dir) / "mixtures"
+    if not check_replaceable(folder, MIXTURES):
+        make_owned(folder, MIXTURES)
+    return folder
+
+
+def remove_mixture(work_dir: Path, lora_name: str) -> None:
+    """Delete one fused mixture's export, only inside the mixtures folder adaptermix made and marked."""
+    parent = Path(work_dir) / "mixtures"
+    folder = parent / lora_name
+    if is_owned(parent, MIXTURES) and folder.parent == parent and not folder.is_symlink():
+        shutil.rmtree(folder, ignore_errors=True)

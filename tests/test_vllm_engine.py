@@ -258,3 +258,27 @@ def test_vllm_killed_mid_stream_gives_503_and_later_requests_clear_errors(loop, 
             run_all(loop, vllm, [req])
         assert caught.value.status == 503
     assert vllm.health()["status"] == "unavailable" and "exited" in vllm.health()["reason"]
+
+
+def test_mixture_exports_never_touch_a_users_folder(tmp_path):
+    """A user-supplied work_dir may already hold a `mixtures` folder: it is refused, not written into, and an
+    unload deletes only inside the mixtures folder adaptermix made and marked."""
+    from adaptermix.library.errors import FolderNotOwnedError
+    from adaptermix.serving.vllm_engine import mixtures_folder, remove_mixture
+
+    user = tmp_path / "user"
+    (user / "mixtures" / "mix-1").mkdir(parents=True)
+    (user / "mixtures" / "mix-1" / "notes.txt").write_text("mine")
+    with pytest.raises(FolderNotOwnedError, match="mixtures"):
+        mixtures_folder(user)
+    remove_mixture(user, "mix-1")
+    assert (user / "mixtures" / "mix-1" / "notes.txt").read_text() == "mine"
+
+    ours = mixtures_folder(tmp_path / "ours")
+    assert mixtures_folder(tmp_path / "ours") == ours          # made once, then reused
+    (ours / "mix-2").mkdir()
+    (ours / "mix-3").symlink_to(user / "mixtures" / "mix-1")
+    remove_mixture(tmp_path / "ours", "mix-2")
+    remove_mixture(tmp_path / "ours", "mix-3")
+    assert not (ours / "mix-2").exists()
+    assert (user / "mixtures" / "mix-1" / "notes.txt").read_text() == "mine"
