@@ -36,10 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine  # noqa: E402
 
 from adaptermix.composer.training import pad_examples  # noqa: E402
-from adaptermix.library.owned import check_replaceable, make_owned, remove_owned  # noqa: E402
+from adaptermix.library.owned import check_replaceable, is_owned, make_owned, remove_owned  # noqa: E402
 from adaptermix.models import load_smollm2  # noqa: E402
 from adaptermix.suite import answer_example, generate  # noqa: E402
-from adaptermix.library.owned import is_owned, make_owned  # noqa: E402
 from adaptermix.tasks import LIBRARY_TASKS, SUITE, TASKS, TRAIN_POOL  # noqa: E402
 from adaptermix.trained_sets import SETS, cache_dir, complete, seed_index, task_of  # noqa: E402
 
