@@ -30,10 +30,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from routing_signals import answers, choices, signals  # noqa: E402
+from routing_signals import answers, calibration_of, router_picks, signals  # noqa: E402
 
 from adaptermix.library import AdapterLibrary  # noqa: E402
 from adaptermix.library.owned import publish_folder, remove_owned  # noqa: E402
@@ -97,8 +96,7 @@ def stage_picks(adapters: list[str], items: list, library, methods: list[str], c
     prompts = [prompt for _, prompt, _ in items]
     passes = {}
     for method in methods:
-        options = cfg.sequence_routers.get(method, {})
-        calibration = "raw" if not options.get("calibrate", True) else options.get("calibration", "library")
+        calibration = calibration_of(cfg.sequence_routers.get(method, {}))
         if method in cfg.sequence_routers and calibration not in passes:
             passes[calibration] = signals(library, prompts, calibration=calibration, text=True, adapters=adapters)
     text = next(iter(passes.values()), None) or signals(library, prompts, calibration="generic", text=True,
@@ -110,13 +108,8 @@ def stage_picks(adapters: list[str], items: list, library, methods: list[str], c
             picks[method] = [-1] * len(items)
         elif method == "oracle":
             picks[method] = [first_seed[task] for task, _, _ in items]
-        elif method in ("retrieval", "retrieval_lexical"):
-            weight = cfg.retrieval_lexical.lexical_weight if method == "retrieval_lexical" else 0.0
-            picks[method] = (text["dense"] + weight * text["lexical"]).argmax(1).tolist()
         else:
-            options = cfg.sequence_routers[method]
-            calibration = "raw" if not options.get("calibrate", True) else options.get("calibration", "library")
-            picks[method] = choices(passes[calibration]["weights"], text, options)
+            picks[method] = router_picks(method, passes, text, cfg)
     return picks
 
 

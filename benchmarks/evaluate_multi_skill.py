@@ -30,7 +30,7 @@ from adaptermix.models import load_smollm2
 from adaptermix.multi_skill import COMPOSITES, MULTI_SKILL
 from adaptermix.suite import compose_adapter, generate
 from adaptermix.tasks import SUITE, normalise
-from routing_signals import answers, choices, signals
+from routing_signals import answers, calibration_of, router_picks, signals
 
 __all__ = ["multi_items", "mixing_router", "run_multi_skill"]
 
@@ -132,18 +132,11 @@ def run_multi_skill(name: str, condition, library, tokenizer, cfg, summary, *, s
     picks = {m: single[m] for m in methods if m in single}
     routed = [m for m in methods if m in ("retrieval", "retrieval_lexical") or m in cfg.sequence_routers]
     if routed:
-        calibrations = {("raw" if not o.get("calibrate", True) else o.get("calibration", "library"))
-                        for m, o in cfg.sequence_routers.items() if m in routed}
+        calibrations = {calibration_of(o) for m, o in cfg.sequence_routers.items() if m in routed}
         passes = {c: signals(library, prompts, calibration=c, text=True) for c in sorted(calibrations or {"generic"})}
         text = next(iter(passes.values()))
         for method in routed:
-            if method in ("retrieval", "retrieval_lexical"):
-                weight = cfg.retrieval_lexical.lexical_weight if method == "retrieval_lexical" else 0.0
-                picks[method] = (text["dense"] + weight * text["lexical"]).argmax(1).tolist()
-            else:
-                options = cfg.sequence_routers[method]
-                calibration = "raw" if not options.get("calibrate", True) else options.get("calibration", "library")
-                picks[method] = choices(passes[calibration]["weights"], text, options)
+            picks[method] = router_picks(method, passes, text, cfg)
     if "best_single" in methods:
         picks.setdefault("first_skill", single["first_skill"])
         picks.setdefault("second_skill", single["second_skill"])

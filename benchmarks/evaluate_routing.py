@@ -58,7 +58,7 @@ from diagnose_routing import prototype_overlap  # noqa: E402
 from evaluate_large import run_large  # noqa: E402
 from evaluate_multi_skill import multi_skill_table, run_multi_skill  # noqa: E402
 from machine import machine  # noqa: E402
-from routing_signals import answers, choices, signals  # noqa: E402
+from routing_signals import answers, calibration_of, router_picks, signals  # noqa: E402
 
 import adaptermix as am  # noqa: E402
 from adaptermix.cli import load_config  # noqa: E402
@@ -311,10 +311,6 @@ def decided(method: str, cfg) -> bool:
     return method in ("base", "oracle", "retrieval", "retrieval_lexical") or method in cfg.sequence_routers
 
 
-def calibration_of(options) -> str:
-    return "raw" if not options.get("calibrate", True) else options.get("calibration", "library")
-
-
 def run_decided(name: str, condition, methods: list[str], library, cfg, summary) -> None:
     """Every per-prompt method of one condition: decisions from one signal pass per calibration, then one
     greedy answer per distinct (prompt, adapter) pair (benchmarks/routing_signals.py)."""
@@ -332,12 +328,8 @@ def run_decided(name: str, condition, methods: list[str], library, cfg, summary)
             picks[method] = [-1] * len(items)
         elif method == "oracle":
             picks[method] = [SUITE.index(t) if t in SUITE else -1 for t, _, _ in items]
-        elif method in ("retrieval", "retrieval_lexical"):
-            weight = cfg.retrieval_lexical.lexical_weight if method == "retrieval_lexical" else 0.0
-            picks[method] = (text_signals["dense"] + weight * text_signals["lexical"]).argmax(1).tolist()
         else:
-            options = cfg.sequence_routers[method]
-            picks[method] = choices(passes[calibration_of(options)]["weights"], text_signals, options)
+            picks[method] = router_picks(method, passes, text_signals, cfg)
     table = answers(library, {(p, c) for chosen in picks.values() for p, c in zip(prompts, chosen)},
                     max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
     seconds = time.perf_counter() - started

@@ -21,7 +21,7 @@ from adaptermix.routers.sequence_arrow import combined_scores
 from adaptermix.suite import generate
 from adaptermix.tasks import SUITE, chat_prompt
 
-__all__ = ["signals", "choices", "answers"]
+__all__ = ["signals", "choices", "answers", "calibration_of", "router_picks"]
 
 
 class _Decided(Exception):
@@ -73,6 +73,21 @@ def choices(weights: torch.Tensor, text: dict | None, options: dict) -> list[int
     if threshold is not None:
         chosen = torch.where(confidence < threshold, -1, chosen)
     return chosen.tolist()
+
+
+def calibration_of(options) -> str:
+    """The signal pass a sequence router's options read: 'raw', 'library' or 'generic'."""
+    return "raw" if not options.get("calibrate", True) else options.get("calibration", "library")
+
+
+def router_picks(method: str, passes: dict, text: dict | None, cfg) -> list[int]:
+    """Each prompt's adapter index for `retrieval`, `retrieval_lexical` or one of cfg.sequence_routers, from
+    the signal passes by calibration (`passes`) and the text signals (`text`)."""
+    if method in ("retrieval", "retrieval_lexical"):
+        weight = cfg.retrieval_lexical.lexical_weight if method == "retrieval_lexical" else 0.0
+        return (text["dense"] + weight * text["lexical"]).argmax(1).tolist()
+    options = cfg.sequence_routers[method]
+    return choices(passes[calibration_of(options)]["weights"], text, options)
 
 
 @torch.no_grad()

@@ -215,11 +215,7 @@ def fuzz_library(workdir: Path, examples: int) -> dict:
     workdir = Path(workdir)
     pristine = workdir / "pristine"
     _make_before(pristine, BaseModelSpec.from_model(_tiny_llama()))
-    sentinel = workdir / "outside"
-    sentinel.mkdir(exist_ok=True)
-    (sentinel / "victim.safetensors").write_bytes(_valid_file())
-    (sentinel / "notes.txt").write_text("must survive")
-    fingerprint = _tree_digest(sentinel)
+    sentinel, fingerprint = _sentinel(workdir)
     counts = {"library": 0, "outside_touched": 0}
 
     @_settings(examples)
@@ -282,6 +278,15 @@ def _plant(root: Path, sentinel: Path, plant: str) -> None:
             index_file.write_bytes(b"IxFI" + bytes(range(256)) * 8)
 
 
+def _sentinel(workdir: Path) -> tuple[Path, str]:
+    """The folder outside the library that no input may touch (a victim adapter file and a note), and its digest."""
+    sentinel = workdir / "outside"
+    sentinel.mkdir(exist_ok=True)
+    (sentinel / "victim.safetensors").write_bytes(_valid_file())
+    (sentinel / "notes.txt").write_text("must survive")
+    return sentinel, _tree_digest(sentinel)
+
+
 def _tree_digest(folder: Path) -> str:
     digest = hashlib.sha256()
     for path in sorted(folder.rglob("*")):
@@ -331,11 +336,7 @@ def fuzz_cli(workdir: Path, examples: int) -> dict:
     workdir = Path(workdir)
     pristine = workdir / "cli-pristine"
     _make_before(pristine, BaseModelSpec.from_model(_tiny_llama()))
-    sentinel = workdir / "outside"
-    sentinel.mkdir(exist_ok=True)
-    (sentinel / "victim.safetensors").write_bytes(_valid_file())
-    (sentinel / "notes.txt").write_text("must survive")
-    fingerprint = _tree_digest(sentinel)
+    sentinel, fingerprint = _sentinel(workdir)
     play = workdir / "cli"
     library, junk = play / "lib", play / "file.txt"
     paths = [str(library), str(play / "absent"), str(junk), str(library / "adapters"), str(play / "empty"),
